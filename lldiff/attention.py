@@ -1,0 +1,92 @@
+"""Scaled dot-product attention with interchangeable backends.
+
+All backends take ``q (B, H, T, hd)``, ``k, v (B, Hkv, S, hd)`` with ``T <= S`` and return
+``(B, H, T, hd)``. Causality is bottom-right aligned (query ``i`` sits at absolute
+position ``S - T + i``), so the same call serves full sequences and KV-cache decoding.
+``key_padding_mask (B, S)`` is True for real tokens. A query row that may attend to no
+key at all (a left-padding position under a causal mask) is allowed to attend to every
+key so that its (discarded) output stays finite; every backend applies the same rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention_mask(
+    q_len: int, kv_len: int, *, causal: bool, key_padding_mask: Tensor | None, device: torch.device
+) -> Tensor | None:
+    """Boolean mask ``(B|1, 1, T, S)``, True where a query may attend; None if all may."""
+    if not causal and key_padding_mask is None:
+        return None
+    allowed = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+    if causal:
+        offset = kv_len - q_len
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(offset)[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.bool()[:, None, None, :]
+    empty_rows = ~allowed.any(dim=-1, keepdim=True)
+    return allowed | empty_rows
+
+
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """Plain softmax(q k^T / sqrt(d)) v in float32: the ground truth for tests."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    mask = attention_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def sdpa_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """PyTorch ``scaled_dot_product_attention`` (flash / memory-efficient / math kernels)."""
+    gqa = q.shape[1] != k.shape[1]
+    if key_padding_mask is None and (not causal or q.shape[2] == k.shape[2]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    mask = attention_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def xformers_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """xformers ``memory_efficient_attention`` (CUDA only; install the ``gpu`` extra)."""
+    if not q.is_cuda:
+        raise RuntimeError(
+            "attn_backend='xformers' needs CUDA tensors (xformers has no CPU kernels); "
+            "use attn_backend='sdpa' on CPU"
+        )
+    try:
+        import xformers.ops as xops
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            "attn_backend='xformers' but xformers is not installed; `pip install lldiff[gpu]` "
+            "or use attn_backend='sdpa'"
+        ) from err
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    # xformers wants (B, T, H, hd)
+    qx, kx, vx = (t.transpose(1, 2) for t in (q, k, v))
+    mask = attention_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    bias = None
+    if mask is not None:
+        # additive bias (B, H, T, S); xformers needs the last dim's storage padded to 8
+        b, h, t, s = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        padded = torch.zeros(b, h, t, (s + 7) // 8 * 8, dtype=q.dtype, device=q.device)
+        bias = padded[..., :s]
+        bias.masked_fill_(~mask.expand(b, h, t, s), float("-inf"))
+    out = xops.memory_efficient_attention(qx, kx, vx, attn_bias=bias)
+    return out.transpose(1, 2)
+
+
+BACKENDS = {"sdpa": sdpa_attention, "xformers": xformers_attention, "reference": reference_attention}

@@ -1,0 +1,118 @@
+"""The ``lldiff`` command: LightningCLI for fit/validate/test, plus an overview."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from lldiff.config import SIZES
+from lldiff.modules import LMBase
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a model (MDM or AR) from a YAML config: lldiff fit --config configs/mdm-tiny.yaml",
+    "validate": "validation metrics of a checkpoint: lldiff validate --config X.yaml --ckpt_path PATH",
+    "test": "test metrics of a checkpoint: lldiff test --config X.yaml --ckpt_path PATH",
+}
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Saves the resolved config as ``config.yaml`` in the run directory when fitting.
+
+    A fresh fit refuses a directory that already holds a run's checkpoints (so nothing
+    is overwritten by accident); ``--ckpt_path last`` resumes it and refreshes the config.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        log_dir = trainer.log_dir
+        if log_dir is not None and trainer.ckpt_path is None:
+            last = os.path.join(log_dir, "checkpoints", "last.ckpt")
+            if os.path.exists(last):
+                raise RuntimeError(
+                    f"run directory {log_dir!r} already holds a run ({last}). Resume it with "
+                    "`--ckpt_path last`, or start a new run under another name with "
+                    "`--trainer.logger.init_args.name NAME`."
+                )
+        super().setup(trainer, pl_module, stage)
+
+
+class LLDiffCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 0,
+                "checkpoint.every_n_train_steps": 100,
+            }
+        )
+        parser.link_arguments(
+            "data", "model.init_args.vocab_size", compute_fn=_data_vocab_size, apply_on="instantiate"
+        )
+
+
+def _data_vocab_size(datamodule: LightningDataModule) -> int:
+    return datamodule.vocab_size_real
+
+
+TRAINER_DEFAULTS = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "lldiff", "version": "", "default_hp_metric": False},
+    },
+    "gradient_clip_val": 1.0,
+    "log_every_n_steps": 10,
+}
+
+
+def lightning_cli(args: list[str]) -> LLDiffCLI:
+    return LLDiffCLI(
+        LMBase,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=SaveRunConfig,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults=TRAINER_DEFAULTS,
+        args=args,
+        parser_kwargs={"description": "lldiff: masked diffusion vs autoregressive LMs"},
+    )
+
+
+def overview() -> str:
+    lines = ["usage: lldiff COMMAND [options]", "", "Commands:"]
+    lines += [f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += [
+        "",
+        "`lldiff COMMAND --help` lists every option of a command (model, data, trainer,",
+        "checkpoint); `lldiff fit --config X.yaml --print_config` prints a full resolved config.",
+        "",
+        "Model classes (model.class_path): lldiff.modules.MaskedDiffusionLM, lldiff.modules.AutoregressiveLM",
+        "Data classes (data.class_path): lldiff.data.PretrainDataModule",
+        "Model sizes (model.init_args.size): " + ", ".join(SIZES),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(overview())
+        return
+    command = argv[0]
+    if command in LIGHTNING_COMMANDS:
+        lightning_cli(argv)
+        return
+    print(f"lldiff: unknown command {command!r}; allowed: {', '.join(LIGHTNING_COMMANDS)}\n", file=sys.stderr)
+    print(overview(), file=sys.stderr)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

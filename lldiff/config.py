@@ -1,0 +1,162 @@
+"""Model shapes: the `ModelConfig` dataclass and a registry of named sizes.
+
+One backbone serves both objectives; ``causal`` is the only architectural switch
+(SPEC §1). The masked diffusion model (``causal=False``) gets one extra embedding row
+for the mask token ``M = vocab_size``; the LM head always has ``vocab_size`` outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+ATTENTION_BACKENDS = ("sdpa", "xformers", "reference")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the LLaMA-style backbone.
+
+    Attributes:
+        name: registry name (informational).
+        n_layer: number of transformer blocks.
+        d_model: residual width.
+        n_heads: query heads.
+        n_kv_heads: key/value heads (GQA); ``None`` means ``n_heads`` (MHA).
+        d_ff: SwiGLU hidden width.
+        vocab_size: real vocabulary size V (the LM head's outputs). The mask id is V.
+        max_seq_len: longest sequence the RoPE tables cover.
+        rope_base: RoPE frequency base (SMDM 1e4, LLaDA 5e5).
+        norm_eps: RMSNorm epsilon.
+        causal: True for the autoregressive baseline, False for the masked diffusion model.
+        attn_backend: one of ``sdpa`` (default), ``xformers`` (CUDA only), ``reference``.
+    """
+
+    name: str = "custom"
+    n_layer: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    d_ff: int = 512
+    vocab_size: int = 32000
+    max_seq_len: int = 2048
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-5
+    causal: bool = False
+    attn_backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        for field in ("n_layer", "d_model", "n_heads", "d_ff", "vocab_size", "max_seq_len"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{field} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                f"choose n_heads among the divisors of {self.d_model}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        kv = self.kv_heads
+        if kv < 1 or self.n_heads % kv:
+            raise ValueError(
+                f"n_kv_heads={self.n_kv_heads} must be a positive divisor of n_heads={self.n_heads}"
+            )
+        if self.attn_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attn_backend={self.attn_backend!r} is unknown; allowed: {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.rope_base <= 1:
+            raise ValueError(f"rope_base must be > 1, got {self.rope_base}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def mask_id(self) -> int | None:
+        """Id of the reserved mask token (the extra embedding row), None for AR."""
+        return None if self.causal else self.vocab_size
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.vocab_size + (0 if self.causal else 1)
+
+    def non_embedding_params(self) -> int:
+        """Parameters excluding the token embedding and the LM head (SMDM's N).
+
+        For MHA this is SMDM's ``n_layer * (4 d^2 + 3 d d_ff + 2 d) + d``; with GQA the
+        key/value projections shrink to ``d * n_kv_heads * head_dim`` each.
+        """
+        d, kv_dim = self.d_model, self.kv_heads * self.head_dim
+        attention = 2 * d * d + 2 * d * kv_dim
+        mlp = 3 * d * self.d_ff
+        norms = 2 * d
+        return self.n_layer * (attention + mlp + norms) + d
+
+    def total_params(self) -> int:
+        """All parameters: non-embedding + embedding (incl. mask row) + untied head."""
+        return self.non_embedding_params() + self.embedding_rows * self.d_model + self.vocab_size * self.d_model
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A registered size, with any field overridden (e.g. ``vocab_size``, ``causal``)."""
+        if name not in SIZES:
+            raise ValueError(f"unknown model size {name!r}; known sizes: {', '.join(SIZES)}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            allowed = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}; allowed: {allowed}")
+        return dataclasses.replace(SIZES[name], **overrides)
+
+
+def _smdm(name: str, n_layer: int, d_model: int, n_heads: int) -> ModelConfig:
+    """SMDM ladder: d_ff = 4d, LLaMA-2 vocabulary, RoPE 1e4, context 2048."""
+    return ModelConfig(
+        name=name, n_layer=n_layer, d_model=d_model, n_heads=n_heads, d_ff=4 * d_model,
+        vocab_size=32000, max_seq_len=2048, rope_base=10_000.0,
+    )
+
+
+def _tiny(name: str, n_layer: int, d_model: int, n_heads: int) -> ModelConfig:
+    """CPU sizes for tests, demos and CPU sweeps; the vocabulary comes from the data."""
+    return ModelConfig(
+        name=name, n_layer=n_layer, d_model=d_model, n_heads=n_heads, d_ff=4 * d_model,
+        vocab_size=4096, max_seq_len=1024, rope_base=10_000.0,
+    )
+
+
+_REGISTRY = [
+    # tiny CPU sizes (names give non-embedding parameters, rounded)
+    _tiny("tiny-0.1M", 2, 64, 2),
+    _tiny("tiny-0.4M", 3, 96, 3),
+    _tiny("tiny-1M", 4, 128, 4),
+    _tiny("tiny-3.5M", 6, 192, 6),
+    # SMDM ladder (Nie et al. 2024), exact non-embedding counts
+    _smdm("smdm-6M", 6, 256, 4),
+    _smdm("smdm-19M", 8, 384, 6),
+    _smdm("smdm-34M", 8, 512, 8),
+    _smdm("smdm-48M", 9, 576, 9),
+    _smdm("smdm-66M", 10, 640, 10),
+    _smdm("smdm-113M", 12, 768, 12),
+    _smdm("smdm-170M", 18, 768, 12),
+    _smdm("smdm-268M", 16, 1024, 16),
+    _smdm("smdm-472M", 18, 1280, 10),
+    _smdm("smdm-1028M", 20, 1792, 14),
+    _smdm("smdm-2121M", 28, 2176, 17),
+    # LLaDA (Nie et al. 2025, Table 5)
+    ModelConfig(name="llada-1B", n_layer=22, d_model=2048, n_heads=32, n_kv_heads=4, d_ff=5634,
+                vocab_size=126464, max_seq_len=4096, rope_base=500_000.0),
+    ModelConfig(name="llada-8B", n_layer=32, d_model=4096, n_heads=32, n_kv_heads=32, d_ff=12288,
+                vocab_size=126464, max_seq_len=4096, rope_base=500_000.0),
+]
+
+SIZES: dict[str, ModelConfig] = {cfg.name: cfg for cfg in _REGISTRY}

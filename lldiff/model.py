@@ -1,0 +1,141 @@
+"""The one backbone: a LLaMA-style decoder whose only switch is ``config.causal``.
+
+RoPE, RMSNorm (pre-norm), SwiGLU, no biases, untied LM head, MHA or GQA. The masked
+diffusion model (bidirectional) embeds one extra row, the mask token ``M = vocab_size``;
+the head always outputs the ``vocab_size`` real tokens, so ``M`` is never predicted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lldiff.attention import BACKENDS
+from lldiff.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables of shape (max_len, head_dim) in the rotate-half layout."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, hd) by per-position tables (T, hd) or (B, 1, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        b, t, _ = x.shape
+        hd, h, kvh = self.cfg.head_dim, self.cfg.n_heads, self.cfg.kv_heads
+        q, k, v = self.qkv(x).split([h * hd, kvh * hd, kvh * hd], dim=-1)
+        q = q.view(b, t, h, hd).transpose(1, 2)
+        k = k.view(b, t, kvh, hd).transpose(1, 2)
+        v = v.view(b, t, kvh, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attend = BACKENDS[self.cfg.attn_backend]
+        y = attend(q, k, v, causal=self.cfg.causal, key_padding_mask=key_padding_mask)
+        return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, key_padding_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids (B, T) -> logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.embedding_rows, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """SMDM initialisation: N(0, sqrt(2 / 5d)) everywhere, output projections
+        N(0, 1 / sqrt(d) / n_layer), RMSNorm weights one."""
+        d = self.cfg.d_model
+        std = math.sqrt(2.0 / (5.0 * d))
+        out_std = 1.0 / math.sqrt(d) / self.cfg.n_layer
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_output_proj = name.endswith("attn.proj") or name.endswith("mlp.proj")
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output_proj else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None
+    ) -> Tensor:
+        """Args:
+            input_ids: (B, T) token ids in ``[0, embedding_rows)``.
+            attention_mask: optional (B, T), True/1 for real tokens, False/0 for padding keys.
+            positions: optional (T,) or (B, T) RoPE positions; default ``0..T-1``.
+        """
+        t = input_ids.shape[1]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {t} exceeds max_seq_len={self.cfg.max_seq_len}; "
+                "shorten the input or raise max_seq_len"
+            )
+        if positions is None:
+            cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            if cos.dim() == 3:  # (B, T, hd) -> broadcast over heads
+                cos, sin = cos[:, None], sin[:, None]
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, cos, sin, attention_mask)
+        return self.head(self.norm(x))

@@ -1,0 +1,259 @@
+"""Thin LightningModules over the pure objectives: one shared base, two objectives.
+
+Both log the same metric names so TensorBoard overlays them:
+``train/loss``, ``val/nll_per_token`` (AR: exact NLL; MDM: Monte-Carlo negative ELBO,
+an upper bound on the NLL), ``val/bpb``, ``trainer/tokens``, ``trainer/flops``
+(SMDM's 6 N D), ``perf/tokens_per_s``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import SumMetric
+
+from lldiff import objectives
+from lldiff.config import ModelConfig
+from lldiff.flops import scaling_flops
+from lldiff.model import Transformer
+from lldiff.schedule import smdm_warmup_steps, warmup_cosine
+
+
+class LMBase(L.LightningModule):
+    """Shared optimisation, accounting and validation plumbing.
+
+    Args:
+        size: a registered model size (``lldiff.config.SIZES``), e.g. ``tiny-1M``, ``smdm-113M``.
+        vocab_size: real vocabulary size V; the CLI links it from the data's tokenizer.
+        model_overrides: ModelConfig fields to override (e.g. ``{n_layer: 2, rope_base: 5e5}``).
+        attn_backend: ``sdpa`` (default), ``xformers`` (CUDA + installed) or ``reference``.
+        lr: peak learning rate (SMDM 2e-4).
+        min_lr_ratio: cosine floor as a fraction of ``lr`` (SMDM 2e-5 / 2e-4 = 0.1).
+        weight_decay: AdamW weight decay on matrices (SMDM 0.1); norms are not decayed.
+        betas: AdamW betas (SMDM 0.9, 0.95).
+        warmup_steps: linear warmup steps; None uses SMDM's ``max(1% of max_steps, 100)``.
+        random_length_prob: probability that a step's batch is cut to a length uniform on
+            {1..L} (LLaDA/SMDM 0.01). Applied identically to MDM and AR so both see the
+            same tokens and compute.
+        compile: wrap the backbone in ``torch.compile`` (off by default: no gain on CPU).
+    """
+
+    causal: bool
+
+    def __init__(
+        self,
+        size: str = "tiny-1M",
+        vocab_size: int | None = None,
+        model_overrides: dict[str, Any] | None = None,
+        attn_backend: str = "sdpa",
+        lr: float = 2e-4,
+        min_lr_ratio: float = 0.1,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int | None = None,
+        random_length_prob: float = 0.01,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if vocab_size is None:
+            raise ValueError(
+                "vocab_size is not set: give model.vocab_size, or let `lldiff fit` link it from the data"
+            )
+        if not 0.0 <= random_length_prob <= 1.0:
+            raise ValueError(f"random_length_prob must be in [0, 1], got {random_length_prob}")
+        if lr <= 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"need lr > 0 and min_lr_ratio in [0, 1], got lr={lr}, min_lr_ratio={min_lr_ratio}")
+        self.config = ModelConfig.from_name(
+            size, **{**(model_overrides or {}), "vocab_size": vocab_size, "causal": self.causal,
+                     "attn_backend": attn_backend}
+        )
+        self.model = Transformer(self.config)
+        self._forward = torch.compile(self.model) if compile else self.model
+        self.tokens_seen = 0
+        self._last_step_time: float | None = None
+        self.val_nats, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
+        self.register_buffer("token_bytes", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    # -- objective hooks -----------------------------------------------------------------
+    def loss(self, rows: Tensor) -> Tensor:
+        """Training loss on packed rows (B, L+1)."""
+        raise NotImplementedError
+
+    def validation_nats(self, rows: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
+        """(per-sequence nats (B,), scored token ids (B, L)) on packed rows (B, L+1)."""
+        raise NotImplementedError
+
+    # -- Lightning ------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self._forward(input_ids, attention_mask)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is None:
+            return
+        seq_len = getattr(datamodule, "seq_len", None)
+        if seq_len is not None and seq_len > self.config.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={seq_len} exceeds the model's max_seq_len={self.config.max_seq_len}; "
+                "lower data.seq_len or set model.model_overrides.max_seq_len"
+            )
+        data_vocab = getattr(datamodule, "vocab_size_real", None)
+        if data_vocab is not None and data_vocab != self.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {data_vocab} real tokens but the model was built for "
+                f"vocab_size={self.config.vocab_size}"
+            )
+        token_bytes = getattr(datamodule, "token_bytes", None)
+        if token_bytes is not None:
+            self.token_bytes = token_bytes.to(self.device, torch.long)
+
+    def on_fit_start(self) -> None:
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # Register the validation metrics with the TensorBoard HParams plugin.
+                logger.log_hyperparams(
+                    {**self.hparams, "n_nonemb": self.config.non_embedding_params()},
+                    {"val/nll_per_token": float("nan"), "val/bpb": float("nan")},
+                )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        rows = batch["input_ids"]
+        length = objectives.draw_random_length(rows.shape[1] - 1, self.hparams.random_length_prob)
+        rows = rows[:, : length + 1]
+        loss = self.loss(rows)
+        tokens = rows.shape[0] * length * self.trainer.world_size
+        self.tokens_seen += tokens
+        self._log_progress(loss, tokens)
+        return loss
+
+    def _log_progress(self, loss: Tensor, tokens: int) -> None:
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("trainer/tokens", float(self.tokens_seen))
+        self.log("trainer/flops", scaling_flops(self.config, self.tokens_seen))
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("perf/tokens_per_s", tokens / max(now - self._last_step_time, 1e-9))
+        self._last_step_time = now
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        nats, scored = self.validation_nats(batch["input_ids"], batch_idx)
+        self.val_nats.update(nats.sum())
+        self.val_tokens.update(scored.numel())
+        if self.token_bytes.numel():
+            self.val_bytes.update(self.token_bytes[scored].sum())
+
+    def on_validation_epoch_end(self) -> None:
+        nats, tokens = self.val_nats.compute(), self.val_tokens.compute()
+        self.log("val/nll_per_token", nats / tokens, prog_bar=True)
+        if self.token_bytes.numel():
+            self.log("val/bpb", nats / (math.log(2) * self.val_bytes.compute()))
+        self.log("trainer/tokens", float(self.tokens_seen))
+        for metric in (self.val_nats, self.val_tokens, self.val_bytes):
+            metric.reset()
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        nats, tokens = self.val_nats.compute(), self.val_tokens.compute()
+        self.log("test/nll_per_token", nats / tokens)
+        if self.token_bytes.numel():
+            self.log("test/bpb", nats / (math.log(2) * self.val_bytes.compute()))
+        for metric in (self.val_nats, self.val_tokens, self.val_bytes):
+            metric.reset()
+
+    def configure_optimizers(self) -> Any:
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps <= 0:
+            raise ValueError(
+                f"trainer.max_steps={max_steps}: the cosine schedule ends at max_steps, so set a positive value"
+            )
+        hp = self.hparams
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else smdm_warmup_steps(max_steps)
+        if not 0 <= warmup <= max_steps:
+            raise ValueError(f"warmup_steps={warmup} must be in [0, max_steps={max_steps}]")
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas),
+        )
+        schedule = LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, max_steps=max_steps, warmup_steps=warmup, min_ratio=hp.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lldiff"] = {"tokens_seen": self.tokens_seen, "model_config": self.config.__dict__.copy()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("lldiff", {}).get("tokens_seen", 0))
+
+
+class MaskedDiffusionLM(LMBase):
+    """Masked diffusion LM (LLaDA / SMDM): bidirectional backbone, mask token ``M = V``.
+
+    Args (beyond LMBase):
+        mask_eps: lower end of the masking ratio t ~ U[mask_eps, 1] (LLaDA 1e-3).
+        stratified_t: spread t evenly over the batch (unbiased, lower variance).
+        val_mc_samples: Monte-Carlo draws of (t, mask) per validation sequence for the
+            ELBO (SMDM 128; fewer is cheaper and noisier, same expectation).
+        val_seed: seed of the validation draws, so every evaluation of every checkpoint
+            uses the same (t, mask) draws (common random numbers).
+    """
+
+    causal = False
+
+    def __init__(
+        self,
+        *args: Any,
+        mask_eps: float = 1e-3,
+        stratified_t: bool = False,
+        val_mc_samples: int = 8,
+        val_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if val_mc_samples < 1:
+            raise ValueError(f"val_mc_samples must be >= 1, got {val_mc_samples}")
+        if not 0.0 <= mask_eps < 1.0:
+            raise ValueError(f"mask_eps must be in [0, 1), got {mask_eps}")
+
+    @property
+    def mask_id(self) -> int:
+        return self.config.mask_id
+
+    def loss(self, rows: Tensor) -> Tensor:
+        return objectives.mdm_loss(
+            self, rows[:, 1:], self.mask_id, eps=self.hparams.mask_eps, stratified=self.hparams.stratified_t
+        )
+
+    def validation_nats(self, rows: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
+        x0 = rows[:, 1:]
+        generator = torch.Generator(device=x0.device).manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
+        nats = objectives.mdm_elbo_nats(
+            self, x0, self.mask_id, num_samples=self.hparams.val_mc_samples, eps=self.hparams.mask_eps,
+            generator=generator,
+        )
+        return nats, x0
+
+
+class AutoregressiveLM(LMBase):
+    """Autoregressive baseline: the same backbone, causal, next-token cross-entropy."""
+
+    causal = True
+
+    def loss(self, rows: Tensor) -> Tensor:
+        return objectives.ar_loss(self, rows)
+
+    def validation_nats(self, rows: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
+        return objectives.ar_nll(self, rows).sum(dim=1), rows[:, 1:]

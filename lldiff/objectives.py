@@ -1,0 +1,135 @@
+"""Pure tensor functions for the pre-training objectives (SPEC §2).
+
+Nothing here knows about Lightning: the functions take tensors (and, for the losses, a
+callable model) and return tensors, so tests can check them against the math directly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Model = Callable[[Tensor], Tensor]
+
+
+def sample_mask_ratio(
+    batch_size: int,
+    *,
+    eps: float = 1e-3,
+    stratified: bool = False,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Masking ratios ``t ~ U[eps, 1]``, one per sequence, shape (B,).
+
+    ``stratified=True`` draws one uniform offset ``u`` and sets ``t_i = eps + (1-eps) *
+    ((u + i/B) mod 1)``: every t still has the U[eps, 1] marginal (the loss stays
+    unbiased) but the batch covers [eps, 1] evenly, which lowers the loss variance.
+    """
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"eps must be in [0, 1), got {eps}")
+    if stratified:
+        u = torch.rand(1, device=device, generator=generator)
+        grid = (u + torch.arange(batch_size, device=device) / batch_size) % 1.0
+    else:
+        grid = torch.rand(batch_size, device=device, generator=generator)
+    return eps + (1.0 - eps) * grid
+
+
+def forward_mask(
+    x0: Tensor,
+    t: Tensor,
+    mask_id: int,
+    *,
+    maskable: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Forward process q(x_t | x_0): each token independently becomes ``mask_id`` with
+    probability ``t`` of its row (LLaDA Alg. 1). ``maskable`` (B, L) bool restricts
+    masking (e.g. response tokens only in SFT). Returns ``(x_t, masked)``."""
+    draws = torch.rand(x0.shape, device=x0.device, generator=generator)
+    masked = draws < t[:, None]
+    if maskable is not None:
+        masked &= maskable
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
+
+
+def weighted_masked_ce(logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor) -> Tensor:
+    """Per-sequence ``sum over masked positions of CE(logits, x0) / t``, shape (B,)."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none").view_as(x0)
+    return (ce * masked).sum(dim=1) / t
+
+
+def mdm_loss(
+    model: Model,
+    x0: Tensor,
+    mask_id: int,
+    *,
+    eps: float = 1e-3,
+    stratified: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """LLaDA pre-training loss: sum of CE/t over masked tokens divided by B * L.
+
+    Its expectation over t and the mask is the negative ELBO per token, an upper bound
+    on the NLL per token.
+    """
+    t = sample_mask_ratio(x0.shape[0], eps=eps, stratified=stratified, device=x0.device, generator=generator)
+    xt, masked = forward_mask(x0, t, mask_id, generator=generator)
+    return weighted_masked_ce(model(xt), x0, masked, t).sum() / x0.numel()
+
+
+def ar_nll(model: Model, tokens: Tensor) -> Tensor:
+    """Per-token next-token NLL, shape (B, L-1): tokens[:, 1:] given their prefixes."""
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none").view(
+        tokens.shape[0], -1
+    )
+
+
+def ar_loss(model: Model, tokens: Tensor) -> Tensor:
+    """Ordinary next-token cross-entropy, mean over predicted tokens."""
+    return ar_nll(model, tokens).mean()
+
+
+def mdm_elbo_nats(
+    model: Model,
+    x0: Tensor,
+    mask_id: int,
+    *,
+    num_samples: int,
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Monte-Carlo negative ELBO in nats per sequence, shape (B,), averaged over
+    ``num_samples`` draws of (t, mask). The ``num_samples`` values of t for each
+    sequence are stratified over [eps, 1] (unbiased, lower variance)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    b = x0.shape[0]
+    total = torch.zeros(b, device=x0.device)
+    offsets = torch.rand(b, device=x0.device, generator=generator)
+    for k in range(num_samples):
+        t = eps + (1.0 - eps) * ((offsets + k / num_samples) % 1.0)
+        xt, masked = forward_mask(x0, t, mask_id, generator=generator)
+        total += weighted_masked_ce(model(xt), x0, masked, t)
+    return total / num_samples
+
+
+def draw_random_length(
+    seq_len: int, prob: float, *, generator: torch.Generator | None = None
+) -> int:
+    """With probability ``prob`` a length uniform on {1, ..., seq_len}; else ``seq_len``."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"random length probability must be in [0, 1], got {prob}")
+    if torch.rand(1, generator=generator).item() < prob:
+        return int(torch.randint(1, seq_len + 1, (1,), generator=generator).item())
+    return seq_len
+
+
+def expected_length(seq_len: int, prob: float) -> float:
+    """Average training length with random-length batches: ``L(1-p) + p(1+L)/2``."""
+    return seq_len * (1.0 - prob) + prob * (1 + seq_len) / 2
