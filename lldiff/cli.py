@@ -71,7 +71,8 @@ TRAINER_DEFAULTS = {
 }
 
 
-def lightning_cli(args: list[str]) -> LLDiffCLI:
+def lightning_cli(args: list[str] | None = None) -> LLDiffCLI:
+    """LightningCLI over ``args`` (None: the process's own command line)."""
     return LLDiffCLI(
         LMBase,
         LightningDataModule,
@@ -101,13 +102,14 @@ def overview() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview())
         return
     command = argv[0]
     if command in LIGHTNING_COMMANDS:
-        lightning_cli(argv)
+        lightning_cli(None if from_command_line else argv)
         return
     print(f"lldiff: unknown command {command!r}; allowed: {', '.join(LIGHTNING_COMMANDS)}\n", file=sys.stderr)
     print(overview(), file=sys.stderr)

@@ -16,14 +16,13 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import SumMetric
 
 from lldiff import objectives
 from lldiff.config import ModelConfig
 from lldiff.flops import scaling_flops
 from lldiff.model import Transformer
-from lldiff.schedule import smdm_warmup_steps, warmup_cosine
+from lldiff.optim import build_optimizer
 
 
 class LMBase(L.LightningModule):
@@ -171,24 +170,10 @@ class LMBase(L.LightningModule):
             metric.reset()
 
     def configure_optimizers(self) -> Any:
-        max_steps = self.trainer.max_steps
-        if max_steps is None or max_steps <= 0:
-            raise ValueError(
-                f"trainer.max_steps={max_steps}: the cosine schedule ends at max_steps, so set a positive value"
-            )
         hp = self.hparams
-        warmup = hp.warmup_steps if hp.warmup_steps is not None else smdm_warmup_steps(max_steps)
-        if not 0 <= warmup <= max_steps:
-            raise ValueError(f"warmup_steps={warmup} must be in [0, max_steps={max_steps}]")
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr, betas=tuple(hp.betas),
-        )
-        schedule = LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine(step, max_steps=max_steps, warmup_steps=warmup, min_ratio=hp.min_lr_ratio),
+        optimizer, schedule = build_optimizer(
+            self.model, max_steps=self.trainer.max_steps, lr=hp.lr, min_lr_ratio=hp.min_lr_ratio,
+            weight_decay=hp.weight_decay, betas=hp.betas, warmup_steps=hp.warmup_steps,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

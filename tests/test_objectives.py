@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from lldiff import objectives
-from lldiff.schedule import smdm_warmup_steps, warmup_cosine
+from lldiff.optim import smdm_warmup_steps, warmup_cosine
 
 
 class ConstantPredictor(torch.nn.Module):

@@ -1,0 +1,30 @@
+# Two entry points from a fresh clone; each creates .venv on first use.
+#   make demo   train the tiny MDM and AR on the offline corpus, then print where the curves are
+#   make test   run the default (fast) test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test test-slow clean-env
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first: the CPU wheel on this machine; a bare `torch` would resolve a CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/lldiff fit --config configs/mdm-tiny.yaml
+	$(BIN)/lldiff fit --config configs/ar-tiny.yaml
+	@echo "Curves: $(BIN)/tensorboard --logdir runs   (runs/mdm-tiny and runs/ar-tiny overlay)"
+
+test: $(BIN)/.installed
+	$(BIN)/pytest -m "not slow" -q
+
+test-slow: $(BIN)/.installed
+	$(BIN)/pytest -m slow -q || [ $$? -eq 5 ]  # 5: no slow tests selected
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,152 @@
+"""Training-step throughput: Lightning vs a bare PyTorch loop, MDM and AR, in one run.
+
+Both loops train the same LightningModule (same backbone, objective, AdamW, schedule and
+gradient clipping) on the same fixed batch. Each timed iteration covers everything a step
+costs: fetching the batch, forward, backward, clipping, optimizer and scheduler steps, and
+(for Lightning) its loop, hooks and logging. Rounds alternate bare and Lightning so drift
+in the machine hits both alike; the median step time of each is reported.
+
+    python benchmarks/train_throughput.py                      # smdm-6M (d=256), L=256, B=8
+    python benchmarks/train_throughput.py --size tiny-1M --steps 20
+
+Achieved GFLOP/s counts the matmul work of a step (``lldiff.flops.step_flops_per_token``:
+6 x (non-embedding + head) parameters + attention), compared with this machine's fp32
+matmul throughput measured at the start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lldiff.flops import step_flops_per_token
+from lldiff.optim import build_optimizer
+from lldiff.modules import AutoregressiveLM, LMBase, MaskedDiffusionLM
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+class RepeatBatch(Dataset):
+    def __init__(self, rows: torch.Tensor, length: int) -> None:
+        self.rows, self.length = rows, length
+
+    def __len__(self) -> int:
+        return self.length * len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.rows[i % len(self.rows)]}
+
+
+def make_module(cls: type[LMBase], args: argparse.Namespace) -> LMBase:
+    torch.manual_seed(0)
+    return cls(size=args.size, vocab_size=args.vocab, random_length_prob=0.0, warmup_steps=1, lr=3e-4)
+
+
+def bare_step_times(module: LMBase, loader: DataLoader, steps: int) -> list[float]:
+    hp = module.hparams
+    optimizer, scheduler = build_optimizer(
+        module.model, max_steps=steps, lr=hp.lr, min_lr_ratio=hp.min_lr_ratio, weight_decay=hp.weight_decay,
+        betas=hp.betas, warmup_steps=hp.warmup_steps,
+    )
+    module.train()
+    times, last = [], time.perf_counter()
+    for i, batch in enumerate(loader):
+        if i == steps:
+            break
+        loss = module.loss(batch["input_ids"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    return times
+
+
+class StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_train_batch_end(self, *args) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def lightning_step_times(module: LMBase, loader: DataLoader, steps: int, logdir: str) -> list[float]:
+    timer = StepTimer()
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, logger=L.pytorch.loggers.TensorBoardLogger(logdir),
+        log_every_n_steps=10, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, gradient_clip_val=1.0, limit_val_batches=0, callbacks=[timer],
+    )
+    start = time.perf_counter()
+    timer.stamps.append(start)
+    trainer.fit(module, train_dataloaders=loader)
+    # first interval includes Trainer set-up; drop it like the bare loop's warm-up
+    return [b - a for a, b in zip(timer.stamps[1:], timer.stamps[2:])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="smdm-6M")
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    L.seed_everything(0, verbose=False)
+
+    peak = matmul_gflops()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul 2048^3: {peak:.1f} GFLOP/s")
+    rows = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1))
+    loader = DataLoader(RepeatBatch(rows, args.steps + args.warmup + 2), batch_size=args.batch)
+    tokens_per_step = args.batch * args.seq_len
+    header = f"{'objective':<5} {'loop':<10} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'of matmul':>10}"
+    results = {}
+    with tempfile.TemporaryDirectory() as logdir:
+        for name, cls in (("mdm", MaskedDiffusionLM), ("ar", AutoregressiveLM)):
+            flops_per_token = step_flops_per_token(make_module(cls, args).config, args.seq_len)
+            bare, lit = [], []
+            for _ in range(args.rounds):
+                bare += bare_step_times(make_module(cls, args), loader, args.steps + args.warmup)[args.warmup :]
+                lit += lightning_step_times(make_module(cls, args), loader, args.steps + args.warmup + 1, logdir)[
+                    args.warmup :
+                ]
+            for loop, times in (("bare", bare), ("lightning", lit)):
+                step = statistics.median(times)
+                results[name, loop] = step
+            results[name, "flops_per_token"] = flops_per_token
+        print(f"\nmodel {args.size}, batch {args.batch} x {args.seq_len} tokens, vocab {args.vocab}, "
+              f"median of {args.rounds * args.steps} steps per loop\n{header}")
+        for name in ("mdm", "ar"):
+            for loop in ("bare", "lightning"):
+                step = results[name, loop]
+                tps = tokens_per_step / step
+                gflops = tps * results[name, "flops_per_token"] / 1e9
+                print(f"{name:<5} {loop:<10} {step * 1e3:>9.1f} {tps:>10.0f} {gflops:>9.1f} {gflops / peak:>9.0%}")
+        print()
+        for name in ("mdm", "ar"):
+            ratio = results[name, "bare"] / results[name, "lightning"]
+            print(f"{name}: Lightning throughput / bare PyTorch = {ratio:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

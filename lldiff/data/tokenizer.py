@@ -1,0 +1,202 @@
+"""Byte-level BPE tokenizer with the mask-token convention of the model.
+
+Convention (fixed by the model, see SPEC §1): the tokenizer holds ``N`` ids; the LAST one is
+``<|mask|>``. The model's real vocabulary is ``V = N - 1`` (the LM head outputs V logits) and
+the mask id is ``M = V`` (one extra embedding row), so ``[MASK]`` can never be predicted.
+``<|eos|>``, ``<|bos|>``, ``<|pad|>`` take ids 0, 1, 2 when trained here.
+
+Literal text such as ``"<|mask|>"`` inside a document never encodes to a special id: the
+backend runs with ``encode_special_tokens=True`` (added tokens are not matched in input
+text), and the ByteLevel pre-tokenizer splits ``<|mask|>`` into ``<|``, ``mask``, ``|>`` so
+BPE merges cannot rebuild it. Encoding is lossless: ``decode(encode(s)) == s`` for any string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from tokenizers import Tokenizer as _Backend
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+EOS, BOS, PAD, MASK = "<|eos|>", "<|bos|>", "<|pad|>", "<|mask|>"
+SPECIAL_TOKENS = (EOS, BOS, PAD, MASK)
+BYTE_ALPHABET_SIZE = 256
+MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS) - 1
+"""Smallest trainable ``vocab_size`` (real tokens V): 256 byte symbols + eos/bos/pad (no merges)."""
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte -> printable-unicode table used by the ByteLevel pre-tokenizer."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class Tokenizer:
+    """Thin wrapper over a ``tokenizers.Tokenizer`` that enforces the mask-last convention.
+
+    Attributes:
+        vocab_size: the model's real vocabulary size V (all ids except the mask).
+        mask_id: ``V``, the last id.
+        eos_id, bos_id, pad_id: ids of the other special tokens.
+    """
+
+    def __init__(self, backend: _Backend, origin: str = "tokenizer") -> None:
+        total = backend.get_vocab_size(with_added_tokens=True)
+        missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+        if missing:
+            raise ValueError(
+                f"{origin} lacks special token(s) {missing}; lldiff needs {list(SPECIAL_TOKENS)} "
+                f"with {MASK} as the last id"
+            )
+        mask_id = backend.token_to_id(MASK)
+        if mask_id != total - 1:
+            raise ValueError(
+                f"{origin}: {MASK} has id {mask_id} but must be the last id ({total - 1}); the model "
+                f"uses mask id M = V (one past the real vocabulary), so the configured mask id collides with a real token"
+            )
+        holes = [i for i in range(total) if backend.id_to_token(i) is None]
+        if holes:
+            raise ValueError(f"{origin}: token ids are not contiguous (no token for ids {holes[:5]}...)")
+        backend.encode_special_tokens = True
+        self._backend = backend
+        self.mask_id = mask_id
+        self.vocab_size = mask_id
+        self.eos_id = backend.token_to_id(EOS)
+        self.bos_id = backend.token_to_id(BOS)
+        self.pad_id = backend.token_to_id(PAD)
+        self._token_bytes: Optional[torch.Tensor] = None
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
+        """Load and validate a ``tokenizer.json``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+        return cls(_Backend.from_file(str(path)), origin=f"tokenizer {str(path)!r}")
+
+    @classmethod
+    def from_str(cls, json_str: str) -> "Tokenizer":
+        return cls(_Backend.from_str(json_str))
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write ``tokenizer.json`` atomically (temp file + rename); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(self.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def to_json(self) -> str:
+        return self._backend.to_str()
+
+    @property
+    def backend(self) -> _Backend:
+        """The underlying ``tokenizers.Tokenizer`` (with ``encode_special_tokens=True``)."""
+        return self._backend
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the tokenizer JSON (part of token-cache keys)."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return (self.eos_id, self.bos_id, self.pad_id, self.mask_id)
+
+    # -- use ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; literal special-token strings are encoded as plain text."""
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; special tokens are rendered (e.g. ``<|eos|>``) unless skipped."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self) -> torch.Tensor:
+        """LongTensor (V,): UTF-8 bytes each real token decodes to (0 for special tokens).
+
+        ``token_bytes()[ids].sum()`` is the byte length of the text of ``ids``; used for
+        bits per byte. Exact for byte-level tokenizers (tokens that are partial UTF-8
+        sequences count their own bytes); other decoders fall back to per-token decoding.
+        """
+        if self._token_bytes is None:
+            table = _byte_decoder() if isinstance(self._backend.decoder, decoders.ByteLevel) else None
+            special = set(self.special_ids)
+            out = torch.zeros(self.vocab_size, dtype=torch.long)
+            for i in range(self.vocab_size):
+                if i in special:
+                    continue
+                token = self._backend.id_to_token(i)
+                if table is not None and all(c in table for c in token):
+                    out[i] = len(token)
+                else:
+                    out[i] = len(self._backend.decode([i]).encode("utf-8"))
+            self._token_bytes = out
+        return self._token_bytes.clone()
+
+    def __len__(self) -> int:
+        """Total number of ids including the mask (``vocab_size + 1``)."""
+        return self.vocab_size + 1
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, mask_id={self.mask_id}, eos_id={self.eos_id})"
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Raise a clear error if ``vocab_size`` cannot hold the byte alphabet and special tokens."""
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size={vocab_size!r} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE} "
+            f"real tokens ({BYTE_ALPHABET_SIZE} byte symbols + eos, bos, pad; <|mask|> comes on top)"
+        )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, length: Optional[int] = None) -> Tokenizer:
+    """Train a byte-level BPE with exactly ``vocab_size`` real ids plus ``<|mask|>`` as the last id.
+
+    The model then has ``V = vocab_size`` real tokens and mask id ``M = V``. Raises ``ValueError`` if
+    ``vocab_size`` is below :data:`MIN_VOCAB_SIZE` or if the texts are too small to learn that
+    many merges. Deterministic for identical inputs.
+    """
+    check_vocab_size(vocab_size)
+    backend = _Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,  # the mask token is appended after training
+        special_tokens=[EOS, BOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer, length=length)
+    learned = backend.get_vocab_size(with_added_tokens=True)
+    if learned != vocab_size:
+        raise ValueError(
+            f"training text is too small to learn vocab_size={vocab_size}: BPE ran out of merges at "
+            f"{learned} ids; use a smaller vocab_size (at most {learned}) or more text"
+        )
+    backend.add_special_tokens([MASK])
+    return Tokenizer(backend, origin="trained tokenizer")
