@@ -21,7 +21,8 @@ LIGHTNING_COMMANDS = {
 
 
 class SaveRunConfig(SaveConfigCallback):
-    """Saves the resolved config as ``config.yaml`` in the run directory when fitting.
+    """Saves the resolved config as ``config.yaml`` (and the tokenizer as
+    ``tokenizer.json``) in the run directory when fitting.
 
     A fresh fit refuses a directory that already holds a run's checkpoints (so nothing
     is overwritten by accident); ``--ckpt_path last`` resumes it and refreshes the config.
@@ -40,6 +41,9 @@ class SaveRunConfig(SaveConfigCallback):
                     "`--trainer.logger.init_args.name NAME`."
                 )
         super().setup(trainer, pl_module, stage)
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if trainer.is_global_zero and log_dir is not None and tokenizer is not None:
+            tokenizer.save(os.path.join(log_dir, "tokenizer.json"))  # the run dir is self-contained
 
 
 class LLDiffCLI(LightningCLI):

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
+from torch.utils.tensorboard.summary import hparams as tb_hparams
 from torchmetrics import SumMetric
 
 from lldiff import objectives
@@ -23,6 +24,18 @@ from lldiff.config import ModelConfig
 from lldiff.flops import scaling_flops
 from lldiff.model import Transformer
 from lldiff.optim import build_optimizer
+
+
+def register_hparams_metrics(logger: TensorBoardLogger, params: dict[str, Any], metrics: list[str]) -> None:
+    """Fill TensorBoard's HParams table: hyperparameters plus the metric columns to show.
+
+    Unlike ``TensorBoardLogger.log_hyperparams(params, metrics)`` this writes no fake
+    scalar at step 0; the columns pick up the real ``val/*`` scalars as they are logged.
+    """
+    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+    writer = logger.experiment._get_file_writer()
+    for summary in tb_hparams(flat, {name: 0.0 for name in metrics}):
+        writer.add_summary(summary)
 
 
 class LMBase(L.LightningModule):
@@ -115,13 +128,13 @@ class LMBase(L.LightningModule):
             self.token_bytes = token_bytes.to(self.device, torch.long)
 
     def on_fit_start(self) -> None:
+        hparams = {**self.hparams, "n_nonemb": self.config.non_embedding_params()}
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                # Register the validation metrics with the TensorBoard HParams plugin.
-                logger.log_hyperparams(
-                    {**self.hparams, "n_nonemb": self.config.non_embedding_params()},
-                    {"val/nll_per_token": float("nan"), "val/bpb": float("nan")},
-                )
+                register_hparams_metrics(logger, hparams, ["val/nll_per_token", "val/bpb"])
+
+    def on_validation_start(self) -> None:
+        self._last_step_time = None  # validation time is not training throughput
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         rows = batch["input_ids"]
@@ -178,10 +191,22 @@ class LMBase(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lldiff"] = {"tokens_seen": self.tokens_seen, "model_config": self.config.__dict__.copy()}
+        checkpoint["lldiff"] = {
+            "tokens_seen": self.tokens_seen,
+            "model_config": dict(self.config.__dict__),
+            # masking and random-length draws use the global RNG: a resumed run continues
+            # the exact random stream of an uninterrupted one
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokens_seen = int(checkpoint.get("lldiff", {}).get("tokens_seen", 0))
+        state = checkpoint.get("lldiff", {})
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        if "rng_cpu" in state:
+            torch.set_rng_state(state["rng_cpu"])
+        if state.get("rng_cuda") and torch.cuda.is_available() and len(state["rng_cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
 
 
 class MaskedDiffusionLM(LMBase):

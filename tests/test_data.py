@@ -416,9 +416,13 @@ def test_train_order_depends_only_on_seed(tmp_path: Path, corpus_file: Path) -> 
     c = _train_batches(dms[2])
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
-    # epochs differ from each other but are reproducible
+    # epochs differ from each other but are reproducible (Lightning calls set_epoch)
     loader = dms[0].train_dataloader()
-    epoch1, epoch2 = [[b["input_ids"] for b in loader] for _ in range(2)]
+    epoch1 = [b["input_ids"] for b in loader]
+    loader.sampler.set_epoch(1)
+    epoch2 = [b["input_ids"] for b in loader]
+    loader.sampler.set_epoch(0)
+    assert all(torch.equal(x, y) for x, y in zip(epoch1, [b["input_ids"] for b in loader]))
     assert not all(torch.equal(x, y) for x, y in zip(epoch1, epoch2))
     assert all(torch.equal(x, y) for x, y in zip(epoch1, a))
     assert len(epoch1) == len(dms[0].train_rows) // 4  # drop_last

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional, Union
 
 CACHE_ENV = "LLDIFF_CACHE"
 DEFAULT_CACHE_DIR = "data/cache"
-CACHE_VERSION = 1  # bump when the on-disk format or the pipeline semantics change
+CACHE_VERSION = 2  # bump when the on-disk format or the pipeline semantics change (2: vocab_size = real V)
 
 
 def cache_root(cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:

@@ -15,6 +15,7 @@ from . import pipeline
 from .cache import cache_root
 from .corpora import Corpus, Document, build_corpus
 from .packing import PackedRows, check_seq_len, evenly_spaced
+from .sampler import ResumableShuffleSampler
 from .split import check_val_fraction, describe_split, split_documents
 from .tokenizer import Tokenizer, check_vocab_size
 
@@ -126,6 +127,8 @@ class PretrainDataModule(pl.LightningDataModule):
         self._rows_dir: Optional[Path] = None
         self.train_rows: Optional[PackedRows] = None
         self.val_rows: Optional[PackedRows] = None
+        self._sampler: Optional[ResumableShuffleSampler] = None
+        self._resume_state: Optional[dict[str, Any]] = None
 
     # -- lazily computed pieces -------------------------------------------------------------
 
@@ -214,16 +217,37 @@ class PretrainDataModule(pl.LightningDataModule):
     # -- loaders ------------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by a generator seeded with ``seed``; incomplete last batch dropped."""
+        """Shuffled per epoch by ``seed + epoch`` (see :class:`ResumableShuffleSampler`);
+        incomplete last batch dropped. A run restored from a checkpoint continues with the
+        exact batches an uninterrupted run would have seen."""
+        rows = self._require(self.train_rows)
+        self._sampler = ResumableShuffleSampler(len(rows), self.seed)
+        if self._resume_state is not None:
+            epoch, batches = self._resume_state["epoch"], self._resume_state["batches_in_epoch"]
+            self._sampler.resume_at(epoch, batches * self.batch_size)
+            self._resume_state = None
         return DataLoader(
-            self._require(self.train_rows),
+            rows,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=self._sampler,
             drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds; keeps the global RNG untouched
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the data order (saved in checkpoints by Lightning)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        # batches of this epoch already trained on (a checkpoint is written after its batch)
+        return {"epoch": trainer.current_epoch, "batches_in_epoch": progress.ready, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict and state_dict.get("seed") == self.seed:
+            self._resume_state = dict(state_dict)
 
     def val_dataloader(self) -> DataLoader:
         """Fixed order, the same rows for every run on this corpus/tokenizer/seq_len."""
@@ -238,6 +262,7 @@ class PretrainDataModule(pl.LightningDataModule):
             self._require(self.val_rows),
             batch_size=self.batch_size,
             shuffle=False,
+            generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
             num_workers=self.num_workers,
         )
 
