@@ -7,9 +7,9 @@ import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from lldiff.callbacks import RunCheckpoint
 from lldiff.config import SIZES
 from lldiff.modules import LMBase
 
@@ -32,7 +32,8 @@ class SaveRunConfig(SaveConfigCallback):
         if stage != "fit":
             return
         log_dir = trainer.log_dir
-        if log_dir is not None and trainer.ckpt_path is None:
+        resuming = self.config.get("ckpt_path") is not None  # trainer.ckpt_path is set only after setup
+        if log_dir is not None and not resuming:
             last = os.path.join(log_dir, "checkpoints", "last.ckpt")
             if os.path.exists(last):
                 raise RuntimeError(
@@ -48,7 +49,7 @@ class SaveRunConfig(SaveConfigCallback):
 
 class LLDiffCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,

@@ -1,0 +1,130 @@
+"""The `lldiff` command: help, config printing, fit -> run directory, refuse/resume, bad input."""
+
+import glob
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lldiff.cli import lightning_cli, main
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_METRICS = {"train/loss", "val/nll_per_token", "val/bpb", "trainer/tokens", "trainer/flops", "perf/tokens_per_s"}
+
+
+def tiny_args(objective, toy_corpus, cache_dir, out, *extra):
+    """The shipped config, shrunk to seconds on the toy corpus."""
+    return [
+        "fit", "--config", str(REPO / "configs" / f"{objective}-tiny.yaml"),
+        "--model.init_args.size", "tiny-0.1M", "--model.init_args.warmup_steps", "2",
+        "--data.init_args.source", "files", "--data.init_args.paths", f"[{toy_corpus}]",
+        "--data.init_args.max_bytes", "null",
+        "--data.init_args.vocab_size", "320", "--data.init_args.seq_len", "32",
+        "--data.init_args.batch_size", "8", "--data.init_args.val_max_rows", "16",
+        "--data.init_args.cache_dir", str(cache_dir),
+        "--trainer.max_steps", "12", "--trainer.val_check_interval", "6",
+        "--trainer.enable_progress_bar", "false", "--checkpoint.every_n_train_steps", "5",
+        "--trainer.logger.init_args.save_dir", str(out), *extra,
+    ]
+
+
+def test_help_lists_commands_and_sizes(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for word in ("fit", "validate", "test", "MaskedDiffusionLM", "AutoregressiveLM", "smdm-1028M", "llada-8B"):
+        assert word in out
+
+
+def test_unknown_command_is_named(capsys):
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_fit_help_documents_the_knobs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lightning_cli(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for knob in ("--model", "--data", "--trainer.max_steps", "--checkpoint.every_n_train_steps", "--ckpt_path"):
+        assert knob in out
+
+
+@pytest.mark.parametrize("objective", ["mdm", "ar"])
+def test_print_config_resolves_the_shipped_config(objective, capsys):
+    with pytest.raises(SystemExit):
+        lightning_cli(["fit", "--config", str(REPO / "configs" / f"{objective}-tiny.yaml"), "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    expected = {"mdm": "lldiff.modules.MaskedDiffusionLM", "ar": "lldiff.modules.AutoregressiveLM"}[objective]
+    assert config["model"]["class_path"] == expected
+    assert config["data"]["class_path"] == "lldiff.data.PretrainDataModule"
+    assert config["trainer"]["logger"]["init_args"]["name"] == f"{objective}-tiny"
+
+
+def _scalars(run_dir):
+    ea = EventAccumulator(glob.glob(str(run_dir / "events*"))[0])
+    ea.Reload()
+    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("objective", ["mdm", "ar"])
+def test_fit_writes_a_self_contained_run_directory(objective, toy_corpus, cache_dir, tmp_path):
+    lightning_cli(tiny_args(objective, toy_corpus, cache_dir, tmp_path))
+    run = tmp_path / f"{objective}-tiny"
+    assert (run / "config.yaml").is_file() and (run / "tokenizer.json").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 12
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 12
+    scalars = _scalars(run)
+    assert SHARED_METRICS <= set(scalars)  # same names for both objectives: TensorBoard overlays them
+    assert all(v == v for _, v in scalars["val/nll_per_token"])  # no NaN placeholder points
+
+
+def test_fresh_fit_refuses_an_existing_run_and_resume_continues(toy_corpus, cache_dir, tmp_path):
+    lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path))
+    run = tmp_path / "ar-tiny"
+    with pytest.raises(RuntimeError, match="already holds a run.*--ckpt_path last"):
+        lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path))
+    lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path, "--trainer.max_steps", "20", "--ckpt_path", "last"))
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 20
+    assert state["lldiff"]["tokens_seen"] <= 20 * 8 * 32 and state["lldiff"]["tokens_seen"] > 12 * 8 * 32
+
+
+@pytest.mark.parametrize(
+    "extra,error",
+    [
+        (["--model.init_args.size", "smdm-7M"], "unknown model size 'smdm-7M'"),
+        (["--model.init_args.model_overrides", "{max_seq_len: 16}"], "seq_len=32 exceeds the model's max_seq_len=16"),
+        (["--model.init_args.model_overrides", "{n_heads: 3}"], "d_model=64 is not divisible by n_heads=3"),
+        (["--data.init_args.vocab_size", "100"], "vocab_size=100 is too small"),
+    ],
+)
+def test_bad_input_stops_before_training(extra, error, toy_corpus, cache_dir, tmp_path, capsys):
+    with pytest.raises((ValueError, SystemExit)) as info:
+        lightning_cli(tiny_args("mdm", toy_corpus, cache_dir, tmp_path, *extra))
+    assert error in str(info.value) + capsys.readouterr().err  # raised, or printed by the argument parser
+    assert not (tmp_path / "mdm-tiny" / "checkpoints").exists()
+
+
+def test_missing_data_file_is_named(toy_corpus, cache_dir, tmp_path):
+    args = tiny_args("ar", toy_corpus, cache_dir, tmp_path, "--data.init_args.paths", "[/no/such/file.txt]")
+    result = subprocess.run([sys.executable, "-m", "lldiff.cli", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "/no/such/file.txt" in result.stderr
+    assert not (tmp_path / "ar-tiny").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["mdm", "ar"])
+def test_console_script_runs_the_shipped_config(objective, tmp_path):
+    """The shipped config on the default offline corpus, as a user runs it (fewer steps)."""
+    lldiff = Path(sys.executable).parent / "lldiff"
+    cmd = [str(lldiff), "fit", "--config", f"configs/{objective}-tiny.yaml", "--trainer.max_steps", "200",
+           "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
+    subprocess.run(cmd, cwd=REPO, check=True, timeout=900, capture_output=True)
+    nll = _scalars(tmp_path / f"{objective}-tiny")["val/nll_per_token"]
+    assert nll[-1][1] < nll[0][1]  # validation improves between the first and last evaluation
