@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds, alternating which loop runs first")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -119,20 +119,25 @@ def main() -> None:
     rows = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1))
     loader = DataLoader(RepeatBatch(rows, args.steps + args.warmup + 2), batch_size=args.batch)
     tokens_per_step = args.batch * args.seq_len
-    header = f"{'objective':<5} {'loop':<10} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'of matmul':>10}"
+    header = (f"{'objective':<5} {'loop':<10} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'of matmul':>10}"
+              "   [ms/step quartiles]")
     results = {}
     with tempfile.TemporaryDirectory() as logdir:
         for name, cls in (("mdm", MaskedDiffusionLM), ("ar", AutoregressiveLM)):
             flops_per_token = step_flops_per_token(make_module(cls, args).config, args.seq_len)
-            bare, lit = [], []
-            for _ in range(args.rounds):
-                bare += bare_step_times(make_module(cls, args), loader, args.steps + args.warmup)[args.warmup :]
-                lit += lightning_step_times(make_module(cls, args), loader, args.steps + args.warmup + 1, logdir)[
-                    args.warmup :
-                ]
-            for loop, times in (("bare", bare), ("lightning", lit)):
-                step = statistics.median(times)
-                results[name, loop] = step
+            times = {"bare": [], "lightning": []}
+            for round_ in range(args.rounds):
+                order = ("bare", "lightning") if round_ % 2 == 0 else ("lightning", "bare")  # no order bias
+                for loop in order:
+                    if loop == "bare":
+                        steps = bare_step_times(make_module(cls, args), loader, args.steps + args.warmup)
+                    else:
+                        steps = lightning_step_times(make_module(cls, args), loader, args.steps + args.warmup + 1, logdir)
+                    times[loop] += steps[args.warmup :]
+            for loop, values in times.items():
+                quartiles = statistics.quantiles(values, n=4)
+                results[name, loop] = statistics.median(values)
+                results[name, loop, "iqr"] = (quartiles[0], quartiles[2])
             results[name, "flops_per_token"] = flops_per_token
         print(f"\nmodel {args.size}, batch {args.batch} x {args.seq_len} tokens, vocab {args.vocab}, "
               f"median of {args.rounds * args.steps} steps per loop\n{header}")
@@ -141,7 +146,9 @@ def main() -> None:
                 step = results[name, loop]
                 tps = tokens_per_step / step
                 gflops = tps * results[name, "flops_per_token"] / 1e9
-                print(f"{name:<5} {loop:<10} {step * 1e3:>9.1f} {tps:>10.0f} {gflops:>9.1f} {gflops / peak:>9.0%}")
+                lo, hi = results[name, loop, "iqr"]
+                print(f"{name:<5} {loop:<10} {step * 1e3:>9.1f} {tps:>10.0f} {gflops:>9.1f} {gflops / peak:>9.0%}"
+                      f"   [{lo * 1e3:.0f}-{hi * 1e3:.0f}]")
         print()
         for name in ("mdm", "ar"):
             ratio = results[name, "bare"] / results[name, "lightning"]
