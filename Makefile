@@ -1,5 +1,5 @@
 # Two entry points from a fresh clone; each creates .venv on first use.
-#   make demo   train the tiny MDM and AR on the offline corpus, then print where the curves are
+#   make demo   train the tiny MDM and AR on the offline corpus, print their comparison table
 #   make test   run the default (fast) test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,9 +15,12 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# `--ckpt_path last`: an interrupted demo resumes where it stopped, a finished one is kept
+# (without a checkpoint Lightning warns and starts fresh). `rm -rf runs` to start over.
 demo: $(BIN)/.installed
-	$(BIN)/lldiff fit --config configs/mdm-tiny.yaml
-	$(BIN)/lldiff fit --config configs/ar-tiny.yaml
+	$(BIN)/lldiff fit --config configs/mdm-tiny.yaml --ckpt_path last
+	$(BIN)/lldiff fit --config configs/ar-tiny.yaml --ckpt_path last
+	$(BIN)/python studies/compare_runs.py runs/mdm-tiny runs/ar-tiny --out runs/comparison.md
 	@echo "Curves: $(BIN)/tensorboard --logdir runs   (runs/mdm-tiny and runs/ar-tiny overlay)"
 
 test: $(BIN)/.installed

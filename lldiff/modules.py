@@ -88,7 +88,8 @@ class LMBase(L.LightningModule):
                      "attn_backend": attn_backend}
         )
         self.model = Transformer(self.config)
-        self._forward = torch.compile(self.model) if compile else self.model
+        if compile:
+            self.model.compile()  # in place: state-dict keys stay model.*
         self.tokens_seen = 0
         self._last_step_time: float | None = None
         self.val_nats, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
@@ -105,7 +106,7 @@ class LMBase(L.LightningModule):
 
     # -- Lightning ------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return self._forward(input_ids, attention_mask)
+        return self.model(input_ids, attention_mask)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
@@ -138,13 +139,22 @@ class LMBase(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         rows = batch["input_ids"]
-        length = objectives.draw_random_length(rows.shape[1] - 1, self.hparams.random_length_prob)
+        length = objectives.draw_random_length(
+            rows.shape[1] - 1, self.hparams.random_length_prob, generator=self._length_generator()
+        )
         rows = rows[:, : length + 1]
         loss = self.loss(rows)
         tokens = rows.shape[0] * length * self.trainer.world_size
         self.tokens_seen += tokens
         self._log_progress(loss, tokens)
         return loss
+
+    def _length_generator(self) -> torch.Generator:
+        """Random lengths are a fixed function of (data seed, step): MDM and AR runs truncate
+        the same steps to the same lengths, so they train on the same tokens and compute."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        seed = int(getattr(datamodule, "seed", 0) or 0)
+        return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + self.global_step) % 2**63)
 
     def _log_progress(self, loss: Tensor, tokens: int) -> None:
         self.log("train/loss", loss, prog_bar=True)
@@ -194,7 +204,7 @@ class LMBase(L.LightningModule):
         checkpoint["lldiff"] = {
             "tokens_seen": self.tokens_seen,
             "model_config": dict(self.config.__dict__),
-            # masking and random-length draws use the global RNG: a resumed run continues
+            # masking draws use the global RNG: a resumed run continues
             # the exact random stream of an uninterrupted one
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -125,8 +125,9 @@ def draw_random_length(
     """With probability ``prob`` a length uniform on {1, ..., seq_len}; else ``seq_len``."""
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"random length probability must be in [0, 1], got {prob}")
-    if torch.rand(1, generator=generator).item() < prob:
-        return int(torch.randint(1, seq_len + 1, (1,), generator=generator).item())
+    coin, uniform = torch.rand(2, generator=generator).tolist()
+    if coin < prob:
+        return 1 + min(int(uniform * seq_len), seq_len - 1)
     return seq_len
 
 

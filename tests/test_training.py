@@ -73,6 +73,17 @@ def test_mdm_and_ar_receive_identical_batches(toy_corpus, cache_dir):
     assert all(torch.equal(a, m) for a, m in zip(recorded["ar"], recorded["mdm"]))
 
 
+def test_mdm_and_ar_truncate_the_same_steps_to_the_same_lengths(toy_corpus, cache_dir):
+    tokens = {}
+    for i, name in enumerate(OBJECTIVES):
+        L.seed_everything(i, verbose=False)
+        dm = make_dm(toy_corpus, cache_dir)
+        model = make_module(name, dm, random_length_prob=0.5)
+        trainer(12).fit(model, dm)
+        tokens[name] = model.tokens_seen
+    assert tokens["ar"] == tokens["mdm"] < 12 * 16 * 48  # some steps were cut, the same ones
+
+
 def test_both_objectives_score_the_same_validation_tokens(toy_corpus, cache_dir):
     dm = make_dm(toy_corpus, cache_dir)
     dm.setup("validate")
@@ -149,3 +160,12 @@ def test_sequence_longer_than_model_context_stops_before_training(toy_corpus, ca
     with pytest.raises(ValueError, match="data.seq_len=48 exceeds the model's max_seq_len=32"):
         trainer(2).fit(model, dm)
     assert model.tokens_seen == 0
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_state_dict_holds_each_weight_once(compile, toy_corpus, cache_dir):
+    dm = make_dm(toy_corpus, cache_dir)
+    module = make_module("ar", dm, compile=compile)
+    keys = list(module.state_dict())
+    assert all(k.startswith("model.") for k in keys)
+    assert len(keys) == len(list(module.model.state_dict()))

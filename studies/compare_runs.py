@@ -1,0 +1,99 @@
+"""Compare finished runs side by side from their TensorBoard event files.
+
+    python studies/compare_runs.py runs/mdm-tiny runs/ar-tiny
+    python studies/compare_runs.py runs/*  --out comparison.md
+
+For each run directory: objective, model size, last logged validation metrics
+(``val/nll_per_token``: exact NLL for AR, Monte-Carlo negative ELBO, an upper bound on the
+NLL, for the MDM; ``val/bpb``), tokens and SMDM FLOPs (6 N D) trained on, and the best
+validation seen. Writes a markdown table to stdout (and atomically to ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+OBJECTIVES = {"MaskedDiffusionLM": "MDM", "AutoregressiveLM": "AR"}
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalar series of a run, merged over its event files, ordered by step."""
+    events = sorted(run_dir.glob("events.out.tfevents.*"))
+    if not events:
+        raise FileNotFoundError(f"{run_dir} has no TensorBoard event files (events.out.tfevents.*)")
+    series: dict[str, dict[int, float]] = {}
+    for path in events:
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            series.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return {tag: sorted(points.items()) for tag, points in series.items()}
+
+
+def describe(run_dir: Path) -> dict[str, object]:
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    model = config.get("model", {})
+    scalars = read_scalars(run_dir)
+    nll = scalars.get("val/nll_per_token", [])
+    bpb = scalars.get("val/bpb", [])
+    last = lambda tag: scalars[tag][-1][1] if scalars.get(tag) else float("nan")  # noqa: E731
+    return {
+        "run": run_dir.name,
+        "objective": OBJECTIVES.get(str(model.get("class_path", "")).rsplit(".", 1)[-1], "?"),
+        "size": model.get("init_args", {}).get("size", "?"),
+        "step": nll[-1][0] + 1 if nll else 0,
+        "tokens": last("trainer/tokens"),
+        "flops": last("trainer/flops"),
+        "val_nll": nll[-1][1] if nll else float("nan"),
+        "val_bpb": bpb[-1][1] if bpb else float("nan"),
+        "best_nll": min((v for _, v in nll if v == v), default=float("nan")),
+    }
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    lines = [
+        "| run | objective | size | step | tokens | FLOPs (6ND) | val nats/token | val bits/byte | best nats/token |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {r['objective']} | {r['size']} | {r['step']} | {r['tokens']:.3g} | {r['flops']:.3g} "
+            f"| {r['val_nll']:.4f} | {r['val_bpb']:.4f} | {r['best_nll']:.4f} |"
+        )
+    lines.append("")
+    lines.append("MDM: Monte-Carlo negative ELBO per token (an upper bound on its NLL); AR: exact NLL per token.")
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (runs/<name>)")
+    parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    args = parser.parse_args(argv)
+    missing = [str(r) for r in args.runs if not r.is_dir()]
+    if missing:
+        parser.error(f"not a run directory: {', '.join(missing)}")
+    table = markdown([describe(run) for run in args.runs])
+    print(table)
+    if args.out:
+        write_atomic(args.out, table + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
