@@ -130,6 +130,9 @@ class LMBase(L.LightningModule):
 
     def on_fit_start(self) -> None:
         hparams = {**self.hparams, "n_nonemb": self.config.non_embedding_params()}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            hparams.update({f"data.{k}": v for k, v in datamodule.hparams.items()})
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 register_hparams_metrics(logger, hparams, ["val/nll_per_token", "val/bpb"])

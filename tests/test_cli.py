@@ -82,6 +82,19 @@ def test_fit_writes_a_self_contained_run_directory(objective, toy_corpus, cache_
     scalars = _scalars(run)
     assert SHARED_METRICS <= set(scalars)  # same names for both objectives: TensorBoard overlays them
     assert all(v == v for _, v in scalars["val/nll_per_token"])  # no NaN placeholder points
+    hparams = _hparams_experiment(run)
+    assert [m.name.tag for m in hparams.metric_infos] == ["val/nll_per_token", "val/bpb"]
+    names = {h.name for h in hparams.hparam_infos}
+    assert {"size", "lr", "n_nonemb", "data.seq_len", "data.vocab_size"} <= names
+
+
+def _hparams_experiment(run_dir):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    ea = EventAccumulator(glob.glob(str(run_dir / "events*"))[0])
+    ea.Reload()
+    content = ea.PluginTagToContent("hparams")["_hparams_/experiment"]
+    return plugin_data_pb2.HParamsPluginData.FromString(content).experiment
 
 
 def test_fresh_fit_refuses_an_existing_run_and_resume_continues(toy_corpus, cache_dir, tmp_path):
