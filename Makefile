@@ -1,11 +1,12 @@
 # Two entry points from a fresh clone; each creates .venv on first use.
-#   make demo   train the tiny MDM and AR on the offline corpus, print their comparison table
+#   make demo      the CPU scaling sweep: 4 sizes x 2 budgets x {MDM, AR}, fits, figures, report
+#   make demo-fit  train the tiny MDM and AR on the offline corpus, print their comparison table
 #   make test   run the default (fast) test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow clean-env
+.PHONY: demo demo-fit test test-slow clean-env
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +16,15 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# Re-running resumes: finished runs are skipped, an interrupted one continues from its checkpoint.
+demo: $(BIN)/.installed
+	$(BIN)/lldiff sweep run --preset demo --out runs/sweep-demo
+	$(BIN)/lldiff sweep analyze runs/sweep-demo
+	@echo "Curves: $(BIN)/tensorboard --logdir runs/sweep-demo/tb"
+
 # `--ckpt_path last`: an interrupted demo resumes where it stopped, a finished one is kept
 # (without a checkpoint Lightning warns and starts fresh). `rm -rf runs` to start over.
-demo: $(BIN)/.installed
+demo-fit: $(BIN)/.installed
 	$(BIN)/lldiff fit --config configs/mdm-tiny.yaml --ckpt_path last
 	$(BIN)/lldiff fit --config configs/ar-tiny.yaml --ckpt_path last
 	$(BIN)/python studies/compare_runs.py runs/mdm-tiny runs/ar-tiny --out runs/comparison.md

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
@@ -17,6 +18,17 @@ LIGHTNING_COMMANDS = {
     "fit": "train a model (MDM or AR) from a YAML config: lldiff fit --config configs/mdm-tiny.yaml",
     "validate": "validation metrics of a checkpoint: lldiff validate --config X.yaml --ckpt_path PATH",
     "test": "test metrics of a checkpoint: lldiff test --config X.yaml --ckpt_path PATH",
+}
+
+
+def _sweep(argv: list[str]) -> None:
+    from lldiff.sweep.cli import main as sweep_main
+
+    sweep_main(argv)
+
+
+OTHER_COMMANDS = {
+    "sweep": ("MDM vs AR scaling sweeps: lldiff sweep run|plan|analyze (lldiff sweep --help)", _sweep),
 }
 
 
@@ -78,6 +90,13 @@ TRAINER_DEFAULTS = {
 
 def lightning_cli(args: list[str] | None = None) -> LLDiffCLI:
     """LightningCLI over ``args`` (None: the process's own command line)."""
+    with warnings.catch_warnings():
+        # args given in-process (sweeps, tests) while sys.argv holds the outer command
+        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+        return _cli(args)
+
+
+def _cli(args: list[str] | None) -> LLDiffCLI:
     return LLDiffCLI(
         LMBase,
         LightningDataModule,
@@ -94,6 +113,7 @@ def lightning_cli(args: list[str] | None = None) -> LLDiffCLI:
 def overview() -> str:
     lines = ["usage: lldiff COMMAND [options]", "", "Commands:"]
     lines += [f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += [f"  {name:<10} {text}" for name, (text, _) in OTHER_COMMANDS.items()]
     lines += [
         "",
         "`lldiff COMMAND --help` lists every option of a command (model, data, trainer,",
@@ -116,7 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     if command in LIGHTNING_COMMANDS:
         lightning_cli(None if from_command_line else argv)
         return
-    print(f"lldiff: unknown command {command!r}; allowed: {', '.join(LIGHTNING_COMMANDS)}\n", file=sys.stderr)
+    if command in OTHER_COMMANDS:
+        OTHER_COMMANDS[command][1](argv[1:])
+        return
+    allowed = ", ".join([*LIGHTNING_COMMANDS, *OTHER_COMMANDS])
+    print(f"lldiff: unknown command {command!r}; allowed: {allowed}\n", file=sys.stderr)
     print(overview(), file=sys.stderr)
     raise SystemExit(2)
 

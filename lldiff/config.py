@@ -136,6 +136,8 @@ def _tiny(name: str, n_layer: int, d_model: int, n_heads: int) -> ModelConfig:
 
 _REGISTRY = [
     # tiny CPU sizes (names give non-embedding parameters, rounded)
+    _tiny("tiny-0.016M", 1, 32, 2),
+    _tiny("tiny-0.03M", 2, 32, 2),
     _tiny("tiny-0.1M", 2, 64, 2),
     _tiny("tiny-0.4M", 3, 96, 3),
     _tiny("tiny-1M", 4, 128, 4),

@@ -1,7 +1,7 @@
 """Thin LightningModules over the pure objectives: one shared base, two objectives.
 
 Both log the same metric names so TensorBoard overlays them:
-``train/loss``, ``val/nll_per_token`` (AR: exact NLL; MDM: Monte-Carlo negative ELBO,
+``train/loss``, ``train/lr``, ``val/nll_per_token`` (AR: exact NLL; MDM: Monte-Carlo negative ELBO,
 an upper bound on the NLL), ``val/bpb``, ``trainer/tokens``, ``trainer/flops``
 (SMDM's 6 N D), ``perf/tokens_per_s``.
 """
@@ -161,6 +161,8 @@ class LMBase(L.LightningModule):
 
     def _log_progress(self, loss: Tensor, tokens: int) -> None:
         self.log("train/loss", loss, prog_bar=True)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("trainer/tokens", float(self.tokens_seen))
         self.log("trainer/flops", scaling_flops(self.config, self.tokens_seen))
         now = time.perf_counter()

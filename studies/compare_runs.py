@@ -12,12 +12,11 @@ validation seen. Writes a markdown table to stdout (and atomically to ``--out``)
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
+from lldiff.atomic import write_text
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 OBJECTIVES = {"MaskedDiffusionLM": "MDM", "AutoregressiveLM": "AR"}
@@ -73,14 +72,6 @@ def markdown(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (runs/<name>)")
@@ -92,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown([describe(run) for run in args.runs])
     print(table)
     if args.out:
-        write_atomic(args.out, table + "\n")
+        write_text(args.out, table + "\n")
 
 
 if __name__ == "__main__":

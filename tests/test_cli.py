@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lldiff.cli import lightning_cli, main
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_METRICS = {"train/loss", "val/nll_per_token", "val/bpb", "trainer/tokens", "trainer/flops", "perf/tokens_per_s"}
+SHARED_METRICS = {"train/loss", "train/lr", "val/nll_per_token", "val/bpb", "trainer/tokens", "trainer/flops", "perf/tokens_per_s"}
 
 
 def tiny_args(objective, toy_corpus, cache_dir, out, *extra):

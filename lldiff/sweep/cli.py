@@ -1,0 +1,71 @@
+"""`lldiff sweep run|plan|analyze`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lldiff.sweep.spec import SweepSpec, load_preset, load_spec, preset_names
+
+
+def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SweepSpec:
+    if (args.spec is None) == (args.preset is None):
+        parser.error("give a spec file or --preset NAME (one of: " + ", ".join(preset_names()) + ")")
+    return load_spec(args.spec) if args.spec else load_preset(args.preset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lldiff sweep", description="MDM vs AR scaling sweeps (C = 6 N D).")
+    sub = parser.add_subparsers(dest="action", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a sweep locally, one run after another")
+    run.add_argument("spec", nargs="?", type=Path, help="sweep spec YAML")
+    run.add_argument("--preset", help="a built-in spec instead: " + ", ".join(preset_names()))
+    run.add_argument("--out", type=Path, required=True, help="sweep directory (results.csv, tb/, configs/)")
+    run.add_argument("--only", nargs="+", metavar="RUN_ID", help="run just these runs (cluster jobs use this)")
+    run.add_argument("--parallel", type=int, default=1, help="runs at a time, as subprocesses (default 1)")
+
+    plan = sub.add_parser("plan", help="print runs, steps, tokens, FLOPs and GPU-hours; emit cluster scripts")
+    plan.add_argument("spec", nargs="?", type=Path, help="sweep spec YAML")
+    plan.add_argument("--preset", help="a built-in spec instead: " + ", ".join(preset_names()))
+    plan.add_argument("--emit", type=Path, metavar="DIR", help="write sweep.slurm and torchrun.sh into DIR")
+    plan.add_argument("--out", type=Path, help="sweep directory the emitted jobs write to (default: DIR)")
+    plan.add_argument("--mfu", type=float, help="override the spec's model FLOP utilisation for the estimate")
+
+    analyze = sub.add_parser("analyze", help="iso-FLOP fits, scaling laws, compute multiplier, figures, report")
+    analyze.add_argument("run_dir", type=Path, help="a sweep directory with results.csv")
+    analyze.add_argument("--out", type=Path, help="where figures and report.md go (default RUN_DIR/analysis)")
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.action == "analyze":
+        from lldiff.sweep.report import analyze
+
+        print(f"report: {analyze(args.run_dir, args.out)}")
+        return
+    spec = _spec(args, parser)
+    if args.action == "run":
+        from lldiff.sweep.runner import run_sweep
+
+        run_sweep(spec, args.out, only=args.only, parallel=args.parallel)
+        print(f"results: {args.out / 'results.csv'}   analyse: lldiff sweep analyze {args.out}")
+        return
+    import dataclasses
+
+    from lldiff.sweep.cluster import emit, plan_table
+    from lldiff.sweep.plan import make_plan
+
+    if args.mfu is not None:
+        spec = dataclasses.replace(spec, cluster=dataclasses.replace(spec.cluster, mfu=args.mfu))
+    plan_runs = make_plan(spec)
+    print(plan_table(spec, plan_runs))
+    if args.emit:
+        from lldiff.sweep.runner import prepare_out_dir
+
+        out = (args.out or args.emit).resolve()
+        prepare_out_dir(spec, out)
+        for path in emit(spec, plan_runs, out / "spec.yaml", out, args.emit):
+            print(f"wrote {path}")

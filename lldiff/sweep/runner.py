@@ -1,0 +1,142 @@
+"""Execute a sweep locally: each run is an ordinary `lldiff fit`, then a final validation.
+
+Re-running the same command skips recorded runs and resumes an interrupted one from its
+`last.ckpt` (exactly: see ``tests/test_training.py``). A run's result is appended to
+``results.csv`` only after its final validation, atomically and at most once, so killing
+the sweep at any moment loses no finished result and never records a run twice.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from lldiff.sweep.plan import RunPlan, make_plan, matmul_flops, run_config
+from lldiff.atomic import write_text
+from lldiff.sweep.results import ResultsTable
+from lldiff.sweep.spec import SweepSpec, spec_from_dict
+
+Log = Callable[[str], None]
+
+
+def prepare_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
+    """Create ``out`` with ``spec.yaml``, or check that it belongs to this very spec."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out / "spec.yaml"
+    if spec_path.is_file():
+        existing = spec_from_dict(yaml.safe_load(spec_path.read_text()))
+        if existing.fingerprint != spec.fingerprint:
+            raise ValueError(
+                f"{out} holds a sweep with a different spec ({spec_path}, fingerprint {existing.fingerprint} "
+                f"!= {spec.fingerprint}); use another --out directory. Nothing was overwritten."
+            )
+    else:
+        write_text(spec_path, spec.to_yaml())
+    table = ResultsTable(out / "results.csv", spec.fingerprint)
+    table.rows()  # fails early on a table from another spec
+    return table
+
+
+def config_path(out: Path, run: RunPlan) -> Path:
+    return out / "configs" / f"{run.index:03d}-{run.run_id.replace('/', '_')}.yaml"
+
+
+def write_run_configs(spec: SweepSpec, out: Path, plan: list[RunPlan]) -> None:
+    for run in plan:
+        path = config_path(out, run)
+        text = yaml.safe_dump(run_config(spec, run, str(out / "tb")), sort_keys=False)
+        if not path.is_file() or path.read_text() != text:
+            write_text(path, text)
+
+
+def execute_run(spec: SweepSpec, out: Path, run: RunPlan, table: ResultsTable) -> dict | None:
+    """Fit (resuming if a checkpoint exists), validate with the final K, record the row."""
+    from lldiff.cli import lightning_cli  # heavy import, only when a run really executes
+
+    start = time.perf_counter()
+    cli = lightning_cli(["fit", "--config", str(config_path(out, run)), "--ckpt_path", "last"])
+    model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    if run.objective == "mdm":
+        model.hparams.val_mc_samples = spec.final_val_mc_samples
+    loggers, trainer.loggers = trainer.loggers, []  # the final evaluation is not a curve point
+    metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    trainer.loggers = loggers
+    if not trainer.is_global_zero:
+        return None
+    hp = model.hparams
+    row = {
+        "run_id": run.run_id, "objective": run.objective, "size": run.size, "n_nonemb": run.n_nonemb,
+        "budget": run.budget, "seed": run.seed, "max_steps": trainer.global_step, "tokens": model.tokens_seen,
+        "flops": 6.0 * run.n_nonemb * model.tokens_seen,
+        "val_nll_per_token": metrics["val/nll_per_token"], "val_bpb": metrics.get("val/bpb", float("nan")),
+        "val_mc_samples": spec.final_val_mc_samples if run.objective == "mdm" else 0,
+        "wall_time_s": round(time.perf_counter() - start, 2), "lr": hp.lr, "warmup_steps": hp.warmup_steps,
+        "batch_size": datamodule.batch_size, "seq_len": datamodule.seq_len, "vocab_size": model.config.vocab_size,
+        "random_length_prob": hp.random_length_prob,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    table.record(row)
+    return row
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_sweep(
+    spec: SweepSpec, out: Path, *, only: list[str] | None = None, parallel: int = 1, log: Log = print
+) -> list[RunPlan]:
+    """Run every planned run not yet recorded in ``out/results.csv``; returns the runs done now."""
+    out = Path(out)
+    plan = make_plan(spec)
+    table = prepare_out_dir(spec, out)
+    write_run_configs(spec, out, plan)
+    if only:
+        unknown = set(only) - {r.run_id for r in plan}
+        if unknown:
+            raise ValueError(f"--only names unknown run(s) {sorted(unknown)}; see `lldiff sweep plan`")
+    recorded = table.run_ids()
+    todo = [r for r in plan if r.run_id not in recorded and (not only or r.run_id in only)]
+    log(f"sweep {spec.name!r}: {len(plan)} runs, {len(recorded)} recorded, {len(todo)} to run -> {out}")
+    if not todo:
+        return []
+    work = {r.run_id: matmul_flops(spec, r) for r in todo}  # time scales with real matmul work
+    total_work, done_work, started = sum(work.values()), 0.0, time.perf_counter()
+
+    def report(i: int, run: RunPlan, status: str) -> None:
+        nonlocal done_work
+        done_work += work[run.run_id]
+        elapsed = time.perf_counter() - started
+        eta = elapsed / done_work * (total_work - done_work)
+        log(f"[{i}/{len(todo)}] {run.run_id}: {status}; elapsed {_duration(elapsed)}, left ~{_duration(eta)}")
+
+    if parallel <= 1:
+        for i, run in enumerate(todo, 1):
+            log(f"[{i - 1}/{len(todo)}] {run.run_id}: {run.max_steps} steps, {run.tokens:.3g} tokens, "
+                f"{run.flops:.3g} FLOPs")
+            row = execute_run(spec, out, run, table)
+            report(i, run, f"val {row['val_nll_per_token']:.4f} nats/token" if row else "done")
+        return todo
+
+    spec_file = out / "spec.yaml"
+
+    def worker(run: RunPlan) -> RunPlan:
+        cmd = [sys.executable, "-m", "lldiff.cli", "sweep", "run", str(spec_file), "--out", str(out),
+               "--only", run.run_id]
+        with open(out / "logs" / f"{run.index:03d}.log", "w") as handle:
+            subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, check=True)
+        return run
+
+    (out / "logs").mkdir(exist_ok=True)
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for i, run in enumerate(pool.map(worker, todo), 1):
+            report(i, run, "done")
+    return todo

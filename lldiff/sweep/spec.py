@@ -1,0 +1,163 @@
+"""Sweep specification: sizes x compute budgets x objectives x seeds over ONE data config.
+
+A spec is a YAML file (or a named preset in ``lldiff/sweep/presets``)::
+
+    name: demo
+    objectives: [mdm, ar]
+    sizes: [tiny-0.1M, tiny-0.4M, tiny-1M]
+    budgets: [2.0e11, 6.0e11]         # compute C = 6 N D, FLOPs
+    seeds: [0]
+    data: {source: stdlib, vocab_size: 1024, seq_len: 64, batch_size: 16}   # PretrainDataModule args
+    model: {lr: 2.0e-3, random_length_prob: 0.01}   # LMBase args for every run
+    objective_args: {mdm: {val_mc_samples: 8}}       # per-objective model args (never data)
+    size_args: {tiny-0.1M: {lr: 3.0e-3}}            # per-size model args (e.g. tuned lr)
+    trainer: {accelerator: auto, devices: 1, precision: 32-true}
+    warmup_fraction: 0.1              # warmup as a fraction of each run's steps (else model.warmup_steps / SMDM rule)
+    evals_per_run: 4                  # validation points along each run (curves)
+    final_val_mc_samples: 32          # K Monte-Carlo draws for the MDM's final ELBO (SMDM 128)
+    cluster: {partition: gpu, time: "04:00:00", gpus_per_run: 1, mfu: 0.4, peak_tflops: 989}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lldiff.config import SIZES
+
+OBJECTIVES = ("mdm", "ar")
+MODULE_CLASSES = {"mdm": "lldiff.modules.MaskedDiffusionLM", "ar": "lldiff.modules.AutoregressiveLM"}
+PRESET_PACKAGE = "lldiff.sweep.presets"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """How the sweep maps onto GPU nodes (used by ``plan`` and the emitted scripts)."""
+
+    partition: str = "gpu"
+    time: str = "04:00:00"
+    gpus_per_run: int = 1
+    nodes_per_run: int = 1
+    cpus_per_task: int = 8
+    mfu: float = 0.4
+    peak_tflops: float = 989.0  # H100 SXM dense bf16
+    setup: str = ""  # shell lines run before each job (module load, conda activate, ...)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    objectives: tuple[str, ...]
+    sizes: tuple[str, ...]
+    budgets: tuple[float, ...]
+    seeds: tuple[int, ...] = (0,)
+    data: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    objective_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    size_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    warmup_fraction: float | None = None
+    evals_per_run: int = 4
+    final_val_mc_samples: int = 32
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of everything that determines the runs' results (not the cluster layout)."""
+        payload = {k: v for k, v in asdict(self).items() if k != "cluster"}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("objectives", "sizes", "budgets", "seeds"):
+            out[key] = list(out[key])
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _validate(spec: SweepSpec) -> None:
+    def fail(message: str) -> None:
+        raise ValueError(f"sweep spec {spec.name!r}: {message}")
+
+    for key in ("objectives", "sizes", "budgets", "seeds"):
+        if not getattr(spec, key):
+            fail(f"{key} is empty")
+    bad = [o for o in spec.objectives if o not in OBJECTIVES]
+    if bad:
+        fail(f"unknown objective(s) {bad}; allowed: {', '.join(OBJECTIVES)}")
+    bad = [s for s in spec.sizes if s not in SIZES]
+    if bad:
+        fail(f"unknown size(s) {bad}; known sizes: {', '.join(SIZES)}")
+    bad = [c for c in spec.budgets if not (isinstance(c, (int, float)) and c > 0)]
+    if bad:
+        fail(f"budgets must be positive FLOP counts, got {bad}")
+    for objective, args in spec.objective_args.items():
+        if objective not in OBJECTIVES:
+            fail(f"objective_args has unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+        if "data" in args or any(k in args for k in ("source", "paths", "seq_len", "vocab_size", "batch_size")):
+            fail(
+                f"objective_args.{objective} sets data options {sorted(args)}: MDM and AR must share one data "
+                "config (put it under `data:`)"
+            )
+    unknown_sizes = [s for s in spec.size_args if s not in spec.sizes]
+    if unknown_sizes:
+        fail(f"size_args names size(s) {unknown_sizes} that are not in sizes {list(spec.sizes)}")
+    for reserved in ("size", "vocab_size"):
+        if reserved in spec.model:
+            fail(f"model.{reserved} is set by the sweep itself; remove it")
+    if "max_steps" in spec.trainer or "logger" in spec.trainer:
+        fail("trainer.max_steps and trainer.logger are set per run by the sweep; remove them")
+    if spec.warmup_fraction is not None and not 0.0 <= spec.warmup_fraction <= 1.0:
+        fail(f"warmup_fraction must be in [0, 1], got {spec.warmup_fraction}")
+    if spec.evals_per_run < 1 or spec.final_val_mc_samples < 1:
+        fail("evals_per_run and final_val_mc_samples must be >= 1")
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read a spec file; a clear error for unknown keys or bad values."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep spec {str(path)!r} does not exist")
+    return spec_from_dict(yaml.safe_load(path.read_text()) or {}, default_name=path.stem)
+
+
+def load_preset(name: str) -> SweepSpec:
+    available = preset_names()
+    if name not in available:
+        raise ValueError(f"unknown sweep preset {name!r}; available: {', '.join(available)}")
+    text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
+    return spec_from_dict(yaml.safe_load(text), default_name=name)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def spec_from_dict(raw: dict[str, Any], default_name: str = "sweep") -> SweepSpec:
+    allowed = set(SweepSpec.__dataclass_fields__)
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ValueError(f"unknown sweep spec key(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    raw = dict(raw)
+    raw.setdefault("name", default_name)
+    cluster = raw.pop("cluster", None) or {}
+    unknown = set(cluster) - set(ClusterSpec.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown cluster key(s) {sorted(unknown)}; allowed: {', '.join(ClusterSpec.__dataclass_fields__)}")
+    for key in ("objectives", "sizes", "seeds"):
+        if key in raw:
+            raw[key] = tuple(raw[key])
+    if "budgets" in raw:
+        raw["budgets"] = tuple(float(c) for c in raw["budgets"])
+    return SweepSpec(**raw, cluster=ClusterSpec(**cluster))

@@ -1,0 +1,166 @@
+"""Sweeps: steps from C = 6ND, plan invariants, bad input, skip/resume, SIGKILL safety."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from lldiff.config import SIZES
+from lldiff.objectives import expected_length
+from lldiff.sweep.plan import make_plan, steps_for_budget, tokens_per_step
+from lldiff.sweep.spec import load_preset, preset_names
+from lldiff.sweep.plan import run_config
+from lldiff.sweep.results import ResultsTable
+from lldiff.sweep.runner import run_sweep
+from lldiff.sweep.spec import spec_from_dict
+
+
+def toy_spec(toy_corpus, cache_dir, **overrides):
+    raw = dict(
+        name="toy", objectives=["mdm", "ar"], sizes=["tiny-0.1M", "tiny-0.4M"], budgets=[2.0e10], seeds=[0],
+        data=dict(source="files", paths=[str(toy_corpus)], vocab_size=320, seq_len=32, batch_size=8,
+                  val_max_rows=16, cache_dir=str(cache_dir)),
+        model=dict(lr=3e-3, random_length_prob=0.0),
+        objective_args={"mdm": {"val_mc_samples": 2}},
+        trainer=dict(accelerator="cpu", devices=1), warmup_fraction=0.1, evals_per_run=2, final_val_mc_samples=4,
+    )
+    raw.update(overrides)
+    return spec_from_dict(raw)
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_steps_formula_with_random_length_correction():
+    spec = spec_from_dict(dict(objectives=["mdm"], sizes=["smdm-6M"], budgets=[1e15],
+                               data=dict(seq_len=2048, batch_size=256), model=dict(random_length_prob=0.01)))
+    tps = tokens_per_step(spec)
+    assert tps == pytest.approx(256 * (2048 * 0.99 + 0.01 * 2049 / 2))
+    assert tps == pytest.approx(256 * expected_length(2048, 0.01))
+    n = SIZES["smdm-6M"].non_embedding_params()
+    (run,) = make_plan(spec)
+    assert run.max_steps == round(1e15 / (6 * n * tps)) == steps_for_budget(1e15, n, tps)
+    assert run.flops == pytest.approx(1e15, rel=1 / run.max_steps)
+
+
+def test_tokens_per_step_counts_devices_and_accumulation():
+    spec = spec_from_dict(dict(objectives=["ar"], sizes=["smdm-6M"], budgets=[1e18], data=dict(seq_len=100, batch_size=4),
+                               model=dict(random_length_prob=0.0),
+                               trainer=dict(devices=8, num_nodes=2, accumulate_grad_batches=3)))
+    assert tokens_per_step(spec) == 4 * 8 * 2 * 3 * 100
+
+
+def test_plan_names_runs_and_shares_data_across_objectives(tmp_path):
+    spec = load_preset("demo")
+    plan = make_plan(spec)
+    assert len(plan) == len(spec.objectives) * len(spec.sizes) * len(spec.budgets) * len(spec.seeds) >= 12
+    assert len({r.run_id for r in plan}) == len(plan)
+    assert {r.run_id.split("/")[0] for r in plan} == {"mdm", "ar"}
+    configs = {r.run_id: run_config(spec, r, str(tmp_path)) for r in plan}
+    for run in plan:
+        cfg = configs[run.run_id]
+        assert cfg["trainer"]["max_steps"] == run.max_steps
+        assert cfg["trainer"]["logger"]["init_args"]["name"] == f"{run.objective}/{run.size}"
+        twin = configs[run.run_id.replace(run.objective, "ar" if run.objective == "mdm" else "mdm", 1)]
+        assert cfg["data"] == twin["data"] and cfg["seed_everything"] == twin["seed_everything"]
+        assert cfg["trainer"]["max_steps"] == twin["trainer"]["max_steps"]
+        assert cfg["model"]["init_args"]["warmup_steps"] == max(1, round(0.1 * run.max_steps))
+
+
+def test_presets_plan():
+    assert {"demo", "smdm"} <= set(preset_names())
+    smdm = make_plan(load_preset("smdm"))
+    assert "mdm/smdm-1028M/C3e+20" in {r.run_id for r in smdm}
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(budgets=[1e3]), "budget too small: tiny-0.1M"),
+        (dict(sizes=["tiny-7M"]), "unknown size"),
+        (dict(objectives=["mdm", "gpt"]), "unknown objective"),
+        (dict(objective_args={"ar": {"seq_len": 64}}), "must share one data config"),
+        (dict(budgets=[]), "budgets is empty"),
+        (dict(trainer={"max_steps": 10}), "set per run by the sweep"),
+    ],
+)
+def test_bad_specs_are_refused(overrides, message, toy_corpus, cache_dir):
+    with pytest.raises(ValueError, match=message):
+        make_plan(toy_spec(toy_corpus, cache_dir, **overrides))
+
+
+def test_unknown_spec_key_is_named():
+    with pytest.raises(ValueError, match="unknown sweep spec key.*'budget'"):
+        spec_from_dict(dict(objectives=["ar"], sizes=["tiny-1M"], budget=[1e12]))
+
+
+def test_results_table_records_each_run_once(tmp_path):
+    table = ResultsTable(tmp_path / "results.csv", "abc")
+    assert table.record({"run_id": "ar/x/C1"}) and not table.record({"run_id": "ar/x/C1"})
+    assert [r["run_id"] for r in read_rows(tmp_path / "results.csv")] == ["ar/x/C1"]
+    with pytest.raises(ValueError, match="different sweep spec"):
+        ResultsTable(tmp_path / "results.csv", "other").run_ids()
+
+
+def test_sweep_skips_finished_runs_and_refuses_a_foreign_directory(toy_corpus, cache_dir, tmp_path, monkeypatch):
+    spec = toy_spec(toy_corpus, cache_dir, sizes=["tiny-0.1M"], objectives=["ar"])
+    done = run_sweep(spec, tmp_path, log=lambda _: None)
+    rows = read_rows(tmp_path / "results.csv")
+    assert len(done) == 1 and [r["run_id"] for r in rows] == ["ar/tiny-0.1M/C2e+10"]
+    assert int(rows[0]["max_steps"]) == done[0].max_steps and float(rows[0]["val_nll_per_token"]) > 0
+    run_dir = tmp_path / "tb" / "ar" / "tiny-0.1M" / "C2e+10"
+    assert (run_dir / "config.yaml").is_file()
+    # the run's own cosine schedule reached its floor exactly at its planned max_steps
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == done[0].max_steps
+    (scheduler,) = state["lr_schedulers"]
+    assert scheduler["last_epoch"] == done[0].max_steps
+    assert scheduler["_last_lr"][0] == pytest.approx(3e-3 * 0.1)
+
+    import lldiff.sweep.runner as runner
+
+    monkeypatch.setattr(runner, "execute_run", lambda *a: pytest.fail("a finished run was executed again"))
+    assert run_sweep(spec, tmp_path, log=lambda _: None) == []
+
+    before = (tmp_path / "results.csv").read_text()
+    other = toy_spec(toy_corpus, cache_dir, sizes=["tiny-0.1M"], objectives=["ar"], budgets=[3.0e10])
+    with pytest.raises(ValueError, match="different spec.*Nothing was overwritten"):
+        run_sweep(other, tmp_path, log=lambda _: None)
+    assert (tmp_path / "results.csv").read_text() == before
+
+
+def test_sweep_killed_mid_run_resumes_and_records_each_run_once(toy_corpus, cache_dir, tmp_path):
+    spec = toy_spec(toy_corpus, cache_dir, budgets=[1.5e10])
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.to_yaml())
+    out = tmp_path / "sweep"
+    plan = make_plan(spec)
+    cmd = [sys.executable, "-m", "lldiff.cli", "sweep", "run", str(spec_file), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    second_ckpt = out / "tb" / plan[1].run_id / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    try:  # kill once the first run is recorded and the second has written a checkpoint
+        while not (second_ckpt.exists() and (out / "results.csv").exists()) and time.time() < deadline:
+            assert proc.poll() is None, "sweep ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert second_ckpt.exists(), "sweep never reached the second run"
+    recorded_before = {r["run_id"] for r in read_rows(out / "results.csv")}
+    assert plan[0].run_id in recorded_before and len(recorded_before) < len(plan)
+
+    subprocess.run(cmd, check=True, timeout=600, capture_output=True)
+    rows = read_rows(out / "results.csv")
+    assert sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in plan)  # each exactly once
+    for row, run in zip(sorted(rows, key=lambda r: r["run_id"]), sorted(plan, key=lambda r: r.run_id)):
+        assert int(row["max_steps"]) == run.max_steps
+    assert yaml.safe_load((out / "spec.yaml").read_text())["name"] == "toy"
