@@ -75,6 +75,21 @@ def test_plan_names_runs_and_shares_data_across_objectives(tmp_path):
         assert cfg["model"]["init_args"]["warmup_steps"] == max(1, round(0.1 * run.max_steps))
 
 
+def test_plan_emits_cluster_scripts(tmp_path, capsys):
+    from lldiff.sweep.cli import main as sweep_main
+
+    sweep_main(["plan", "--preset", "smdm", "--emit", str(tmp_path / "jobs"), "--out", str(tmp_path / "sweep")])
+    printed = capsys.readouterr().out
+    plan = make_plan(load_preset("smdm"))
+    assert f"total: " in printed and "GPU-hours at MFU 40%" in printed
+    slurm = (tmp_path / "jobs" / "sweep.slurm").read_text()
+    assert f"#SBATCH --array=0-{len(plan) - 1}" in slurm and "--gres=gpu:8" in slurm
+    assert "lldiff sweep run" in slurm and "--only" in slurm
+    torchrun = (tmp_path / "jobs" / "torchrun.sh").read_text().splitlines()
+    assert sum(line.startswith("torchrun --standalone --nproc-per-node=8 -m lldiff.cli sweep run") for line in torchrun) == len(plan)
+    assert (tmp_path / "sweep" / "spec.yaml").is_file() and (tmp_path / "sweep" / "logs").is_dir()
+
+
 def test_presets_plan():
     assert {"demo", "smdm"} <= set(preset_names())
     smdm = make_plan(load_preset("smdm"))

@@ -67,5 +67,6 @@ def main(argv: list[str]) -> None:
 
         out = (args.out or args.emit).resolve()
         prepare_out_dir(spec, out)
+        (out / "logs").mkdir(exist_ok=True)  # SLURM will not start a job whose --output dir is missing
         for path in emit(spec, plan_runs, out / "spec.yaml", out, args.emit):
             print(f"wrote {path}")
