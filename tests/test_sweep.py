@@ -179,3 +179,16 @@ def test_sweep_killed_mid_run_resumes_and_records_each_run_once(toy_corpus, cach
     for row, run in zip(sorted(rows, key=lambda r: r["run_id"]), sorted(plan, key=lambda r: r.run_id)):
         assert int(row["max_steps"]) == run.max_steps
     assert yaml.safe_load((out / "spec.yaml").read_text())["name"] == "toy"
+
+
+@pytest.mark.slow
+def test_parallel_sweep_runs_k_at_a_time(toy_corpus, cache_dir, tmp_path):
+    spec = toy_spec(toy_corpus, cache_dir, sizes=["tiny-0.1M"], budgets=[1.0e10])
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.to_yaml())
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "lldiff.cli", "sweep", "run", str(spec_file), "--out", str(out), "--parallel", "2"]
+    subprocess.run(cmd, check=True, timeout=600, capture_output=True)
+    rows = read_rows(out / "results.csv")
+    assert sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in make_plan(spec))
+    assert len(list((out / "logs").glob("*.log"))) == 2  # one worker log per run

@@ -117,6 +117,7 @@ def run_config(spec: SweepSpec, run: RunPlan, tb_root: str) -> dict[str, Any]:
     logger_name, version = run.run_id.rsplit("/", 1)
     trainer = {
         "enable_progress_bar": False,
+        "enable_model_summary": False,
         "log_every_n_steps": max(1, min(10, run.max_steps // 20)),
         **spec.trainer,
         "max_steps": run.max_steps,

@@ -8,9 +8,11 @@ the sweep at any moment loses no finished result and never records a run twice.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,7 +63,9 @@ def execute_run(spec: SweepSpec, out: Path, run: RunPlan, table: ResultsTable) -
     from lldiff.cli import lightning_cli  # heavy import, only when a run really executes
 
     start = time.perf_counter()
-    cli = lightning_cli(["fit", "--config", str(config_path(out, run)), "--ckpt_path", "last"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*there is no last checkpoint available.*")  # a fresh run: expected
+        cli = lightning_cli(["fit", "--config", str(config_path(out, run)), "--ckpt_path", "last"])
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     if run.objective == "mdm":
         model.hparams.val_mc_samples = spec.final_val_mc_samples
@@ -119,6 +123,8 @@ def run_sweep(
         log(f"[{i}/{len(todo)}] {run.run_id}: {status}; elapsed {_duration(elapsed)}, left ~{_duration(eta)}")
 
     if parallel <= 1:
+        # the sweep's own progress lines replace Lightning's per-run banners
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         for i, run in enumerate(todo, 1):
             log(f"[{i - 1}/{len(todo)}] {run.run_id}: {run.max_steps} steps, {run.tokens:.3g} tokens, "
                 f"{run.flops:.3g} FLOPs")
