@@ -97,6 +97,19 @@ def _hparams_experiment(run_dir):
     return plugin_data_pb2.HParamsPluginData.FromString(content).experiment
 
 
+@pytest.mark.parametrize("command", ["validate", "test"])
+def test_evaluating_a_run_from_its_saved_config(command, toy_corpus, cache_dir, tmp_path):
+    lightning_cli(tiny_args("mdm", toy_corpus, cache_dir, tmp_path))
+    run = tmp_path / "mdm-tiny"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    cli = lightning_cli([command, "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt),
+                         "--trainer.logger", "false"])
+    metrics = cli.trainer.callback_metrics
+    prefix = "val" if command == "validate" else "test"
+    assert metrics[f"{prefix}/nll_per_token"] > 0 and metrics[f"{prefix}/bpb"] > 0
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 12  # evaluation does not touch the run
+
+
 def test_fresh_fit_refuses_an_existing_run_and_resume_continues(toy_corpus, cache_dir, tmp_path):
     lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path))
     run = tmp_path / "ar-tiny"
