@@ -43,6 +43,40 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class LayerKVCache:
+    """Keys and values of one layer for incremental (autoregressive) decoding."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new keys/values (B, Hkv, T, hd); return all of them so far."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} needed")
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One :class:`LayerKVCache` per block; pass it to ``Transformer.forward`` repeatedly."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KV cache length {max_len} exceeds max_seq_len={cfg.max_seq_len}")
+        self.layers = [LayerKVCache(batch, cfg.kv_heads, max_len, cfg.head_dim, dtype=dtype, device=torch.device(device))
+                       for _ in range(cfg.n_layer)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -50,7 +84,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, key_padding_mask: Tensor | None, cache: LayerKVCache | None = None
+    ) -> Tensor:
         b, t, _ = x.shape
         hd, h, kvh = self.cfg.head_dim, self.cfg.n_heads, self.cfg.kv_heads
         q, k, v = self.qkv(x).split([h * hd, kvh * hd, kvh * hd], dim=-1)
@@ -58,6 +94,8 @@ class Attention(nn.Module):
         k = k.view(b, t, kvh, hd).transpose(1, 2)
         v = v.view(b, t, kvh, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
         attend = BACKENDS[self.cfg.attn_backend]
         y = attend(q, k, v, causal=self.cfg.causal, key_padding_mask=key_padding_mask)
         return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
@@ -82,8 +120,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, key_padding_mask)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, key_padding_mask: Tensor | None, cache: LayerKVCache | None = None
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, key_padding_mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -116,17 +156,31 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> Tensor:
         """Args:
             input_ids: (B, T) token ids in ``[0, embedding_rows)``.
-            attention_mask: optional (B, T), True/1 for real tokens, False/0 for padding keys.
-            positions: optional (T,) or (B, T) RoPE positions; default ``0..T-1``.
+            attention_mask: optional (B, S) with S = cached + T positions, True/1 for real
+                tokens, False/0 for padding keys.
+            positions: optional (T,) or (B, T) RoPE positions; default ``cached..cached+T-1``.
+            kv_cache: causal models only: keys/values of earlier calls are reused and this
+                call's are appended (incremental decoding).
         """
         t = input_ids.shape[1]
-        if t > self.cfg.max_seq_len:
+        past = 0
+        if kv_cache is not None:
+            if not self.cfg.causal:
+                raise ValueError("a KV cache needs a causal model: a bidirectional model's earlier states change")
+            past = kv_cache.length
+            if positions is None:
+                positions = torch.arange(past, past + t, device=input_ids.device)
+        if past + t > self.cfg.max_seq_len:
             raise ValueError(
-                f"sequence length {t} exceeds max_seq_len={self.cfg.max_seq_len}; "
+                f"sequence length {past + t} exceeds max_seq_len={self.cfg.max_seq_len}; "
                 "shorten the input or raise max_seq_len"
             )
         if positions is None:
@@ -136,6 +190,6 @@ class Transformer(nn.Module):
             if cos.dim() == 3:  # (B, T, hd) -> broadcast over heads
                 cos, sin = cos[:, None], sin[:, None]
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, cos, sin, attention_mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attention_mask, None if kv_cache is None else kv_cache.layers[i])
         return self.head(self.norm(x))
