@@ -1,0 +1,397 @@
+"""Masked-diffusion sampling (SPEC §4): LLaDA's reverse process (Alg. 4/5) and Fast-dLLM's
+confidence-threshold parallel decoding.
+
+A model is any callable ``model(input_ids (B, T)[, attention_mask (B, T) bool]) -> logits
+(B, T, V)``; the attention mask is passed (positionally) only when there is one, so
+callables that take ids alone work too. Outputs with a ``.logits`` attribute (Hugging Face
+style) are unwrapped. The mask id is ``M``; in this codebase ``M = V`` and the head cannot
+predict it, but if a model's head does cover ``M`` (e.g. the released LLaDA, whose mask id
+lies inside its vocabulary) the ``M`` logit is set to ``-inf`` so ``M`` is never sampled.
+
+Semantics follow LLaDA's reference ``generate`` (semi-autoregressive blocks, front-loaded
+reveal counts, Gumbel-max sampling, low-confidence / random remasking, unsupervised CFG)
+without its known defects: CFG works without an attention mask, the unconditional input
+masks only the real prompt tokens (left padding stays padding), and EOS suppression is a
+logit mask applied after CFG (so no ``inf - inf``).
+
+Choices:
+    * ``model_calls`` counts forward passes. With CFG the conditional and unconditional
+      inputs go through ONE forward of batch 2B, counted as one call; ``forward_rows``
+      counts sequences processed (B per call, 2B with CFG) for cost accounting.
+    * ``steps`` may exceed the number of tokens in a block (as upstream): the surplus
+      steps reveal nothing but are still model calls, so ``model_calls == steps`` always.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Model = Callable[..., Any]
+
+REMASKING = ("low_confidence", "random")
+
+
+# ---------------------------------------------------------------------------------------
+# pure helpers
+
+
+def reveal_counts(num_masked: Tensor, steps: int) -> Tensor:
+    """Tokens to reveal per step, shape (B, steps), for rows with ``num_masked`` (B,) masks.
+
+    Each step reveals ``m // steps``; the first ``m % steps`` steps reveal one more
+    (front-loaded, as LLaDA's ``get_num_transfer_tokens``). Rows sum to ``m``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    m = num_masked.to(torch.long).reshape(-1, 1)
+    if (m < 0).any():
+        raise ValueError(f"num_masked must be >= 0, got {num_masked.tolist()}")
+    base = m // steps
+    remainder = m % steps
+    extra = torch.arange(steps, device=m.device)[None, :] < remainder
+    return base + extra.long()
+
+
+def add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
+    """Gumbel-max perturbation: ``argmax`` of the result samples ``softmax(logits / τ)``.
+
+    ``τ = 0`` returns ``logits`` unchanged (greedy). Otherwise returns float64
+    ``logits / τ - log(-log u)`` with ``u ~ U(0, 1)`` clamped away from 0 and 1, which is
+    the log of LLaDA's ``exp(logits) / (-log u)^τ`` up to the factor ``1/τ`` (same argmax)
+    without ever exponentiating the logits. ``-inf`` logits stay ``-inf``.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    eps = torch.finfo(torch.float64).eps
+    u = u.clamp(min=eps, max=1.0 - eps)
+    return logits / temperature - torch.log(-torch.log(u))
+
+
+def cfg_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Unsupervised classifier-free guidance: ``u + (w + 1) (c - u)``; ``w = 0`` gives ``c``."""
+    return uncond + (scale + 1.0) * (cond - uncond)
+
+
+def strip_after_eos(ids: Tensor, eos_id: int | None) -> list[list[int]]:
+    """Rows of ``ids`` (B, L) as lists, each cut before its first ``eos_id`` (if any)."""
+    rows = ids.tolist()
+    if eos_id is None:
+        return rows
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+def unconditional_input(x: Tensor, prompt_real: Tensor, mask_id: int) -> Tensor:
+    """CFG's unconditional canvas: every real prompt token (``prompt_real`` (B, T) bool,
+    False on padding and on the generated part) replaced by ``mask_id``."""
+    return torch.where(prompt_real, torch.full_like(x, mask_id), x)
+
+
+def select_top_k(confidence: Tensor, k: Tensor) -> Tensor:
+    """Boolean (B, T) marking the ``k[b]`` highest-confidence positions of each row."""
+    k_max = int(k.max().item()) if k.numel() else 0
+    selected = torch.zeros_like(confidence, dtype=torch.bool)
+    if k_max == 0:
+        return selected
+    index = torch.topk(confidence, k=k_max, dim=-1).indices
+    keep = torch.arange(k_max, device=confidence.device)[None, :] < k[:, None]
+    return selected.scatter_(1, index, keep)
+
+
+# ---------------------------------------------------------------------------------------
+# output
+
+
+@dataclass
+class SampleOutput:
+    """Result of a sampler.
+
+    Attributes:
+        canvas: (B, P + gen_length) prompt followed by the answer.
+        prompt_length: P.
+        model_calls: forward passes (a CFG cond+uncond pair is one call of batch 2B).
+        forward_rows: sequences processed by the model over all calls.
+        seconds: wall-clock time of the sampling loop.
+        eos_id: EOS id used by ``answer()`` when none is given.
+    """
+
+    canvas: Tensor
+    prompt_length: int
+    model_calls: int
+    forward_rows: int
+    seconds: float = 0.0
+    eos_id: int | None = None
+
+    @property
+    def answer_ids(self) -> Tensor:
+        """(B, gen_length) generated part of the canvas."""
+        return self.canvas[:, self.prompt_length :]
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens (all positions of all rows) per wall-clock second."""
+        return self.answer_ids.numel() / self.seconds if self.seconds > 0 else float("inf")
+
+    def answer(self, eos_id: int | None = None) -> list[list[int]]:
+        """Generated ids per row, cut before the first EOS (``eos_id`` or ``self.eos_id``)."""
+        return strip_after_eos(self.answer_ids, self.eos_id if eos_id is None else eos_id)
+
+
+# ---------------------------------------------------------------------------------------
+# internals
+
+
+def call_model(model: Model, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Logits (B, T, V') from any model callable (mask passed only when given)."""
+    out = model(input_ids) if attention_mask is None else model(input_ids, attention_mask)
+    logits = getattr(out, "logits", out)
+    if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        expected = (*input_ids.shape, "V")
+        raise ValueError(f"model must return logits of shape (B, T, V) = {expected}, got {shape}")
+    return logits
+
+
+class _Stepper:
+    """Shared state of the samplers: canvas, masks, one guided forward per call."""
+
+    def __init__(
+        self,
+        model: Model,
+        prompt: Tensor,
+        *,
+        gen_length: int,
+        mask_id: int,
+        temperature: float,
+        cfg_scale: float,
+        attention_mask: Tensor | None,
+        eos_id: int | None,
+        forbid_eos: bool,
+        generator: torch.Generator | None,
+    ) -> None:
+        _check_common(prompt, gen_length, mask_id, temperature, cfg_scale, attention_mask, eos_id, forbid_eos)
+        b, p = prompt.shape
+        device = prompt.device
+        self.model, self.mask_id, self.temperature = model, mask_id, temperature
+        self.cfg_scale, self.generator = cfg_scale, generator
+        self.eos_id = eos_id if forbid_eos else None
+        self.prompt_length = p
+        self.x = torch.cat([prompt, torch.full((b, gen_length), mask_id, dtype=prompt.dtype, device=device)], dim=1)
+        if attention_mask is None:
+            self.attention_mask = None
+            real = torch.ones(b, p, dtype=torch.bool, device=device)
+        else:
+            real = attention_mask.to(device=device, dtype=torch.bool)
+            self.attention_mask = torch.cat([real, torch.ones(b, gen_length, dtype=torch.bool, device=device)], dim=1)
+        self.prompt_real = torch.cat([real, torch.zeros(b, gen_length, dtype=torch.bool, device=device)], dim=1)
+        self.model_calls = 0
+        self.forward_rows = 0
+
+    def logits(self) -> Tensor:
+        """One forward (batch 2B under CFG); logits after CFG and EOS/mask suppression."""
+        x, am = self.x, self.attention_mask
+        if self.cfg_scale > 0:
+            uncond = unconditional_input(x, self.prompt_real, self.mask_id)
+            both = call_model(self.model, torch.cat([x, uncond]), None if am is None else torch.cat([am, am]))
+            cond, unc = both.chunk(2, dim=0)
+            logits = cfg_logits(cond, unc, self.cfg_scale)
+        else:
+            logits = call_model(self.model, x, am)
+        self.model_calls += 1
+        self.forward_rows += x.shape[0] * (2 if self.cfg_scale > 0 else 1)
+        suppress = [i for i in (self.mask_id, self.eos_id) if i is not None and i < logits.shape[-1]]
+        if suppress:
+            logits = logits.clone()
+            logits[..., suppress] = float("-inf")
+        return logits
+
+    def propose(self, remasking: str) -> tuple[Tensor, Tensor]:
+        """Candidate tokens x0 (B, T) and their confidences (B, T, float64) for one step."""
+        logits = self.logits()
+        x0 = add_gumbel_noise(logits, self.temperature, self.generator).argmax(dim=-1)
+        if remasking == "low_confidence":
+            probs = torch.softmax(logits.to(torch.float64), dim=-1)
+            confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
+        else:  # random
+            confidence = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=self.generator)
+        return x0.to(self.x.dtype), confidence
+
+    def block_candidates(self, start: int, end: int) -> Tensor:
+        """(B, T) still-masked positions of the canvas slice [start, end)."""
+        in_block = torch.zeros(self.x.shape[1], dtype=torch.bool, device=self.x.device)
+        in_block[start:end] = True
+        return (self.x == self.mask_id) & in_block
+
+    def reveal(self, x0: Tensor, transfer: Tensor) -> None:
+        self.x = torch.where(transfer, x0, self.x)
+
+    def output(self, seconds: float, eos_id: int | None) -> SampleOutput:
+        return SampleOutput(self.x, self.prompt_length, self.model_calls, self.forward_rows, seconds, eos_id)
+
+
+def _check_blocks(gen_length: int, block_length: int) -> None:
+    if gen_length < 1:
+        raise ValueError(f"gen_length must be >= 1, got {gen_length}")
+    if block_length < 1 or gen_length % block_length:
+        raise ValueError(
+            f"gen_length={gen_length} must be a positive multiple of block_length={block_length}; "
+            f"allowed block lengths divide {gen_length}"
+        )
+
+
+def _check_common(
+    prompt: Tensor,
+    gen_length: int,
+    mask_id: int,
+    temperature: float,
+    cfg_scale: float,
+    attention_mask: Tensor | None,
+    eos_id: int | None,
+    forbid_eos: bool,
+) -> None:
+    if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.dtype.is_floating_point:
+        raise ValueError(f"prompt must be an integer tensor of shape (B, P), got {getattr(prompt, 'shape', prompt)}")
+    if gen_length < 1:
+        raise ValueError(f"gen_length must be >= 1, got {gen_length}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {cfg_scale}")
+    if (prompt == mask_id).any():
+        raise ValueError(
+            f"prompt contains the mask id {mask_id} (also on padding positions); "
+            "prompts must hold real token ids only (pad with a real id)"
+        )
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(prompt.shape):
+        raise ValueError(
+            f"attention_mask must have the prompt's shape {tuple(prompt.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    if forbid_eos and eos_id is None:
+        raise ValueError("forbid_eos=True needs eos_id")
+
+
+# ---------------------------------------------------------------------------------------
+# samplers
+
+
+@torch.no_grad()
+def generate(
+    model: Model,
+    prompt: Tensor,
+    *,
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    mask_id: int,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    attention_mask: Tensor | None = None,
+    eos_id: int | None = None,
+    forbid_eos: bool = False,
+    generator: torch.Generator | None = None,
+) -> SampleOutput:
+    """LLaDA reverse process (Alg. 4, semi-autoregressive Alg. 5 when ``block_length <
+    gen_length``): exactly ``steps`` model calls.
+
+    Args:
+        model: callable ids (B, T) [, attention mask (B, T)] -> logits (B, T, V).
+        prompt: (B, P) token ids, left-padded when ``attention_mask`` is given.
+        gen_length: answer length; a multiple of ``block_length``.
+        steps: total model calls, a multiple of ``gen_length // block_length`` (each block
+            gets an equal share). May exceed the block length: surplus steps reveal nothing.
+        block_length: tokens per semi-autoregressive block (``gen_length`` = one block).
+        mask_id: the mask token M.
+        temperature: Gumbel-max sampling temperature; 0 = greedy argmax.
+        cfg_scale: unsupervised CFG weight w (0 = off, no unconditional forward).
+        remasking: ``low_confidence`` (reveal the most probable predictions) or ``random``.
+        attention_mask: (B, P) True on real prompt tokens; extended with True over the
+            answer and passed to the model at every call.
+        eos_id: EOS token (used by ``forbid_eos`` and ``SampleOutput.answer``).
+        forbid_eos: set the EOS logit to -inf so EOS is never produced.
+        generator: torch RNG for the Gumbel noise and random confidences.
+    """
+    _check_blocks(gen_length, block_length)
+    num_blocks = gen_length // block_length
+    if steps < num_blocks or steps % num_blocks:
+        raise ValueError(
+            f"steps={steps} must be a positive multiple of the number of blocks "
+            f"{num_blocks} (= gen_length {gen_length} / block_length {block_length})"
+        )
+    if remasking not in REMASKING:
+        raise ValueError(
+            f"remasking={remasking!r} is unknown; allowed: {', '.join(REMASKING)} "
+            "(threshold decoding is generate_threshold)"
+        )
+    state = _Stepper(
+        model, prompt, gen_length=gen_length, mask_id=mask_id, temperature=temperature, cfg_scale=cfg_scale,
+        attention_mask=attention_mask, eos_id=eos_id, forbid_eos=forbid_eos, generator=generator,
+    )
+    steps_per_block = steps // num_blocks
+    start_time = time.perf_counter()
+    for block in range(num_blocks):
+        start = state.prompt_length + block * block_length
+        end = start + block_length
+        counts = reveal_counts(state.block_candidates(start, end).sum(dim=1), steps_per_block)
+        for step in range(steps_per_block):
+            x0, confidence = state.propose(remasking)
+            candidates = state.block_candidates(start, end)
+            confidence = torch.where(candidates, confidence, float("-inf"))
+            state.reveal(x0, select_top_k(confidence, counts[:, step]) & candidates)
+    return state.output(time.perf_counter() - start_time, eos_id)
+
+
+@torch.no_grad()
+def generate_threshold(
+    model: Model,
+    prompt: Tensor,
+    *,
+    gen_length: int,
+    block_length: int,
+    mask_id: int,
+    threshold: float = 0.9,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    attention_mask: Tensor | None = None,
+    eos_id: int | None = None,
+    forbid_eos: bool = False,
+    generator: torch.Generator | None = None,
+) -> SampleOutput:
+    """Fast-dLLM confidence-threshold parallel decoding.
+
+    Blocks are decoded left to right; each call reveals, per row, every masked position of
+    the current block whose confidence ``softmax(logits)[x0]`` exceeds ``threshold``, and
+    at least the most confident one, until the block is full. The number of model calls
+    therefore varies (between ``num_blocks`` and ``gen_length``); see ``model_calls``.
+    ``threshold = 1`` decodes one token per call. Other arguments as in ``generate``.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    _check_blocks(gen_length, block_length)
+    state = _Stepper(
+        model, prompt, gen_length=gen_length, mask_id=mask_id, temperature=temperature, cfg_scale=cfg_scale,
+        attention_mask=attention_mask, eos_id=eos_id, forbid_eos=forbid_eos, generator=generator,
+    )
+    start_time = time.perf_counter()
+    for block in range(gen_length // block_length):
+        start = state.prompt_length + block * block_length
+        end = start + block_length
+        for _ in range(block_length):  # at least one reveal per row per call: bounded
+            candidates = state.block_candidates(start, end)
+            if not candidates.any():
+                break
+            x0, confidence = state.propose("low_confidence")
+            confidence = torch.where(candidates, confidence, float("-inf"))
+            active = candidates.any(dim=1, keepdim=True)
+            best = select_top_k(confidence, active.squeeze(1).long())
+            state.reveal(x0, ((confidence > threshold) | best) & candidates)
+    return state.output(time.perf_counter() - start_time, eos_id)
