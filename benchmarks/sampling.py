@@ -1,10 +1,14 @@
-"""Sampling throughput, measured in one run: AR decoding with and without the KV cache.
+"""Sampling, measured in one run: MDM reverse process vs AR decoding, tokens/s and model calls.
 
     python benchmarks/sampling.py                       # smdm-6M, batch 4, 32-token prompts, 256 new tokens
     python benchmarks/sampling.py --size tiny-1M --new-tokens 128
 
-Reports tokens/s and model calls for each decoder and the cache's speed-up. Weights are
-random: speed does not depend on them. fp32 on CPU.
+Part 1 (speed, random weights: speed does not depend on them): the MDM with low-confidence
+remasking, one block and semi-autoregressive blocks, and AR decoding with and without the
+KV cache, on the same backbone size; prints the cache's speed-up.
+Part 2 (calls at equal quality): a tiny MDM trained on a deterministic toy language, fixed-step
+decoding vs confidence-threshold (Fast-dLLM) decoding: exact-match accuracy and model calls.
+fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import torch
 from lldiff.ar_decoding import ar_generate
 from lldiff.config import ModelConfig
 from lldiff.model import Transformer
+from lldiff.sampling import generate, generate_threshold
+from lldiff.toy import counting_sequences, train_toy_mdm
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
         out = fn()
@@ -34,24 +39,47 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--mdm-steps", type=int, default=64, help="MDM model calls for the whole answer")
+    parser.add_argument("--block", type=int, default=32, help="block length of the semi-autoregressive MDM run")
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = ModelConfig.from_name(args.size, vocab_size=args.vocab, causal=True)
-    model = Transformer(cfg).eval()
+    ar = Transformer(ModelConfig.from_name(args.size, vocab_size=args.vocab, causal=True)).eval()
+    mdm = Transformer(ModelConfig.from_name(args.size, vocab_size=args.vocab, causal=False)).eval()
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt_len))
-    print(f"{args.size} (AR), batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+    print(f"Part 1: {args.size}, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = {}
-    for name, use_cache in (("AR, KV cache", True), ("AR, no cache", False)):
-        seconds, out = timed(lambda: ar_generate(model, prompt, max_new_tokens=args.new_tokens, use_cache=use_cache),
-                             args.repeats)
-        rows[name] = (seconds, out.model_calls)
-    print(f"{'decoder':<16} {'s/batch':>9} {'tokens/s':>10} {'model calls':>12}")
-    for name, (seconds, calls) in rows.items():
-        print(f"{name:<16} {seconds:>9.2f} {args.batch * args.new_tokens / seconds:>10.0f} {calls:>12}")
+    ar_generate(ar, prompt, max_new_tokens=2)  # warm-up
+    mdm_args = dict(gen_length=args.new_tokens, steps=args.mdm_steps, mask_id=mdm.cfg.mask_id)
+    decoders = {
+        "MDM, 1 block": lambda: generate(mdm, prompt, block_length=args.new_tokens, **mdm_args),
+        f"MDM, blocks of {args.block}": lambda: generate(mdm, prompt, block_length=args.block, **mdm_args),
+        "AR, KV cache": lambda: ar_generate(ar, prompt, max_new_tokens=args.new_tokens, use_cache=True),
+        "AR, no cache": lambda: ar_generate(ar, prompt, max_new_tokens=args.new_tokens, use_cache=False),
+    }
+    rows = {name: timed(fn, args.repeats) for name, fn in decoders.items()}
+    print(f"{'decoder':<20} {'s/batch':>9} {'tokens/s':>10} {'model calls':>12}")
+    for name, (seconds, out) in rows.items():
+        print(f"{name:<20} {seconds:>9.2f} {args.batch * args.new_tokens / seconds:>10.0f} {out.model_calls:>12}")
     speedup = rows["AR, no cache"][0] / rows["AR, KV cache"][0]
-    print(f"\nKV cache speed-up at {args.new_tokens} new tokens: {speedup:.1f}x")
+    print(f"KV cache speed-up at {args.new_tokens} new tokens: {speedup:.1f}x")
+    mdm_vs_ar = rows["AR, KV cache"][0] / rows["MDM, 1 block"][0]
+    print(f"MDM ({args.mdm_steps} calls) throughput / cached AR throughput: {mdm_vs_ar:.2f}x")
+
+    print("\nPart 2: toy language x[i+1] = x[i] + 1 mod 12, tiny MDM trained here; 128 prompts of 4, 12 new tokens")
+    toy = train_toy_mdm()
+    seqs = counting_sequences(128, 16, generator=torch.Generator().manual_seed(1))
+    toy_prompt, target = seqs[:, :4], seqs[:, 4:]
+    toy_args = dict(gen_length=12, block_length=12, mask_id=toy.cfg.mask_id)
+    results = {
+        "fixed steps (12)": generate(toy, toy_prompt, steps=12, **toy_args),
+        "threshold 0.95": generate_threshold(toy, toy_prompt, threshold=0.95, **toy_args),
+    }
+    for name, out in results.items():
+        accuracy = (out.answer_ids == target).all(1).float().mean().item()
+        print(f"{name:<18} exact match {accuracy:6.1%}   model calls {out.model_calls}")
+    ratio = results["fixed steps (12)"].model_calls / results["threshold 0.95"].model_calls
+    print(f"threshold decoding: {ratio:.1f}x fewer model calls")
 
 
 if __name__ == "__main__":

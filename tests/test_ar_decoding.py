@@ -1,6 +1,5 @@
 """AR decoding: the KV cache changes nothing, padding changes nothing, samplers follow the math."""
 
-import math
 
 import pytest
 import torch
