@@ -27,8 +27,22 @@ def _sweep(argv: list[str]) -> None:
     sweep_main(argv)
 
 
+def _generate(argv: list[str]) -> None:
+    from lldiff.generate import main as generate_main
+
+    generate_main(argv)
+
+
+def _eval(argv: list[str]) -> None:
+    from lldiff.evaluation.cli import main as eval_main
+
+    eval_main(argv)
+
+
 OTHER_COMMANDS = {
     "sweep": ("MDM vs AR scaling sweeps: lldiff sweep run|plan|analyze (lldiff sweep --help)", _sweep),
+    "generate": ("sample from an MDM or AR checkpoint: lldiff generate --ckpt X --prompt TEXT", _generate),
+    "eval": ("zero-shot multiple choice by likelihood: lldiff eval --ckpt X --task T", _eval),
 }
 
 

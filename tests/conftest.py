@@ -39,3 +39,23 @@ def _quiet_lightning():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(toy_corpus, cache_dir, tmp_path_factory):
+    """Checkpoints of a tiny MDM and AR fitted with `lldiff fit` on the toy corpus (seconds)."""
+    from lldiff.cli import lightning_cli
+
+    out = tmp_path_factory.mktemp("runs")
+    repo = Path(__file__).resolve().parents[1]
+    for objective in ("mdm", "ar"):
+        lightning_cli([
+            "fit", "--config", str(repo / "configs" / f"{objective}-tiny.yaml"),
+            "--model.init_args.size", "tiny-0.1M", "--model.init_args.warmup_steps", "2",
+            "--data.init_args.source", "files", "--data.init_args.paths", f"[{toy_corpus}]",
+            "--data.init_args.max_bytes", "null", "--data.init_args.vocab_size", "320",
+            "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "8",
+            "--data.init_args.cache_dir", str(cache_dir), "--trainer.max_steps", "20",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(out),
+        ])
+    return {o: out / f"{o}-tiny" / "checkpoints" / "last.ckpt" for o in ("mdm", "ar")}
