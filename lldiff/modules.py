@@ -231,7 +231,9 @@ class MaskedDiffusionLM(LMBase):
         mask_eps: lower end of the masking ratio t ~ U[mask_eps, 1] (LLaDA 1e-3).
         stratified_t: spread t evenly over the batch (unbiased, lower variance).
         val_mc_samples: Monte-Carlo draws of (t, mask) per validation sequence for the
-            ELBO (SMDM 128; fewer is cheaper and noisier, same expectation).
+            ELBO during training (cheap curves; same expectation, more noise).
+        eval_mc_samples: the same for a standalone ``lldiff validate`` / ``test`` and a
+            sweep's final evaluation (SMDM: 128).
         val_seed: seed of the validation draws, so every evaluation of every checkpoint
             uses the same (t, mask) draws (common random numbers).
     """
@@ -244,12 +246,13 @@ class MaskedDiffusionLM(LMBase):
         mask_eps: float = 1e-3,
         stratified_t: bool = False,
         val_mc_samples: int = 8,
+        eval_mc_samples: int = 128,
         val_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if val_mc_samples < 1:
-            raise ValueError(f"val_mc_samples must be >= 1, got {val_mc_samples}")
+        if val_mc_samples < 1 or eval_mc_samples < 1:
+            raise ValueError(f"val_mc_samples and eval_mc_samples must be >= 1, got {val_mc_samples}, {eval_mc_samples}")
         if not 0.0 <= mask_eps < 1.0:
             raise ValueError(f"mask_eps must be in [0, 1), got {mask_eps}")
 
@@ -265,8 +268,10 @@ class MaskedDiffusionLM(LMBase):
     def validation_nats(self, rows: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
         x0 = rows[:, 1:]
         generator = torch.Generator(device=x0.device).manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        draws = self.hparams.val_mc_samples if fitting else self.hparams.eval_mc_samples
         nats = objectives.mdm_elbo_nats(
-            self, x0, self.mask_id, num_samples=self.hparams.val_mc_samples, eps=self.hparams.mask_eps,
+            self, x0, self.mask_id, num_samples=draws, eps=self.hparams.mask_eps,
             generator=generator,
         )
         return nats, x0

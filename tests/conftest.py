@@ -52,6 +52,7 @@ def tiny_runs(toy_corpus, cache_dir, tmp_path_factory):
         lightning_cli([
             "fit", "--config", str(repo / "configs" / f"{objective}-tiny.yaml"),
             "--model.init_args.size", "tiny-0.1M", "--model.init_args.warmup_steps", "2",
+            "--model.init_args.random_length_prob", "0.0",
             "--data.init_args.source", "files", "--data.init_args.paths", f"[{toy_corpus}]",
             "--data.init_args.max_bytes", "null", "--data.init_args.vocab_size", "320",
             "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "8",

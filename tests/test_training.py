@@ -22,7 +22,7 @@ def make_dm(toy_corpus, cache_dir, **overrides):
 def make_module(name, dm, **overrides):
     args = dict(size="tiny-0.1M", vocab_size=dm.vocab_size_real, lr=3e-3, warmup_steps=2)
     if name == "mdm":
-        args["val_mc_samples"] = 4
+        args.update(val_mc_samples=4, eval_mc_samples=4)
     return OBJECTIVES[name](**{**args, **overrides})
 
 
@@ -169,3 +169,17 @@ def test_state_dict_holds_each_weight_once(compile, toy_corpus, cache_dir):
     keys = list(module.state_dict())
     assert all(k.startswith("model.") for k in keys)
     assert len(keys) == len(list(module.model.state_dict()))
+
+
+def test_mdm_uses_eval_mc_samples_outside_fit(toy_corpus, cache_dir):
+    dm = make_dm(toy_corpus, cache_dir, val_max_rows=16)
+    model = make_module("mdm", dm, val_mc_samples=2, eval_mc_samples=3, warmup_steps=1)
+    calls = []
+    model.model.register_forward_hook(lambda *a: calls.append(1))
+    t = trainer(1, limit_val_batches=1, val_check_interval=1)
+    t.fit(model, dm)
+    fit_calls = len(calls)  # 1 training step + 1 validation batch x 2 draws
+    calls.clear()
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=1).validate(
+        model, dm, verbose=False)
+    assert fit_calls == 1 + 2 and len(calls) == 3

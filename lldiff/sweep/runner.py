@@ -68,7 +68,7 @@ def execute_run(spec: SweepSpec, out: Path, run: RunPlan, table: ResultsTable) -
         cli = lightning_cli(["fit", "--config", str(config_path(out, run)), "--ckpt_path", "last"])
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     if run.objective == "mdm":
-        model.hparams.val_mc_samples = spec.final_val_mc_samples
+        model.hparams.eval_mc_samples = spec.final_val_mc_samples
     loggers, trainer.loggers = trainer.loggers, []  # the final evaluation is not a curve point
     metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     trainer.loggers = loggers

@@ -1,0 +1,31 @@
+"""Zero-shot multiple-choice evaluation (SPEC §5): ``lldiff eval``.
+
+* :mod:`.multiple_choice`: scoring choices by log-likelihood (AR exact, MDM Monte-Carlo
+  lower bound) and accuracy / length-normalised accuracy.
+* :mod:`.tasks`: the JSONL task format and the built-in offline ``heldout-continuation`` task.
+* :mod:`.cli`: the ``lldiff eval`` command.
+"""
+
+from .multiple_choice import (
+    NORMALISATION,
+    ar_scorer,
+    evaluate_multiple_choice,
+    example_seed,
+    mdm_scorer,
+    score_choices,
+)
+from .tasks import (
+    BUILTIN_TASKS,
+    HELDOUT_TASK,
+    Example,
+    build_heldout_task,
+    heldout_texts,
+    load_jsonl_task,
+    save_jsonl_task,
+)
+
+__all__ = [
+    "BUILTIN_TASKS", "HELDOUT_TASK", "NORMALISATION", "Example", "ar_scorer", "build_heldout_task",
+    "evaluate_multiple_choice", "example_seed", "heldout_texts", "load_jsonl_task", "mdm_scorer",
+    "save_jsonl_task", "score_choices",
+]

@@ -1,0 +1,260 @@
+"""Zero-shot multiple-choice evaluation by (conditional) log-likelihood (SPEC §5).
+
+Each choice is scored as a continuation of the context: ``log p(choice | context)`` in nats,
+with the context and the choice tokenised SEPARATELY (``ids = [boundary] + enc(context) +
+enc(choice)``), so whitespace between them belongs to the choice (lm-eval-harness
+convention: ``context="The sky is"``, ``choices=[" blue", " green"]``).
+
+Scores
+    * AR: exact, :func:`lldiff.likelihood.ar_loglik`.
+    * MDM: LLaDA's Monte-Carlo lower bound, :func:`lldiff.likelihood.mdm_conditional_loglik`
+      with ``n_mc`` draws. Common random numbers: every choice of example ``i`` is scored
+      with a fresh generator seeded with the same value (derived from ``seed`` and ``i``),
+      so the choices see the same stream of draws and the comparison is fairer; examples get
+      different seeds so their estimation errors are independent. An example's scores do
+      not depend on which other examples are evaluated (``--limit``).
+
+Decisions
+    * ``accuracy``: argmax of the total log-likelihood.
+    * ``accuracy_norm``: argmax of log-likelihood divided by the choice's length in UTF-8
+      BYTES (lm-eval's ``acc_norm`` divides by the length in characters; the two agree on
+      ASCII; bytes do not depend on the tokenizer).
+    Ties (scores within a relative ``1e-6``, float32 rounding) go to the lowest choice index.
+
+Boundary token: training packs documents as ``doc EOS doc EOS ...``, so every document start
+follows an EOS. By default the EOS id is put before the context (for AR it also makes an
+empty context scorable: ``ar_loglik`` needs a non-empty prompt). Inputs longer than the
+model's ``max_seq_len`` lose context tokens from the left (and then the boundary token);
+such choices are counted in ``n_truncated``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lldiff.likelihood import ar_loglik, mdm_conditional_loglik
+
+from .tasks import Example, validate_example
+
+Scorer = Callable[[Tensor, Tensor], float]
+"""``scorer(context_ids (P,), choice_ids (L,)) -> log p(choice | context)`` in nats."""
+
+OBJECTIVES = ("mdm", "ar")
+NORMALISATION = "loglik / utf8_bytes(choice)"
+
+
+def score_choices(scorer: Scorer, context_ids: Sequence[int] | Tensor, choices_ids: Sequence[Sequence[int] | Tensor]) -> list[float]:
+    """``[scorer(context, choice) for choice in choices]`` as floats (1-D long tensors in)."""
+    context = torch.as_tensor(context_ids, dtype=torch.long)
+    return [float(scorer(context, torch.as_tensor(c, dtype=torch.long))) for c in choices_ids]
+
+
+def ar_scorer(model: Callable[..., Tensor], *, mask_id: int | None = None) -> Scorer:
+    """Exact AR log-likelihood; the context must be non-empty (use a boundary token)."""
+
+    def score(context: Tensor, choice: Tensor) -> float:
+        return float(ar_loglik(model, [context], [choice], mask_id=mask_id)[0])
+
+    return score
+
+
+def mdm_scorer(
+    model: Callable[..., Tensor],
+    *,
+    mask_id: int,
+    n_mc: int = 32,
+    batch_size: int = 32,
+    cfg_scale: float = 0.0,
+    seed: int = 0,
+) -> Scorer:
+    """MDM Monte-Carlo lower bound; every call uses a fresh generator seeded with ``seed``
+    (common random numbers across the choices scored with this scorer)."""
+
+    def score(context: Tensor, choice: Tensor) -> float:
+        gen = torch.Generator(device=choice.device).manual_seed(seed)
+        value = mdm_conditional_loglik(
+            model, [context], [choice], mask_id=mask_id, n_mc=n_mc, batch_size=batch_size,
+            cfg_scale=cfg_scale, generator=gen,
+        )
+        return float(value[0])
+
+    return score
+
+
+def example_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for example ``index`` derived from the run's ``seed``."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+TIE_RTOL = 1e-6
+"""Scores within this relative distance count as equal (float32 rounding of equal sums)."""
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """Index of the largest value; near-ties (:data:`TIE_RTOL`) go to the lowest index."""
+    best = 0
+    for i, v in enumerate(values):
+        if v - values[best] > TIE_RTOL * max(1.0, abs(values[best])):
+            best = i
+    return best
+
+
+def _resolve(loaded_or_model: Any, tokenizer: Any, objective: str | None, mask_id: int | None):
+    """(model, tokenizer, objective, mask_id, max_len) from a LoadedModel or a model callable."""
+    model = getattr(loaded_or_model, "model", loaded_or_model)
+    if tokenizer is None:
+        tokenizer = getattr(loaded_or_model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("no tokenizer: pass one (the checkpoint's run directory has no tokenizer.json)")
+    cfg = getattr(model, "cfg", None)
+    inferred = getattr(loaded_or_model, "objective", None)
+    if inferred is None and cfg is not None:
+        inferred = "ar" if cfg.causal else "mdm"
+    if objective is None:
+        objective = inferred
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if inferred is not None and objective != inferred:
+        raise ValueError(f"objective={objective!r} given but the model is an {inferred.upper()} model")
+    if mask_id is None and cfg is not None:
+        mask_id = cfg.mask_id
+    if objective == "mdm" and mask_id is None:
+        raise ValueError("the MDM objective needs mask_id")
+    max_len = cfg.max_seq_len if cfg is not None else None
+    return model, tokenizer, objective, mask_id, max_len
+
+
+def _fit(context: list[int], prefix: list[int], choice: list[int], max_len: int | None) -> tuple[list[int], bool]:
+    """Prompt ids ``prefix + context`` cut from the left so that prompt + choice fit ``max_len``."""
+    prompt = prefix + context
+    if max_len is None or len(prompt) + len(choice) <= max_len:
+        return prompt, False
+    room = max_len - len(choice)
+    if room < 0 or (room == 0 and not prompt):
+        raise ValueError(f"a choice of {len(choice)} tokens does not fit the model's max_seq_len={max_len}")
+    return (context[len(context) - room:] if room else []), True
+
+
+def evaluate_multiple_choice(
+    loaded_or_model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example | dict],
+    *,
+    objective: str | None = None,
+    mask_id: int | None = None,
+    n_mc: int = 32,
+    batch_size: int = 32,
+    cfg_scale: float = 0.0,
+    seed: int = 0,
+    boundary_token: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Zero-shot multiple-choice accuracy of a model (see the module docstring).
+
+    Args:
+        loaded_or_model: a :class:`lldiff.checkpoint.LoadedModel` or a model callable
+            ``model(ids (B, T)) -> logits (B, T, V)`` (an :class:`lldiff.model.Transformer`
+            or a hand-made function).
+        tokenizer: anything with ``encode(str) -> list[int]`` (and ``eos_id`` when
+            ``boundary_token``); None: the LoadedModel's.
+        examples: :class:`Example` objects or dicts ``{"context", "choices", "label"}``.
+        objective: ``"mdm"`` or ``"ar"``; inferred from a LoadedModel / Transformer.
+        mask_id: MDM mask id; inferred from a Transformer's config.
+        n_mc, batch_size, cfg_scale: MDM estimator settings (n_mc and batch_size are
+            unused for AR; ``cfg_scale > 0`` with AR raises ``ValueError``).
+        seed: base seed of the MDM draws (per-example seeds via :func:`example_seed`).
+        boundary_token: put ``tokenizer.eos_id`` before every context.
+        progress: optional ``progress(done, total)`` callback after each example.
+
+    Returns a JSON-serialisable dict: ``accuracy``, ``accuracy_norm``, ``n_examples``,
+    ``objective``, ``n_mc`` (None for AR), ``cfg_scale``, ``seed``, ``normalisation``,
+    ``n_truncated`` and ``predictions`` (per example: ``index``, ``label``, ``pred``,
+    ``pred_norm``, ``correct``, ``correct_norm``, ``loglik``, ``loglik_norm``, ``n_tokens``,
+    ``n_bytes``).
+    """
+    model, tokenizer, objective, mask_id, max_len = _resolve(loaded_or_model, tokenizer, objective, mask_id)
+    if not cfg_scale >= 0:
+        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
+    if objective == "ar" and cfg_scale > 0:
+        raise ValueError("classifier-free guidance (cfg_scale > 0) applies to MDM checkpoints only; this is an AR model")
+    examples = [e if isinstance(e, Example) else validate_example(e, f"example {i}") for i, e in enumerate(examples)]
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    prefix: list[int] = []
+    if boundary_token:
+        eos = getattr(tokenizer, "eos_id", None)
+        if eos is None:
+            raise ValueError("boundary_token=True needs a tokenizer with an eos_id")
+        prefix = [int(eos)]
+    device = torch.device("cpu")
+    if isinstance(model, torch.nn.Module):
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else device
+        was_training = model.training
+        model.eval()
+    else:
+        was_training = False
+    predictions = []
+    n_truncated = 0
+    try:
+        for i, ex in enumerate(examples):
+            context = list(tokenizer.encode(ex.context))
+            choices = [list(tokenizer.encode(c)) for c in ex.choices]
+            for j, c in enumerate(choices):
+                if not c:
+                    raise ValueError(f"example {i}: choice {j} ({ex.choices[j]!r}) encodes to no tokens")
+            if objective == "ar":
+                scorer = ar_scorer(model, mask_id=mask_id)
+            else:
+                scorer = mdm_scorer(model, mask_id=mask_id, n_mc=n_mc, batch_size=batch_size,
+                                    cfg_scale=cfg_scale, seed=example_seed(seed, i))
+            loglik = []
+            for j, c in enumerate(choices):
+                prompt, cut = _fit(context, prefix, c, max_len)
+                n_truncated += cut
+                if objective == "ar" and not prompt:
+                    raise ValueError(
+                        f"example {i}: empty context and no boundary token; an AR model needs a non-empty prompt"
+                    )
+                loglik += score_choices(scorer, torch.tensor(prompt, dtype=torch.long, device=device),
+                                        [torch.tensor(c, dtype=torch.long, device=device)])
+            n_bytes = [len(c.encode("utf-8")) for c in ex.choices]
+            norm = [ll / nb for ll, nb in zip(loglik, n_bytes)]
+            pred, pred_norm = _argmax(loglik), _argmax(norm)
+            predictions.append({
+                "index": i, "label": ex.label, "pred": pred, "pred_norm": pred_norm,
+                "correct": pred == ex.label, "correct_norm": pred_norm == ex.label,
+                "loglik": loglik, "loglik_norm": norm,
+                "n_tokens": [len(c) for c in choices], "n_bytes": n_bytes,
+            })
+            if progress is not None:
+                progress(i + 1, len(examples))
+    finally:
+        if was_training:
+            model.train()
+    n = len(predictions)
+    return {
+        "accuracy": sum(p["correct"] for p in predictions) / n,
+        "accuracy_norm": sum(p["correct_norm"] for p in predictions) / n,
+        "n_examples": n,
+        "objective": objective,
+        "n_mc": n_mc if objective == "mdm" else None,
+        "cfg_scale": float(cfg_scale),
+        "seed": seed,
+        "normalisation": NORMALISATION,
+        "chance": sum(1 / len(e.choices) for e in examples) / n,
+        "n_truncated": n_truncated,
+        "predictions": predictions,
+    }
+
+
+__all__ = [
+    "NORMALISATION", "OBJECTIVES", "Scorer", "ar_scorer", "evaluate_multiple_choice",
+    "example_seed", "mdm_scorer", "score_choices",
+]
