@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lldiff eval", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--ckpt", required=True, help="lldiff checkpoint (.ckpt)")
-    p.add_argument("--task", required=True, help=f"a .jsonl task file or one of: {', '.join(BUILTIN_TASKS)}")
+    p.add_argument("--task", help=f"a .jsonl task file or one of: {', '.join(BUILTIN_TASKS)}")
+    p.add_argument("--harness-tasks", help="instead of --task: lm-eval-harness task names, comma-separated "
+                   "(extra `eval`; the tasks' data must be reachable)")
+    p.add_argument("--harness-include", help="directory of extra lm-eval task YAMLs (e.g. over local data files)")
     p.add_argument("--n-mc", type=int, default=32, help="MDM Monte-Carlo draws per choice (default 32; upstream 128)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--batch-size", type=int, default=32, help="MDM draws per forward pass (default 32)")
@@ -86,6 +89,36 @@ def _load_task(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return load_jsonl_task(path)
 
 
+def _run_harness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Evaluate through lm-eval-harness with the checkpoint wrapped as ``LLDiffLM``."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+
+        from .lm_eval_adapter import LLDiffLM
+    except ImportError:
+        parser.error("--harness-tasks needs lm-eval-harness: pip install 'lldiff[eval]'")
+    if not Path(args.ckpt).is_file():
+        parser.error(f"checkpoint {args.ckpt!r} does not exist")
+    try:
+        lm = LLDiffLM(ckpt=args.ckpt, n_mc=args.n_mc, batch_size=args.batch_size, cfg_scale=args.cfg_scale,
+                      tokenizer=args.tokenizer, device=args.device, seed=args.seed)
+    except ValueError as e:
+        parser.error(str(e))
+    manager = TaskManager(include_path=args.harness_include) if args.harness_include else None
+    tasks = [t.strip() for t in args.harness_tasks.split(",") if t.strip()]
+    output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit, task_manager=manager)
+    results = {"checkpoint": str(Path(args.ckpt).resolve()), "objective": lm.loaded.objective,
+               "n_mc": args.n_mc if lm.loaded.objective == "mdm" else None, "results": output["results"]}
+    for task, metrics in output["results"].items():
+        shown = ", ".join(f"{k}: {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{task}: {shown}")
+    if args.out:
+        write_text(args.out, json.dumps(results, indent=2, default=str) + "\n")
+        print(f"results written to {args.out}")
+    return results
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     """Run ``lldiff eval`` with ``argv`` (the arguments after ``eval``); returns the results.
     Bad input exits with status 2 and a one-line message."""
@@ -95,6 +128,10 @@ def main(argv: list[str]) -> dict[str, Any]:
 
     parser = build_parser()
     args = parser.parse_args(list(argv))
+    if (args.task is None) == (args.harness_tasks is None):
+        parser.error("give exactly one of --task (JSONL file or built-in task) and --harness-tasks")
+    if args.harness_tasks is not None:
+        return _run_harness(args, parser)
     for name in ("n_mc", "batch_size", "n_examples", "context_chars", "continuation_chars"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
