@@ -217,6 +217,19 @@ class LMBase(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("lldiff", {})
+        saved = state.get("model_config")
+        if saved is not None:  # a clear message before load_state_dict reports shape mismatches
+            kind = lambda causal: "an AR (causal)" if causal else "an MDM (bidirectional)"  # noqa: E731
+            if saved["causal"] != self.config.causal:
+                raise ValueError(
+                    f"the checkpoint holds {kind(saved['causal'])} model but {type(self).__name__} is "
+                    f"{kind(self.config.causal)} model; use the matching model.class_path"
+                )
+            if saved["vocab_size"] != self.config.vocab_size or saved["d_model"] != self.config.d_model:
+                raise ValueError(
+                    f"the checkpoint's model (vocab_size={saved['vocab_size']}, d_model={saved['d_model']}) does not "
+                    f"match this one (vocab_size={self.config.vocab_size}, d_model={self.config.d_model})"
+                )
         self.tokens_seen = int(state.get("tokens_seen", 0))
         if "rng_cpu" in state:
             torch.set_rng_state(state["rng_cpu"])

@@ -110,6 +110,22 @@ def test_evaluating_a_run_from_its_saved_config(command, toy_corpus, cache_dir, 
     assert torch.load(ckpt, weights_only=True)["global_step"] == 12  # evaluation does not touch the run
 
 
+def test_checkpoint_of_the_other_objective_is_named(toy_corpus, cache_dir, tmp_path):
+    """The CLI takes the model class from the checkpoint's hyperparameters and Lightning's
+    load_from_checkpoint refuses a foreign class; a module built by hand and given a checkpoint
+    of the other objective is named before any weight loads."""
+    import lightning as L
+
+    from lldiff.modules import MaskedDiffusionLM
+
+    cli = lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path))
+    ar_ckpt = tmp_path / "ar-tiny" / "checkpoints" / "last.ckpt"
+    mdm = MaskedDiffusionLM(size="tiny-0.1M", vocab_size=cli.model.config.vocab_size)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="holds an AR \\(causal\\) model but MaskedDiffusionLM is an MDM"):
+        trainer.validate(mdm, datamodule=cli.datamodule, ckpt_path=str(ar_ckpt))
+
+
 def test_fresh_fit_refuses_an_existing_run_and_resume_continues(toy_corpus, cache_dir, tmp_path):
     lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path))
     run = tmp_path / "ar-tiny"
