@@ -134,3 +134,48 @@ def draw_random_length(
 def expected_length(seq_len: int, prob: float) -> float:
     """Average training length with random-length batches: ``L(1-p) + p(1+L)/2``."""
     return seq_len * (1.0 - prob) + prob * (1 + seq_len) / 2
+
+
+# -- supervised fine-tuning (LLaDA Alg. 2) ----------------------------------------------------
+SFT_NORMALISATIONS = ("response_length", "token")
+
+
+def mdm_sft_loss(
+    model: Model,
+    tokens: Tensor,
+    response: Tensor,
+    mask_id: int,
+    *,
+    normalisation: str = "response_length",
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """SFT loss of the masked diffusion model on ``prompt + response`` rows.
+
+    ``response`` (B, L) bool marks the response positions, EOS padding included (the model
+    must learn to end). Only those are ever masked (each with probability ``t ~ U[eps, 1]``
+    of its row); the prompt stays clean. The CE/t of masked positions is summed per example
+    and divided by that example's response length L' then averaged over the batch
+    (``response_length``, LLaDA), or summed over the batch and divided by all response
+    tokens (``token``, SMDM).
+    """
+    if normalisation not in SFT_NORMALISATIONS:
+        raise ValueError(f"normalisation={normalisation!r}; allowed: {', '.join(SFT_NORMALISATIONS)}")
+    lengths = response.sum(dim=1)
+    if bool((lengths == 0).any()):
+        raise ValueError("every example needs at least one response token")
+    t = sample_mask_ratio(tokens.shape[0], eps=eps, device=tokens.device, generator=generator)
+    xt, masked = forward_mask(tokens, t, mask_id, maskable=response, generator=generator)
+    per_example = weighted_masked_ce(model(xt), tokens, masked, t)
+    if normalisation == "response_length":
+        return (per_example / lengths).mean()
+    return per_example.sum() / lengths.sum()
+
+
+def ar_sft_loss(model: Model, tokens: Tensor, response: Tensor) -> Tensor:
+    """Next-token CE on response tokens only (prompt tokens are context, never targets),
+    averaged over all response tokens of the batch."""
+    targets = response[:, 1:]
+    if not bool(targets.any()):
+        raise ValueError("no response tokens to predict")
+    return (ar_nll(model, tokens) * targets).sum() / targets.sum()

@@ -1,0 +1,103 @@
+"""SFT objectives against the math: the prompt is never masked nor scored, EOS padding is."""
+
+import math
+
+import pytest
+import torch
+
+from lldiff import objectives
+
+
+class Recorder(torch.nn.Module):
+    """Fixed per-position logits; records the inputs it is given."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.fixed, self.inputs = logits, []
+
+    def forward(self, ids):
+        self.inputs.append(ids.clone())
+        return self.fixed.expand(ids.shape[0], -1, -1)
+
+
+def batch():
+    tokens = torch.tensor([[5, 6, 7, 1, 2, 0, 0], [5, 6, 1, 2, 3, 4, 0]])  # 0 = EOS padding
+    response = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    return tokens, response
+
+
+def test_prompt_is_never_masked():
+    tokens, response = batch()
+    model = Recorder(torch.zeros(1, 7, 8))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        objectives.mdm_sft_loss(model, tokens, response, mask_id=8, generator=g)
+    seen = torch.stack(model.inputs)
+    assert (seen[:, ~response] == tokens[~response]).all()  # prompt always clean
+    assert (seen[:, response] == 8).any()  # responses do get masked
+
+
+def test_prompt_is_never_in_the_loss_and_eos_padding_is():
+    tokens, response = batch()
+    logits = torch.randn(1, 7, 8)
+    changed = logits.clone()
+    changed[:, ~response[0]] += torch.randn(1, int((~response[0]).sum()), 8) * 5  # garbage at prompt positions
+    a, b = (objectives.mdm_sft_loss(Recorder(x), tokens[:1], response[:1], 8, generator=torch.Generator().manual_seed(1))
+            for x in (logits, changed))
+    assert a == b
+    eos_changed = logits.clone()
+    eos_changed[0, 5:, 0] -= 10  # make the EOS padding targets unlikely
+    losses = [objectives.mdm_sft_loss(Recorder(x), tokens[:1], response[:1], 8, eps=0.999,
+                                      generator=torch.Generator().manual_seed(2)) for x in (logits, eos_changed)]
+    assert losses[1] > losses[0]  # EOS padding is part of the target
+
+
+def _hand_computed(tokens, response, logits, t, masked):
+    ce = -torch.log_softmax(logits.expand(tokens.shape[0], -1, -1), -1).gather(-1, tokens[..., None])[..., 0]
+    per_example = (ce * masked).sum(1) / t
+    return per_example, response.sum(1)
+
+
+@pytest.mark.parametrize("normalisation", ["response_length", "token"])
+def test_normalisations_match_hand_computation(normalisation):
+    tokens, response = batch()
+    logits = torch.randn(1, 7, 8)
+    g = torch.Generator().manual_seed(3)
+    loss = objectives.mdm_sft_loss(Recorder(logits), tokens, response, 8, normalisation=normalisation, generator=g)
+    g = torch.Generator().manual_seed(3)  # replay the same draws
+    t = objectives.sample_mask_ratio(2, generator=g)
+    _, masked = objectives.forward_mask(tokens, t, 8, maskable=response, generator=g)
+    per_example, lengths = _hand_computed(tokens, response, logits, t, masked)
+    expected = (per_example / lengths).mean() if normalisation == "response_length" else per_example.sum() / lengths.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_sft_loss_expectation_is_response_cross_entropy():
+    """For input-independent logits the expectation over t and masks is the mean per-token CE
+    of the response (as for pre-training: P(masked | t) / t = 1)."""
+    tokens, response = batch()
+    probs = torch.softmax(torch.randn(8), -1)
+    model = Recorder(probs.log().expand(1, 7, 8))
+    ce = -probs.log()[tokens]
+    exact = ((ce * response).sum(1) / response.sum(1)).mean().item()
+    g = torch.Generator().manual_seed(4)
+    draws = torch.stack([objectives.mdm_sft_loss(model, tokens, response, 8, generator=g) for _ in range(4000)])
+    sem = draws.std().item() / math.sqrt(len(draws))
+    assert abs(draws.mean().item() - exact) < 5 * sem + 1e-4
+
+
+def test_ar_sft_loss_scores_response_tokens_only():
+    tokens, response = batch()
+    logits = torch.randn(1, 6, 8)
+    loss = objectives.ar_sft_loss(Recorder(logits), tokens, response)
+    nll = -torch.log_softmax(logits.expand(2, -1, -1), -1).gather(-1, tokens[:, 1:, None])[..., 0]
+    expected = (nll * response[:, 1:]).sum() / response[:, 1:].sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_bad_sft_input():
+    tokens, response = batch()
+    with pytest.raises(ValueError, match="normalisation='mean'"):
+        objectives.mdm_sft_loss(Recorder(torch.zeros(1, 7, 8)), tokens, response, 8, normalisation="mean")
+    with pytest.raises(ValueError, match="at least one response token"):
+        objectives.mdm_sft_loss(Recorder(torch.zeros(1, 7, 8)), tokens, torch.zeros_like(response), 8)
