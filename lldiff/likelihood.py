@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lldiff.objectives import ar_nll
+from lldiff.sampling import cfg_logits
 
 Model = Callable[..., Tensor]
 TokenBatch = Tensor | Sequence[Tensor]
@@ -211,7 +212,7 @@ def _mdm_group(
             uncond[:, :p] = mask_id
             both = _call(model, torch.cat([ids, uncond]), None if attn is None else torch.cat([attn, attn]))
             cond, unc = both.float().chunk(2, dim=0)
-            logits = unc + (cfg_scale + 1.0) * (cond - unc)
+            logits = cfg_logits(cond, unc, cfg_scale)
         else:
             logits = _call(model, ids, attn).float()
         logits = logits[:, p:]

@@ -178,22 +178,21 @@ class LMBase(L.LightningModule):
             self.val_bytes.update(self.token_bytes[scored].sum())
 
     def on_validation_epoch_end(self) -> None:
-        nats, tokens = self.val_nats.compute(), self.val_tokens.compute()
-        self.log("val/nll_per_token", nats / tokens, prog_bar=True)
-        if self.token_bytes.numel():
-            self.log("val/bpb", nats / (math.log(2) * self.val_bytes.compute()))
+        self._log_eval_metrics("val")
         self.log("trainer/tokens", float(self.tokens_seen))
-        for metric in (self.val_nats, self.val_tokens, self.val_bytes):
-            metric.reset()
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
+        self._log_eval_metrics("test")
+
+    def _log_eval_metrics(self, prefix: str) -> None:
+        """``{prefix}/nll_per_token`` and ``{prefix}/bpb`` over the epoch (summed across devices)."""
         nats, tokens = self.val_nats.compute(), self.val_tokens.compute()
-        self.log("test/nll_per_token", nats / tokens)
+        self.log(f"{prefix}/nll_per_token", nats / tokens, prog_bar=prefix == "val")
         if self.token_bytes.numel():
-            self.log("test/bpb", nats / (math.log(2) * self.val_bytes.compute()))
+            self.log(f"{prefix}/bpb", nats / (math.log(2) * self.val_bytes.compute()))
         for metric in (self.val_nats, self.val_tokens, self.val_bytes):
             metric.reset()
 

@@ -17,22 +17,16 @@ from pathlib import Path
 
 import yaml
 from lldiff.atomic import write_text
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from lldiff.sweep.figures import read_scalars as read_event_scalars
 
 OBJECTIVES = {"MaskedDiffusionLM": "MDM", "AutoregressiveLM": "AR"}
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """All scalar series of a run, merged over its event files, ordered by step."""
-    events = sorted(run_dir.glob("events.out.tfevents.*"))
-    if not events:
-        raise FileNotFoundError(f"{run_dir} has no TensorBoard event files (events.out.tfevents.*)")
-    series: dict[str, dict[int, float]] = {}
-    for path in events:
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            series.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    series = read_event_scalars(run_dir)
+    if not series:
+        raise FileNotFoundError(f"{run_dir} has no readable TensorBoard event files (events.out.tfevents.*)")
     return {tag: sorted(points.items()) for tag, points in series.items()}
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -23,6 +22,8 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from tokenizers import Tokenizer as _Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lldiff.atomic import write_text
 
 EOS, BOS, PAD, MASK = "<|eos|>", "<|bos|>", "<|pad|>", "<|mask|>"
 SPECIAL_TOKENS = (EOS, BOS, PAD, MASK)
@@ -97,10 +98,7 @@ class Tokenizer:
     def save(self, path: Union[str, os.PathLike]) -> Path:
         """Write ``tokenizer.json`` atomically (temp file + rename); returns the path."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, self.to_json())
         return path
 
     def to_json(self) -> str:

@@ -123,13 +123,18 @@ def run_sweep(
         log(f"[{i}/{len(todo)}] {run.run_id}: {status}; elapsed {_duration(elapsed)}, left ~{_duration(eta)}")
 
     if parallel <= 1:
-        # the sweep's own progress lines replace Lightning's per-run banners
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-        for i, run in enumerate(todo, 1):
-            log(f"[{i - 1}/{len(todo)}] {run.run_id}: {run.max_steps} steps, {run.tokens:.3g} tokens, "
-                f"{run.flops:.3g} FLOPs")
-            row = execute_run(spec, out, run, table)
-            report(i, run, f"val {row['val_nll_per_token']:.4f} nats/token" if row else "done")
+        # the sweep's own progress lines replace Lightning's per-run banners (for the sweep only)
+        lightning_log = logging.getLogger("lightning.pytorch")
+        level = lightning_log.level
+        lightning_log.setLevel(logging.WARNING)
+        try:
+            for i, run in enumerate(todo, 1):
+                log(f"[{i - 1}/{len(todo)}] {run.run_id}: {run.max_steps} steps, {run.tokens:.3g} tokens, "
+                    f"{run.flops:.3g} FLOPs")
+                row = execute_run(spec, out, run, table)
+                report(i, run, f"val {row['val_nll_per_token']:.4f} nats/token" if row else "done")
+        finally:
+            lightning_log.setLevel(level)
         return todo
 
     spec_file = out / "spec.yaml"
