@@ -16,9 +16,8 @@ import time
 
 import torch
 
-from lldiff.ar_decoding import ar_generate
 from lldiff.checkpoint import load_model
-from lldiff.sampling import generate, generate_threshold
+from lldiff.completion import DecodeOptions, complete
 
 MDM_ONLY = ("gen_length", "steps", "block_length", "remasking", "threshold", "cfg_scale", "forbid_eos")
 AR_ONLY = ("max_new_tokens", "top_k", "top_p", "no_cache")
@@ -58,22 +57,6 @@ def _refuse_foreign_options(args: argparse.Namespace, objective: str, parser: ar
         parser.error(f"{options} do(es) not apply to an {objective.upper()} checkpoint ({args.ckpt})")
 
 
-def encode_batch(tokenizer, prompts: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask; an empty prompt becomes BOS."""
-    encoded = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]
-    width = max(len(ids) for ids in encoded)
-    ids = torch.full((len(encoded), width), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(encoded), width, dtype=torch.bool)
-    for row, tokens in enumerate(encoded):
-        ids[row, width - len(tokens):] = torch.tensor(tokens)
-        mask[row, width - len(tokens):] = True
-    return ids.to(device), mask.to(device)
-
-
-def cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:
-    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
-
-
 def main(argv: list[str]) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,39 +67,25 @@ def main(argv: list[str]) -> None:
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         parser.error("no prompt: give --prompt TEXT or lines on stdin")
-    tokenizer, model = loaded.tokenizer, loaded.model
-    ids, mask = encode_batch(tokenizer, prompts, args.device)
+    tokenizer = loaded.tokenizer
+    options = DecodeOptions(
+        length=(args.gen_length if loaded.objective == "mdm" else args.max_new_tokens) or 64,
+        temperature=args.temperature, steps=args.steps, block_length=args.block_length,
+        remasking=args.remasking or "low_confidence", threshold=args.threshold or 0.9,
+        cfg_scale=args.cfg_scale or 0.0, forbid_eos=bool(args.forbid_eos), top_k=args.top_k, top_p=args.top_p,
+        use_cache=not args.no_cache,
+    )
+    encoded = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]  # an empty prompt becomes BOS
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     start = time.perf_counter()
-    if loaded.objective == "mdm":
-        gen_length = args.gen_length or 64
-        block = args.block_length or min(32, gen_length)
-        common = dict(gen_length=gen_length, block_length=block, mask_id=model.cfg.mask_id,
-                      temperature=args.temperature, cfg_scale=args.cfg_scale or 0.0, attention_mask=mask,
-                      eos_id=tokenizer.eos_id, forbid_eos=bool(args.forbid_eos), generator=generator)
-        _check_context(ids.shape[1] + gen_length, model.cfg.max_seq_len, parser)
-        if args.remasking == "threshold":
-            out = generate_threshold(model, ids, threshold=args.threshold or 0.9, **common)
-        else:
-            out = generate(model, ids, steps=args.steps or gen_length, remasking=args.remasking or "low_confidence",
-                           **common)
-        answers, calls, new = out.answer(tokenizer.eos_id), out.model_calls, gen_length
-    else:
-        new = args.max_new_tokens or 64
-        _check_context(ids.shape[1] + new, model.cfg.max_seq_len, parser)
-        out = ar_generate(model, ids, max_new_tokens=new, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, attention_mask=mask, eos_id=tokenizer.eos_id,
-                          use_cache=not args.no_cache, generator=generator)
-        answers = [cut_at_eos(row.tolist(), tokenizer.eos_id) for row in out.tokens[:, ids.shape[1]:]]
-        calls = out.model_calls
+    try:
+        out = complete(loaded.model, encoded, options, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                       generator=generator)
+    except ValueError as error:  # context overflow, bad block layout: name it, no traceback
+        parser.error(str(error))
     seconds = time.perf_counter() - start
-    for prompt, answer in zip(prompts, answers):
+    for prompt, answer in zip(prompts, out.answers):
         print(prompt + tokenizer.decode(answer))
         print("-" * 40)
-    print(f"{loaded.objective.upper()} {loaded.config.name}: {len(prompts)} prompt(s), {calls} model calls, "
-          f"{len(prompts) * new / seconds:.0f} tokens/s ({seconds:.2f} s)")
-
-
-def _check_context(total: int, context: int, parser: argparse.ArgumentParser) -> None:
-    if total > context:
-        parser.error(f"prompt + new tokens = {total} exceeds the model's context max_seq_len={context}")
+    print(f"{loaded.objective.upper()} {loaded.config.name}: {len(prompts)} prompt(s), {out.model_calls} model calls, "
+          f"{len(prompts) * options.length / seconds:.0f} tokens/s ({seconds:.2f} s)")

@@ -6,7 +6,7 @@ callable model) and return tensors, so tests can check them against the math dir
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -102,11 +102,14 @@ def mdm_elbo_nats(
     *,
     num_samples: int,
     eps: float = 1e-3,
+    maskable: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Monte-Carlo negative ELBO in nats per sequence, shape (B,), averaged over
     ``num_samples`` draws of (t, mask). The ``num_samples`` values of t for each
-    sequence are stratified over [eps, 1] (unbiased, lower variance)."""
+    sequence are stratified over [eps, 1] (unbiased, lower variance). With ``maskable``
+    (B, L) bool only those positions are masked and scored: the bound on
+    ``-log p(x0[maskable] | x0[~maskable])`` (an SFT response given its prompt)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     b = x0.shape[0]
@@ -114,7 +117,7 @@ def mdm_elbo_nats(
     offsets = torch.rand(b, device=x0.device, generator=generator)
     for k in range(num_samples):
         t = eps + (1.0 - eps) * ((offsets + k / num_samples) % 1.0)
-        xt, masked = forward_mask(x0, t, mask_id, generator=generator)
+        xt, masked = forward_mask(x0, t, mask_id, maskable=maskable, generator=generator)
         total += weighted_masked_ce(model(xt), x0, masked, t)
     return total / num_samples
 
@@ -179,3 +182,17 @@ def ar_sft_loss(model: Model, tokens: Tensor, response: Tensor) -> Tensor:
     if not bool(targets.any()):
         raise ValueError("no response tokens to predict")
     return (ar_nll(model, tokens) * targets).sum() / targets.sum()
+
+
+def drop_prompts(
+    tokens: Tensor, response: Tensor, mask_id: int, prob: float, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """Classifier-free-guidance training: each example's prompt (every non-response
+    position) becomes ``mask_id`` with probability ``prob``, so the model also learns the
+    unconditional distribution that ``cfg_scale`` sampling contrasts with."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"prompt dropout probability must be in [0, 1], got {prob}")
+    if prob == 0.0:
+        return tokens
+    dropped = torch.rand(tokens.shape[0], device=tokens.device, generator=generator) < prob
+    return torch.where(dropped[:, None] & ~response, torch.full_like(tokens, mask_id), tokens)

@@ -1,4 +1,4 @@
-"""Data layer: corpora, tokenizer, token cache, packing and the pre-training DataModule.
+"""Data layer: corpora, tokenizer, token cache, packing, the pre-training and SFT DataModules.
 
 Flow: corpus (documents) -> document-level split -> byte-level BPE trained on the train split
 -> Arrow token cache -> packed rows of ``seq_len + 1`` tokens -> ``PretrainDataModule`` batches.
@@ -36,6 +36,10 @@ def __getattr__(name: str):
         from .datamodule import PretrainDataModule
 
         return PretrainDataModule
+    if name == "SFTDataModule":
+        from .sft_datamodule import SFTDataModule
+
+        return SFTDataModule
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -51,6 +55,7 @@ __all__ = [
     "PAD",
     "PackedRows",
     "PretrainDataModule",
+    "SFTDataModule",
     "SOURCES",
     "SPECIAL_TOKENS",
     "StdlibCorpus",

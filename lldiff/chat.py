@@ -1,0 +1,136 @@
+"""`lldiff chat`: talk to a fine-tuned MDM or AR checkpoint, using its chat template.
+
+    lldiff chat --ckpt runs/sft-mdm-tiny/checkpoints/last.ckpt                      # interactive (a terminal)
+    lldiff chat --ckpt X --message "next line after: import os"                     # one-shot
+    lldiff chat --ckpt X --message "hi" --message "and then?"                       # several turns, one-shot
+    printf 'first question\\nfollow-up\\n' | lldiff chat --ckpt X                    # turns from stdin
+
+The template is the one the checkpoint was fine-tuned with (``data.init_args.template`` in
+the run's ``config.yaml``), or ``--template FILE.yaml``, or the default. Each turn's prompt
+is the whole conversation so far (oldest turns are dropped when it outgrows the context).
+The MDM answers with the LLaDA reverse process in semi-autoregressive blocks
+(``--block-length``, default 32) with low-confidence remasking; the AR decodes with a KV
+cache. Answers end at the first EOS. In a terminal, ``/reset`` starts over and ``/quit``
+(or Ctrl-D) leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import yaml
+
+from lldiff.checkpoint import LoadedModel, load_model
+from lldiff.completion import REMASKING, DecodeOptions, check_context, complete
+from lldiff.data.chat import ChatTemplate, Message
+
+
+class ChatSession:
+    """A conversation with one model: keeps the history, renders it, decodes each answer."""
+
+    def __init__(self, loaded: LoadedModel, template: ChatTemplate, options: DecodeOptions,
+                 system: str | None = None, seed: int = 0) -> None:
+        if loaded.tokenizer is None:
+            raise ValueError(f"no tokenizer for {loaded.path}; pass --tokenizer PATH")
+        self.loaded, self.template, self.options = loaded, template, options
+        self.system = [Message("system", system)] if system else []
+        self.history: list[Message] = []
+        self.generator = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(seed)
+
+    def reset(self) -> None:
+        self.history = []
+
+    def prompt_ids(self) -> list[int]:
+        """``[EOS] + rendered conversation + generation prefix``, dropping the oldest
+        exchanges (never the system message or the latest user turn) until it fits."""
+        tok, context = self.loaded.tokenizer, self.loaded.config.max_seq_len
+        history = list(self.history)
+        while True:
+            ids = [tok.eos_id, *tok.encode(self.template.render_prompt(self.system + history))]
+            if len(ids) + self.options.length <= context or len(history) <= 1:
+                check_context(len(ids), self.options.length, context)
+                return ids
+            history = history[1:]
+
+    def reply(self, text: str) -> str:
+        self.history.append(Message("user", text))
+        tok = self.loaded.tokenizer
+        out = complete(self.loaded.model, [self.prompt_ids()], self.options, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                       generator=self.generator)
+        answer = tok.decode(out.answers[0], skip_special_tokens=True).strip()
+        self.history.append(Message("assistant", answer))
+        return answer
+
+
+def run_template(ckpt: Path) -> dict[str, Any] | None:
+    """The chat template saved in the checkpoint's run directory, if it was fine-tuned here."""
+    for config in (ckpt.parent.parent / "config.yaml", ckpt.parent / "config.yaml"):
+        if config.is_file():
+            data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+            return (data.get("init_args") or {}).get("template")
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lldiff chat", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint (usually of a fine-tuning run)")
+    parser.add_argument("--message", action="append", help="a user turn (repeat for several); no terminal needed")
+    parser.add_argument("--system", help="a system message opening the conversation")
+    parser.add_argument("--template", help="YAML {system, user, assistant} patterns (default: the run's)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's run directory)")
+    parser.add_argument("--length", type=int, default=64, help="answer tokens: MDM canvas / AR budget (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    mdm = parser.add_argument_group("MDM")
+    mdm.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block (default 32)")
+    mdm.add_argument("--steps", type=int, help="model calls per answer (default: --length)")
+    mdm.add_argument("--remasking", choices=REMASKING, default="low_confidence")
+    mdm.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance w (default 0: off)")
+    return parser
+
+
+def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        loaded = load_model(args.ckpt, tokenizer=args.tokenizer, device=args.device)
+        pattern = yaml.safe_load(Path(args.template).read_text()) if args.template else run_template(Path(args.ckpt))
+        template = ChatTemplate.from_config(pattern)
+        length = args.length
+        block = min(args.block_length, length)
+        if loaded.objective == "mdm" and length % block:
+            length = -(-length // block) * block  # the canvas is whole blocks
+        options = DecodeOptions(length=length, temperature=args.temperature, steps=args.steps, block_length=block,
+                                remasking=args.remasking, cfg_scale=args.cfg_scale)
+        session = ChatSession(loaded, template, options, system=args.system, seed=args.seed)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    interactive = not args.message and stdin.isatty()
+    if not interactive:
+        turns = args.message or [line.rstrip("\n") for line in stdin if line.strip()]
+        if not turns:
+            parser.error("no message: give --message TEXT, lines on stdin, or run in a terminal")
+        for text in turns:
+            print(session.reply(text), file=stdout, flush=True)
+        return
+    print(f"lldiff chat: {loaded.objective.upper()} {loaded.config.name} ({args.ckpt}); /reset, /quit", file=stdout)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            print(file=stdout)
+            return
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            session.reset()
+            continue
+        if text:
+            print(f"model> {session.reply(text)}", file=stdout, flush=True)

@@ -1,0 +1,166 @@
+"""Supervised fine-tuning modules (LLaDA Alg. 2 and its AR counterpart), thin over
+``objectives.mdm_sft_loss`` / ``objectives.ar_sft_loss``.
+
+Both start from a pre-trained ``lldiff fit`` checkpoint (``init_from``), whose model shape
+they take, and train on :class:`lldiff.data.SFTDataModule` batches. Both log
+``train/loss`` and ``val/nll_per_token``: nats per response token (EOS padding included)
+given the prompt, exact for AR and a Monte-Carlo ELBO bound for the MDM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lldiff import objectives
+from lldiff.config import SIZES, ModelConfig
+from lldiff.modules import AutoregressiveLM, LMBase, MaskedDiffusionLM
+
+# fields a fine-tuning run may change without invalidating the pre-trained weights
+ADJUSTABLE_FIELDS = ("max_seq_len", "rope_base", "attn_backend", "norm_eps")
+
+
+def read_pretrained(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(model_config fields, backbone weights)`` of an ``lldiff fit`` checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from checkpoint {str(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    config = state.get("lldiff", {}).get("model_config")
+    if config is None:
+        raise ValueError(f"init_from {str(path)!r} is not an lldiff checkpoint (no model config inside)")
+    weights = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    return dict(config), weights
+
+
+def pretrained_shape(
+    init_from: str, causal: bool, vocab_size: int | None, size: str | None, overrides: dict[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """``(size, model_overrides)`` that rebuild the checkpoint's exact shape, after checking
+    its objective, its vocabulary against the data's tokenizer and ``size`` if given."""
+    saved, _ = read_pretrained(init_from)
+    kind = lambda c: "an AR (causal)" if c else "an MDM (bidirectional)"
+    if saved["causal"] != causal:
+        raise ValueError(f"init_from {init_from!r} holds {kind(saved['causal'])} model; this fine-tuning module "
+                         f"needs {kind(causal)} one (use the matching model.class_path)")
+    if vocab_size is not None and saved["vocab_size"] != vocab_size:
+        raise ValueError(
+            f"init_from {init_from!r} was trained with vocab_size={saved['vocab_size']} but the tokenizer has "
+            f"{vocab_size} real tokens; fine-tune with the pre-training run's tokenizer.json "
+            "(data.init_args.tokenizer_path: the run directory or the checkpoint)"
+        )
+    overrides = dict(overrides or {})
+    changed = sorted(set(overrides) - set(ADJUSTABLE_FIELDS))
+    if changed:
+        raise ValueError(f"model_overrides {changed} would change the pre-trained shape; a fine-tuning run may "
+                         f"only override {', '.join(ADJUSTABLE_FIELDS)}")
+    shape = {k: v for k, v in saved.items() if k not in ("name", "vocab_size", "causal", "attn_backend")}
+    if size is not None:
+        registered = ModelConfig.from_name(size)
+        differs = [f for f in shape if f not in ADJUSTABLE_FIELDS and getattr(registered, f) != shape[f]]
+        if differs:
+            raise ValueError(f"size={size!r} does not match the init_from checkpoint (differs in {differs}); "
+                             f"leave size unset to take the checkpoint's shape ({saved['name']})")
+    name = saved["name"] if saved["name"] in SIZES else next(iter(SIZES))
+    return size or name, {**shape, **overrides}
+
+
+class _SFTMixin:
+    """What both fine-tuning modules share: start from ``init_from``, score responses only."""
+
+    def _load_pretrained(self: Any, init_from: str | None) -> None:
+        if init_from is None:
+            return
+        _, weights = read_pretrained(init_from)
+        self.model.load_state_dict(weights)
+
+    def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def training_step(self: Any, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        tokens, response = batch["input_ids"], batch["response_mask"]
+        loss = self.sft_loss(tokens, response)
+        processed = tokens.numel() * self.trainer.world_size
+        self.tokens_seen += processed
+        self._log_progress(loss, processed)
+        return loss
+
+    def validation_step(self: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
+        tokens, response = batch["input_ids"], batch["response_mask"]
+        self.val_nats.update(self.response_nats(tokens, response, batch_idx).sum())
+        self.val_tokens.update(response.sum())
+
+
+def _resolve_shape(cls: type[LMBase], kwargs: dict[str, Any], init_from: str | None) -> None:
+    if init_from is not None:
+        kwargs["size"], kwargs["model_overrides"] = pretrained_shape(
+            init_from, cls.causal, kwargs.get("vocab_size"), kwargs.get("size"), kwargs.get("model_overrides"))
+    elif kwargs.get("size") is None:
+        raise ValueError("give model.init_args.init_from (a pre-trained checkpoint) or a size to fine-tune from scratch")
+
+
+class MaskedDiffusionSFT(_SFTMixin, MaskedDiffusionLM):
+    """MDM supervised fine-tuning (LLaDA Alg. 2): only response tokens are masked.
+
+    Args (beyond MaskedDiffusionLM's; ``random_length_prob`` does not apply):
+        init_from: pre-trained MDM checkpoint; its shape is used (``size`` may stay unset).
+        normalisation: ``response_length`` (per example by its response length incl. EOS
+            padding, then the batch mean: LLaDA) or ``token`` (over all response tokens: SMDM).
+        prompt_dropout: probability that an example's prompt is replaced by mask tokens,
+            so the model learns the unconditional distribution for classifier-free guidance.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        init_from: str | None = None,
+        size: str | None = None,
+        normalisation: str = "response_length",
+        prompt_dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if normalisation not in objectives.SFT_NORMALISATIONS:
+            raise ValueError(f"normalisation={normalisation!r}; allowed: {', '.join(objectives.SFT_NORMALISATIONS)}")
+        if not 0.0 <= prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout}")
+        kwargs["size"] = size
+        _resolve_shape(type(self), kwargs, init_from)
+        super().__init__(*args, **kwargs)
+        self._load_pretrained(init_from)
+
+    def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
+        tokens = objectives.drop_prompts(tokens, response, self.mask_id, self.hparams.prompt_dropout)
+        return objectives.mdm_sft_loss(self, tokens, response, self.mask_id,
+                                       normalisation=self.hparams.normalisation, eps=self.hparams.mask_eps)
+
+    def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:
+        generator = torch.Generator(device=tokens.device).manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        draws = self.hparams.val_mc_samples if fitting else self.hparams.eval_mc_samples
+        return objectives.mdm_elbo_nats(self, tokens, self.mask_id, num_samples=draws, eps=self.hparams.mask_eps,
+                                        maskable=response, generator=generator)
+
+
+class AutoregressiveSFT(_SFTMixin, AutoregressiveLM):
+    """AR supervised fine-tuning: next-token CE on response tokens only (same data and
+    template as the MDM), averaged over the batch's response tokens.
+
+    Args (beyond AutoregressiveLM's; ``random_length_prob`` does not apply):
+        init_from: pre-trained AR checkpoint; its shape is used (``size`` may stay unset).
+    """
+
+    def __init__(self, *args: Any, init_from: str | None = None, size: str | None = None, **kwargs: Any) -> None:
+        kwargs["size"] = size
+        _resolve_shape(type(self), kwargs, init_from)
+        super().__init__(*args, **kwargs)
+        self._load_pretrained(init_from)
+
+    def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
+        return objectives.ar_sft_loss(self, tokens, response)
+
+    def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:
+        return (objectives.ar_nll(self, tokens) * response[:, 1:]).sum(dim=1)
+
