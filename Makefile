@@ -1,12 +1,14 @@
 # Two entry points from a fresh clone; each creates .venv on first use.
 #   make demo      the CPU scaling sweep: 4 sizes x 2 budgets x {MDM, AR}, fits, figures, report
 #   make demo-fit  train the tiny MDM and AR on the offline corpus, print their comparison table
+#   make demo-sft  then fine-tune both on next/previous-line instructions and chat with them
+#   make reversal  the reversal study (LLaDA Table 3 shape), CPU preset
 #   make test   run the default (fast) test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo demo-fit test test-slow clean-env
+.PHONY: demo demo-fit demo-sft reversal test test-slow clean-env
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,17 @@ demo-fit: $(BIN)/.installed
 	$(BIN)/lldiff fit --config configs/ar-tiny.yaml --ckpt_path last
 	$(BIN)/python studies/compare_runs.py runs/mdm-tiny runs/ar-tiny --out runs/comparison.md
 	@echo "Curves: $(BIN)/tensorboard --logdir runs   (runs/mdm-tiny and runs/ar-tiny overlay)"
+
+# SFT from the demo-fit checkpoints (resumable like demo-fit), then one chat turn per model.
+demo-sft: demo-fit
+	$(BIN)/python -m lldiff.data.line_tasks --out data/sft/stdlib-lines
+	$(BIN)/lldiff fit --config configs/sft-mdm-tiny.yaml --ckpt_path last
+	$(BIN)/lldiff fit --config configs/sft-ar-tiny.yaml --ckpt_path last
+	$(BIN)/lldiff chat --ckpt runs/sft-mdm-tiny/checkpoints/last.ckpt --message "next line after: import os"
+	$(BIN)/lldiff chat --ckpt runs/sft-ar-tiny/checkpoints/last.ckpt --message "next line after: import os"
+
+reversal: $(BIN)/.installed
+	$(BIN)/python studies/reversal.py --preset cpu --out runs/reversal
 
 test: $(BIN)/.installed
 	$(BIN)/pytest -m "not slow" -q
