@@ -39,10 +39,17 @@ def _eval(argv: list[str]) -> None:
     eval_main(argv)
 
 
+def _tune(argv: list[str]) -> None:
+    from lldiff.tune.cli import main as tune_main
+
+    tune_main(argv)
+
+
 OTHER_COMMANDS = {
     "sweep": ("MDM vs AR scaling sweeps: lldiff sweep run|plan|analyze (lldiff sweep --help)", _sweep),
     "generate": ("sample from an MDM or AR checkpoint: lldiff generate --ckpt X --prompt TEXT", _generate),
     "eval": ("zero-shot multiple choice by likelihood: lldiff eval --ckpt X --task T", _eval),
+    "tune": ("Optuna hyperparameter search: lldiff tune run|best (lldiff tune --help)", _tune),
 }
 
 
@@ -102,15 +109,20 @@ TRAINER_DEFAULTS = {
 }
 
 
-def lightning_cli(args: list[str] | None = None) -> LLDiffCLI:
-    """LightningCLI over ``args`` (None: the process's own command line)."""
+def lightning_cli(args: list[str] | None = None, *, run: bool = True) -> LLDiffCLI:
+    """LightningCLI over ``args`` (None: the process's own command line).
+
+    ``run=False`` parses and instantiates model, data and trainer without running a
+    subcommand (``args`` then carry no ``fit``): the caller may add callbacks to
+    ``cli.trainer`` and call ``cli.trainer.fit(cli.model, datamodule=cli.datamodule)``.
+    """
     with warnings.catch_warnings():
         # args given in-process (sweeps, tests) while sys.argv holds the outer command
         warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
-        return _cli(args)
+        return _cli(args, run)
 
 
-def _cli(args: list[str] | None) -> LLDiffCLI:
+def _cli(args: list[str] | None, run: bool = True) -> LLDiffCLI:
     return LLDiffCLI(
         LMBase,
         LightningDataModule,
@@ -120,6 +132,7 @@ def _cli(args: list[str] | None) -> LLDiffCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults=TRAINER_DEFAULTS,
         args=args,
+        run=run,
         parser_kwargs={"description": "lldiff: masked diffusion vs autoregressive LMs"},
     )
 
