@@ -80,6 +80,15 @@ class _SFTMixin:
     def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def on_fit_start(self: Any) -> None:
+        super().on_fit_start()
+        stats = getattr(getattr(self.trainer, "datamodule", None), "stats", None) or {}
+        counts = {f"data/{split}_{what}": float(getattr(s, what))
+                  for split, s in stats.items() for what in ("examples", "truncated", "dropped")}
+        if counts and self.trainer.is_global_zero:
+            for logger in self.loggers:  # the over-long policy's counts, next to the curves
+                logger.log_metrics(counts, step=0)
+
     def training_step(self: Any, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         tokens, response = batch["input_ids"], batch["response_mask"]
         loss = self.sft_loss(tokens, response)

@@ -19,6 +19,7 @@ from lldiff.data.chat import ChatTemplate
 from lldiff.data.tokenizer import train_tokenizer
 from lldiff.finetune import AutoregressiveSFT, MaskedDiffusionSFT
 from lldiff.model import Transformer
+from lldiff.sweep.figures import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_TEMPLATE = {"system": "{content}", "user": "{content}=", "assistant": "{content}"}
@@ -90,6 +91,9 @@ def test_finetune_from_a_pretrained_checkpoint_with_the_shipped_config(objective
     assert cli.trainer.global_step == 6
     ckpt = tmp_path / f"sft-{objective}-tiny" / "checkpoints" / "last.ckpt"
     assert load_model(ckpt).objective == objective  # generate / eval / chat read it directly
+    scalars = read_scalars(ckpt.parent.parent)
+    assert scalars["data/train_examples"][0] + scalars["data/val_examples"][0] == 64  # one turn per record
+    assert scalars["data/train_truncated"][0] == 0 and "val/nll_per_token" in scalars
     out = io.StringIO()
     chat_main(["--ckpt", str(ckpt), "--message", "the quick fox", "--message", "again", "--length", "8"],
               stdin=io.StringIO(""), stdout=out)
