@@ -123,7 +123,7 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
     print(f"lldiff chat: {loaded.objective.upper()} {loaded.config.name} ({args.ckpt}); /reset, /quit", file=stdout)
     while True:
         try:
-            text = input("you> ").strip()
+            text = _read_turn(stdin, stdout).strip()
         except EOFError:
             print(file=stdout)
             return
@@ -134,3 +134,13 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
             continue
         if text:
             print(f"model> {session.reply(text)}", file=stdout, flush=True)
+
+
+def _read_turn(stdin: TextIO, stdout: TextIO) -> str:
+    if stdin is sys.stdin:
+        return input("you> ")  # line editing in a terminal
+    print("you> ", end="", file=stdout, flush=True)
+    line = stdin.readline()
+    if not line:
+        raise EOFError
+    return line

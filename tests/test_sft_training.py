@@ -129,3 +129,23 @@ def test_chat_renders_the_conversation_and_keeps_it_in_context(tmp_path):
     ids = session.prompt_ids()
     assert len(ids) + 8 <= 192
     assert tok.decode(ids[1:]).startswith("System: be kind\n")
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_chat_interactive_session_resets_and_quits(tiny_runs):
+    out = io.StringIO()
+    chat_main(["--ckpt", str(tiny_runs["ar"]), "--length", "4"], stdin=Terminal("hello\n/reset\nagain\n/quit\nnever\n"),
+              stdout=out)
+    text = out.getvalue()
+    assert text.count("model> ") == 2 and text.count("you> ") == 4  # stops at /quit
+
+
+def test_chat_refuses_a_template_without_a_response_slot(tiny_runs, tmp_path):
+    template = tmp_path / "t.yaml"
+    template.write_text("assistant: 'A: '\n")
+    with pytest.raises(SystemExit):
+        chat_main(["--ckpt", str(tiny_runs["mdm"]), "--template", str(template), "--message", "hi"])
