@@ -141,9 +141,8 @@ class MaskedDiffusionSFT(_SFTMixin, MaskedDiffusionLM):
         self._load_pretrained(init_from)
 
     def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
-        tokens = objectives.drop_prompts(tokens, response, self.mask_id, self.hparams.prompt_dropout)
-        return objectives.mdm_sft_loss(self, tokens, response, self.mask_id,
-                                       normalisation=self.hparams.normalisation, eps=self.hparams.mask_eps)
+        return objectives.mdm_sft_loss(self, tokens, response, self.mask_id, normalisation=self.hparams.normalisation,
+                                       eps=self.hparams.mask_eps, prompt_dropout=self.hparams.prompt_dropout)
 
     def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:
         generator = torch.Generator(device=tokens.device).manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)

@@ -151,6 +151,7 @@ def mdm_sft_loss(
     *,
     normalisation: str = "response_length",
     eps: float = 1e-3,
+    prompt_dropout: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """SFT loss of the masked diffusion model on ``prompt + response`` rows.
@@ -160,7 +161,8 @@ def mdm_sft_loss(
     of its row); the prompt stays clean. The CE/t of masked positions is summed per example
     and divided by that example's response length L' then averaged over the batch
     (``response_length``, LLaDA), or summed over the batch and divided by all response
-    tokens (``token``, SMDM).
+    tokens (``token``, SMDM). ``prompt_dropout`` masks whole prompts of the model's input
+    with that probability (classifier-free guidance training, see :func:`drop_prompts`).
     """
     if normalisation not in SFT_NORMALISATIONS:
         raise ValueError(f"normalisation={normalisation!r}; allowed: {', '.join(SFT_NORMALISATIONS)}")
@@ -169,6 +171,7 @@ def mdm_sft_loss(
         raise ValueError("every example needs at least one response token")
     t = sample_mask_ratio(tokens.shape[0], eps=eps, device=tokens.device, generator=generator)
     xt, masked = forward_mask(tokens, t, mask_id, maskable=response, generator=generator)
+    xt = drop_prompts(xt, response, mask_id, prompt_dropout, generator=generator)
     per_example = weighted_masked_ce(model(xt), tokens, masked, t)
     if normalisation == "response_length":
         return (per_example / lengths).mean()

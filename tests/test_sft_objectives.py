@@ -101,3 +101,19 @@ def test_bad_sft_input():
         objectives.mdm_sft_loss(Recorder(torch.zeros(1, 7, 8)), tokens, response, 8, normalisation="mean")
     with pytest.raises(ValueError, match="at least one response token"):
         objectives.mdm_sft_loss(Recorder(torch.zeros(1, 7, 8)), tokens, torch.zeros_like(response), 8)
+
+
+def test_prompt_dropout_hides_whole_prompts_from_the_input_only():
+    tokens, response = batch()
+    model = Recorder(torch.zeros(1, 7, 8))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        loss = objectives.mdm_sft_loss(model, tokens, response, mask_id=8, prompt_dropout=0.25, generator=g)
+        assert torch.isfinite(loss)  # the targets are still the clean tokens
+    seen = torch.stack(model.inputs)  # (draws, B, L)
+    prompt_hidden = (seen == 8) | response  # per example: all prompt positions masked, or none
+    whole = prompt_hidden.all(dim=2)
+    none = ((seen == 8) & ~response).sum(dim=2) == 0
+    assert bool((whole | none).all())
+    assert 0.17 < whole.float().mean() < 0.33  # about prompt_dropout of the examples
+    assert objectives.drop_prompts(tokens, response, 8, 0.0) is tokens

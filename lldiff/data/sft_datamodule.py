@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
@@ -156,14 +157,15 @@ class SFTDataModule(pl.LightningDataModule):
             sampler.resume_at(self._resume_state["epoch"], self._resume_state["batches_in_epoch"] * self.batch_size)
             self._resume_state = None
         return DataLoader(examples, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=self._collate(), num_workers=self.hparams.num_workers)
+                          collate_fn=self._collate(), num_workers=self.hparams.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))  # keeps the global RNG untouched
 
     def val_dataloader(self) -> DataLoader | list:
         examples = self._require(self.val_examples)
         if not examples:
             return []
         return DataLoader(examples, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
-                          num_workers=self.hparams.num_workers)
+                          num_workers=self.hparams.num_workers, generator=torch.Generator().manual_seed(0))
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self.trainer
