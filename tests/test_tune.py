@@ -54,7 +54,7 @@ LR_SPACE = {"lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}}
 def test_space_resolves_names_and_samples_each_type(tmp_path, base_config):
     space = {
         "lr": {"type": "float", "low": "1e-4", "high": 1.0e-2, "log": True},  # YAML's 1e-4 is a string
-        "warmup_steps": {"type": "int", "low": 0, "high": 100, "step": 10},
+        "warmup_steps": {"type": "int", "low": 0, "high": 20, "step": 5},
         "data.batch_size": {"type": "categorical", "choices": [8, 16]},
         "vocab_size": {"type": "categorical", "choices": [320, 512]},  # model's is linked: the data's
         "trainer.gradient_clip_val": {"type": "float", "low": 0.5, "high": 2.0},
@@ -62,7 +62,7 @@ def test_space_resolves_names_and_samples_each_type(tmp_path, base_config):
     setup = load_setup(base_config, write_space(tmp_path, space))
     assert setup.space.to_dict() == {
         "model.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-        "model.warmup_steps": {"type": "int", "low": 0, "high": 100, "step": 10},
+        "model.warmup_steps": {"type": "int", "low": 0, "high": 20, "step": 5},
         "data.batch_size": {"type": "categorical", "choices": [8, 16]},
         "data.vocab_size": {"type": "categorical", "choices": [320, 512]},
         "trainer.gradient_clip_val": {"type": "float", "low": 0.5, "high": 2.0},
@@ -71,7 +71,7 @@ def test_space_resolves_names_and_samples_each_type(tmp_path, base_config):
     for _ in range(20):
         values = setup.space.suggest(study.ask())
         assert 1e-4 <= values["model.lr"] <= 1e-2
-        assert values["model.warmup_steps"] in range(0, 101, 10)
+        assert values["model.warmup_steps"] in range(0, 21, 5)
         assert values["data.batch_size"] in (8, 16) and 0.5 <= values["trainer.gradient_clip_val"] <= 2.0
     groups = setup.space.groups(values)
     assert set(groups) == {"model", "data", "trainer"} and set(groups["data"]) == {"batch_size", "vocab_size"}
@@ -121,11 +121,15 @@ def test_bare_name_in_model_and_data_is_ambiguous():
         (dict(size="tiny-7M"), r"unknown size 'tiny-7M'; known sizes: .*tiny-0.016M"),
         (dict(max_steps=22), r"--max-steps 22 is not a multiple of --evals 4"),
         (dict(max_steps=0), r"--max-steps must be >= 1, got 0"),
+        (dict(max_steps=8, evals=2, space={"warmup_steps": {"type": "int", "low": 0, "high": 10}}),
+         r"warmup_steps reaches 10 > --max-steps 8"),
+        (dict(max_steps=1, evals=1), r"model.init_args.warmup_steps=2 exceeds --max-steps 1"),
     ],
 )
 def test_bad_setup_is_refused(tmp_path, base_config, kwargs, message):
+    space = write_space(tmp_path, kwargs.pop("space", LR_SPACE))
     with pytest.raises(TuneError, match=message):
-        load_setup(base_config, write_space(tmp_path, LR_SPACE), **kwargs)
+        load_setup(base_config, space, **kwargs)
 
 
 def test_switching_objective_drops_args_the_other_class_lacks(tmp_path, base_config):
@@ -305,3 +309,25 @@ def test_workers_flag_launches_subprocess_workers(tmp_path, base_config):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[worker 0] study" in done.stdout and (out / "logs" / "worker-1.log").is_file()
     _assert_exactly(optuna.load_study(study_name="lldiff-tune", storage=f"sqlite:///{out}/study.db"), out, 4)
+
+
+@pytest.mark.slow
+def test_sigterm_records_the_running_trial_as_failed(tmp_path, base_config):
+    """A worker stopped with SIGTERM (kill, scancel) tells the study its trial FAILED,
+    instead of leaving it RUNNING for ever."""
+    space, out = write_space(tmp_path, LR_SPACE), tmp_path / "tune"
+    proc = subprocess.Popen(_tune_command(base_config, space, out, "--max-steps", "4000", "--evals", "2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "trials" / "0000" / "trial.yaml").is_file() and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.5)
+        time.sleep(3)  # inside fit
+        proc.terminate()
+        log = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + 15, log[-3000:]
+    (trial,) = optuna.load_study(study_name="lldiff-tune", storage=f"sqlite:///{out}/study.db").trials
+    assert trial.state == TrialState.FAIL

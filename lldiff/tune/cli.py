@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"{tag}study {args.study_name!r} in {storage.label}: {existing}/{args.n_trials} trials; "
           f"{setup.objective} {setup.size}, {setup.max_steps} steps, validation every {setup.eval_every}")
 
+    # SIGTERM (kill, scancel, a parent worker giving up) unwinds like Ctrl-C: the running trial is told FAIL
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     children = _launch_workers(args, argv, storage.spec, out) if args.worker_index == 0 else []
     try:
         with quiet_lightning():
@@ -92,6 +95,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         for process, _ in children:
             process.terminate()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     failed = [(i, log) for i, (process, log) in enumerate(children, 1) if process.wait() != 0]
     print(f"{tag}ran trials {numbers or 'none'}")
     if args.worker_index:
@@ -108,6 +113,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"next: lldiff tune best --out {out} --into-spec SPEC_OR_PRESET --spec-out NEW.yaml; "
           f"optuna-dashboard {storage.label}")
     return 1 if failed else 0
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _launch_workers(args: argparse.Namespace, argv: list[str], storage_spec: str, out: Path) -> list:

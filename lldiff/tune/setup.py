@@ -145,10 +145,28 @@ def load_setup(
     if max_steps % evals:
         raise TuneError(f"--max-steps {max_steps} is not a multiple of --evals {evals}: validation runs every "
                         "max_steps / evals steps, and the last one (the trial's value) must be at the last step")
-    return TuneSetup(
+    setup = TuneSetup(
         base=base, objective=objective, size=size, space=load_space(space, targets, RESERVED),
         max_steps=max_steps, evals=evals, keep_checkpoints=keep_checkpoints,
     )
+    _check_warmup(setup)
+    return setup
+
+
+def _check_warmup(setup: TuneSetup) -> None:
+    """Warmup must fit in a trial's steps (the optimizer refuses it only once a trial runs)."""
+    searched = {p.arg: p for p in setup.space.params if p.group == "model"}
+    spec = searched.get("warmup_steps")
+    if spec is None:
+        value = setup.base["model"]["init_args"].get("warmup_steps")
+        if isinstance(value, int) and value > setup.max_steps:
+            raise TuneError(f"model.init_args.warmup_steps={value} exceeds --max-steps {setup.max_steps}; "
+                            "lower it in the config or search it")
+        return
+    values = [v for v in spec.choices if isinstance(v, (int, float))] if spec.kind == "categorical" else [spec.high]
+    if values and max(values) > setup.max_steps:
+        raise TuneError(f"search space warmup_steps reaches {max(values)} > --max-steps {setup.max_steps}; "
+                        f"allowed: at most max_steps")
 
 
 def _read_config(path: str | Path) -> dict[str, Any]:

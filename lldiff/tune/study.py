@@ -99,30 +99,35 @@ def open_study(
 ) -> optuna.Study:
     """Create the study or join it (``load_if_exists``). With ``setup``, a study created
     for a different objective, size, step budget, space or base config is refused."""
-    try:
-        with claim_lock(storage.claim_lock):  # workers starting together create the study once
+    with claim_lock(storage.claim_lock):  # workers starting together create it (and record the setup) once
+        try:
             study = optuna.create_study(
                 storage=storage.storage, study_name=study_name, direction="minimize",
                 sampler=sampler, pruner=pruner, load_if_exists=True,
             )
-    except ValueError as error:  # e.g. an existing study with other directions
-        raise TuneError(f"study {study_name!r} in {storage.label!r}: {error}") from None
-    if study.directions != [optuna.study.StudyDirection.MINIMIZE]:
-        raise TuneError(f"study {study_name!r} in {storage.label!r} does not minimise one value "
-                        f"(directions {study.directions}); it is not an lldiff study")
-    if setup is not None:
-        described = json.loads(json.dumps(setup.describe()))
-        recorded = study.user_attrs.get(SETUP_ATTR)
-        if recorded is None:
-            study.set_user_attr(SETUP_ATTR, described)
-        elif recorded != described:
-            differs = {k: (recorded.get(k), described[k]) for k in described if recorded.get(k) != described[k]}
-            raise TuneError(
-                f"study {study_name!r} in {storage.label!r} was created with another setup; differing "
-                + "; ".join(f"{k}: study has {old!r}, this run has {new!r}" for k, (old, new) in differs.items())
-                + ". Use another --study-name."
-            )
+        except ValueError as error:  # e.g. an existing study with other directions
+            raise TuneError(f"study {study_name!r} in {storage.label!r}: {error}") from None
+        if study.directions != [optuna.study.StudyDirection.MINIMIZE]:
+            raise TuneError(f"study {study_name!r} in {storage.label!r} does not minimise one value "
+                            f"(directions {study.directions}); it is not an lldiff study")
+        if setup is not None:
+            _check_setup(study, storage, setup)
     return study
+
+
+def _check_setup(study: optuna.Study, storage: StudyStorage, setup: TuneSetup) -> None:
+    """Record ``setup`` in a new study; refuse one recorded with another setup."""
+    described = json.loads(json.dumps(setup.describe()))  # as the storage returns it
+    recorded = study.user_attrs.get(SETUP_ATTR)
+    if recorded is None:
+        study.set_user_attr(SETUP_ATTR, described)
+    elif recorded != described:
+        differs = {k: (recorded.get(k), described[k]) for k in described if recorded.get(k) != described[k]}
+        raise TuneError(
+            f"study {study.study_name!r} in {storage.label!r} was created with another setup; differing "
+            + "; ".join(f"{k}: study has {old!r}, this run has {new!r}" for k, (old, new) in differs.items())
+            + ". Use another --study-name."
+        )
 
 
 def load_study(storage: StudyStorage, study_name: str) -> optuna.Study:
