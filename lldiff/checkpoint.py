@@ -2,11 +2,20 @@
 
 A checkpoint written by ``lldiff fit`` carries the model's ``ModelConfig`` and its weights;
 the run directory (``<run>/checkpoints/x.ckpt`` -> ``<run>/tokenizer.json``) holds the
-tokenizer. Loads with ``torch.load(weights_only=True)``.
+tokenizer. Two formats, both read on one CPU process without any process group:
+
+* a full checkpoint: one ``.ckpt`` file (single device, DDP, ``fsdp2_full``), read with
+  ``torch.load(weights_only=True)``;
+* a sharded checkpoint (``fsdp2``): a ``.ckpt`` *directory* holding the weight and
+  optimizer shards in PyTorch Distributed Checkpoint (DCP) format plus ``meta.pt`` (the
+  rest: loops, ``lldiff`` extras with the model config); only the weights are read.
+  (PyTorch reads a DCP directory's ``.metadata`` index with pickle: load directories you trust.)
 """
 
 from __future__ import annotations
 
+import argparse
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +38,68 @@ class LoadedModel:
         return self.model.cfg
 
 
+SHARDED_METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """True for a sharded (DCP) checkpoint directory written by ``ModelParallelStrategy``."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_METADATA).is_file() and (path / ".metadata").is_file()
+
+
+def read_checkpoint_meta(path: str | Path, map_location: str = "cpu") -> dict:
+    """The checkpoint dict of a full or sharded checkpoint; a sharded one's holds no
+    ``state_dict`` (the shards stay on disk until :func:`read_model_weights`)."""
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        return torch.load(path / SHARDED_METADATA, map_location=map_location, weights_only=True)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory but not a sharded checkpoint (no {SHARDED_METADATA} and .metadata)")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def read_model_weights(path: str | Path, state: dict, model: Transformer) -> dict[str, torch.Tensor]:
+    """The backbone's weights (keys without the LightningModule's ``model.`` prefix).
+
+    ``state`` is :func:`read_checkpoint_meta`'s dict. For a sharded checkpoint the DCP
+    shards are read into tensors shaped like ``model``'s, on this process alone (DCP needs
+    no process group when none is initialised); optimizer shards are not read.
+    """
+    if not is_sharded_checkpoint(path):
+        return {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    import torch.distributed.checkpoint as dcp
+
+    weights = {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
+    request = {"state_dict": {f"model.{k}": v for k, v in weights.items()}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*assuming the intent is to load in a single process.*")
+        dcp.load(request, checkpoint_id=Path(path), no_dist=True)
+    return {k[len("model."):]: v for k, v in request["state_dict"].items()}
+
+
+def consolidate_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """Write a sharded checkpoint directory's weights and metadata as one full ``.ckpt``
+    file, for tools that take a file on one process (``lldiff validate/test --ckpt_path``).
+
+    The optimizer shards are left out: the file evaluates and samples, it does not resume
+    training (resume from the directory itself, with ``fsdp2``).
+    """
+    path, out = Path(path), Path(out)
+    if not is_sharded_checkpoint(path):
+        raise ValueError(f"{path} is not a sharded checkpoint directory (no {SHARDED_METADATA} and .metadata)")
+    state = read_checkpoint_meta(path)
+    if "lldiff" not in state or "model_config" not in state["lldiff"]:
+        raise ValueError(f"{path} is not an lldiff checkpoint (no model config inside)")
+    model = Transformer(ModelConfig(**state["lldiff"]["model_config"]))
+    weights = read_model_weights(path, state, model)
+    state["state_dict"] = {f"model.{k}": v for k, v in weights.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out
+
+
 def find_tokenizer(ckpt: Path) -> Path | None:
     for candidate in (ckpt.parent / "tokenizer.json", ckpt.parent.parent / "tokenizer.json"):
         if candidate.is_file():
@@ -41,13 +112,14 @@ def load_model(
 ) -> LoadedModel:
     """The backbone of an lldiff checkpoint (eval mode) with its tokenizer.
 
+    ``path`` is a full ``.ckpt`` file or a sharded checkpoint directory (``fsdp2``).
     ``expect="mdm"`` / ``"ar"`` refuses a checkpoint of the other objective with a clear
     message; the tokenizer comes from ``tokenizer`` or the checkpoint's run directory.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = read_checkpoint_meta(path)
     if "lldiff" not in state or "model_config" not in state["lldiff"]:
         raise ValueError(f"{path} is not an lldiff checkpoint (no model config inside)")
     config = ModelConfig(**state["lldiff"]["model_config"])
@@ -55,8 +127,7 @@ def load_model(
     if expect is not None and objective != expect:
         raise ValueError(f"{path} holds an {objective.upper()} model; this needs an {expect.upper()} checkpoint")
     model = Transformer(config)
-    weights = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    model.load_state_dict(weights)
+    model.load_state_dict(read_model_weights(path, state, model))
     model.to(device).eval()
     tokenizer_path = Path(tokenizer) if tokenizer else find_tokenizer(path)
     loaded_tokenizer = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
@@ -66,3 +137,18 @@ def load_model(
             f"has vocab_size={config.vocab_size}"
         )
     return LoadedModel(model, objective, loaded_tokenizer, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m lldiff.checkpoint",
+        description="Consolidate a sharded (fsdp2) checkpoint directory into one full .ckpt file (no optimizer state).",
+    )
+    parser.add_argument("checkpoint", help="sharded checkpoint directory, e.g. runs/x/checkpoints/last.ckpt")
+    parser.add_argument("out", help="the full checkpoint file to write, e.g. runs/x/checkpoints/last-full.ckpt")
+    args = parser.parse_args(argv)
+    print(consolidate_checkpoint(args.checkpoint, args.out))
+
+
+if __name__ == "__main__":
+    main()

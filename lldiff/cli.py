@@ -13,6 +13,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lldiff.callbacks import RunCheckpoint
 from lldiff.config import SIZES
 from lldiff.modules import LMBase
+from lldiff.strategies import PRESETS as STRATEGY_PRESETS
+from lldiff.strategies import check_strategy
 
 LIGHTNING_COMMANDS = {
     "fit": "train a model (MDM or AR) from a YAML config: lldiff fit --config configs/mdm-tiny.yaml",
@@ -94,6 +96,12 @@ class LLDiffCLI(LightningCLI):
             "data", "model.init_args.vocab_size", compute_fn=_data_vocab_size, apply_on="instantiate"
         )
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse an unknown or unsupported ``trainer.strategy`` before anything is built."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = config.get("trainer") or {}
+        check_strategy(trainer.get("strategy"), trainer.get("accelerator", "auto"))
+
 
 def _data_vocab_size(datamodule: LightningDataModule) -> int:
     return datamodule.vocab_size_real
@@ -149,6 +157,7 @@ def overview() -> str:
         "Model classes (model.class_path): lldiff.modules.MaskedDiffusionLM, lldiff.modules.AutoregressiveLM",
         "Data classes (data.class_path): lldiff.data.PretrainDataModule",
         "Model sizes (model.init_args.size): " + ", ".join(SIZES),
+        "Strategies (trainer.strategy): " + ", ".join(STRATEGY_PRESETS) + " (overlays: configs/strategies/)",
     ]
     return "\n".join(lines)
 

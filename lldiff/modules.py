@@ -3,7 +3,8 @@
 Both log the same metric names so TensorBoard overlays them:
 ``train/loss``, ``train/lr``, ``val/nll_per_token`` (AR: exact NLL; MDM: Monte-Carlo negative ELBO,
 an upper bound on the NLL), ``val/bpb``, ``trainer/tokens``, ``trainer/flops``
-(SMDM's 6 N D), ``perf/tokens_per_s``.
+(SMDM's 6 N D), ``perf/tokens_per_s``, ``perf/flops_per_s`` and ``perf/mfu`` (see
+:meth:`LMBase._log_progress`).
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams as tb_hparams
 from torchmetrics import SumMetric
 
 from lldiff import objectives
 from lldiff.config import ModelConfig
-from lldiff.flops import scaling_flops
+from lldiff.flops import ThroughputWindow, device_peak_flops, mfu, scaling_flops, step_flops_per_token
 from lldiff.model import Transformer
 from lldiff.optim import build_optimizer
+from lldiff.strategies import shard_transformer  # also registers the fsdp2 strategy names
 
 
 def register_hparams_metrics(logger: TensorBoardLogger, params: dict[str, Any], metrics: list[str]) -> None:
@@ -55,6 +58,9 @@ class LMBase(L.LightningModule):
             {1..L} (LLaDA/SMDM 0.01). Applied identically to MDM and AR so both see the
             same tokens and compute.
         compile: wrap the backbone in ``torch.compile`` (off by default: no gain on CPU).
+        peak_tflops: peak dense TFLOP/s of one device for ``perf/mfu``; None looks the GPU
+            up in ``lldiff.flops.PEAK_TFLOPS`` (by name and the run's matmul precision) or,
+            on a CPU, measures an fp32 matmul once per process.
     """
 
     causal: bool
@@ -72,9 +78,12 @@ class LMBase(L.LightningModule):
         warmup_steps: int | None = None,
         random_length_prob: float = 0.01,
         compile: bool = False,
+        peak_tflops: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if peak_tflops is not None and peak_tflops <= 0:
+            raise ValueError(f"peak_tflops must be > 0 (TFLOP/s per device) or null, got {peak_tflops}")
         if vocab_size is None:
             raise ValueError(
                 "vocab_size is not set: give model.vocab_size, or let `lldiff fit` link it from the data"
@@ -91,7 +100,8 @@ class LMBase(L.LightningModule):
         if compile:
             self.model.compile()  # in place: state-dict keys stay model.*
         self.tokens_seen = 0
-        self._last_step_time: float | None = None
+        self._window: ThroughputWindow | None = None
+        self._peak_flops: float | None = None
         self.val_nats, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
         self.register_buffer("token_bytes", torch.zeros(0, dtype=torch.long), persistent=False)
 
@@ -109,6 +119,10 @@ class LMBase(L.LightningModule):
         return self.model(input_ids, attention_mask)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None and self.trainer.global_rank > 0:
+            # Lightning seeds every process alike; the MDM's masking draws must differ across
+            # ranks. A restored checkpoint overrides this with each rank's saved state.
+            torch.manual_seed(_rank_seed(torch.initial_seed(), self.trainer.global_rank))
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is None:
             return
@@ -133,12 +147,35 @@ class LMBase(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             hparams.update({f"data.{k}": v for k, v in datamodule.hparams.items()})
-        for logger in self.loggers:
+        for logger in self.loggers if self.trainer.is_global_zero else ():  # other ranks have no writer
             if isinstance(logger, TensorBoardLogger):
                 register_hparams_metrics(logger, hparams, ["val/nll_per_token", "val/bpb"])
 
     def on_validation_start(self) -> None:
-        self._last_step_time = None  # validation time is not training throughput
+        self._window = None  # validation time is not training throughput
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``trainer.strategy: fsdp2``): shard the backbone
+        with FSDP2, per block then the root, over the data-parallel mesh, with the
+        strategy's activation-checkpointing and resharding options. No-op otherwise."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        strategy = self.trainer.strategy
+        shard_transformer(
+            self.model, mesh["data_parallel"],
+            activation_checkpointing=getattr(strategy, "activation_checkpointing", False),
+            reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
+        )
+
+    def on_train_start(self) -> None:
+        self._peak_flops, source = device_peak_flops(
+            self.device, str(self.trainer.precision), self.hparams.get("peak_tflops")
+        )
+        if self._peak_flops is None:
+            rank_zero_info(f"lldiff perf: perf/mfu not logged: {source}")
+        else:
+            rank_zero_info(f"lldiff perf: perf/mfu against {source} per device x {self.trainer.world_size} device(s)")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         rows = batch["input_ids"]
@@ -149,7 +186,7 @@ class LMBase(L.LightningModule):
         loss = self.loss(rows)
         tokens = rows.shape[0] * length * self.trainer.world_size
         self.tokens_seen += tokens
-        self._log_progress(loss, tokens)
+        self._log_progress(loss, tokens, tokens * step_flops_per_token(self.config, length))
         return loss
 
     def _length_generator(self) -> torch.Generator:
@@ -159,16 +196,35 @@ class LMBase(L.LightningModule):
         seed = int(getattr(datamodule, "seed", 0) or 0)
         return torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + self.global_step) % 2**63)
 
-    def _log_progress(self, loss: Tensor, tokens: int) -> None:
+    def _log_progress(self, loss: Tensor, tokens: int, flops: float | None = None) -> None:
+        """Per-step metrics; ``tokens`` and ``flops`` are this step's, summed over devices
+        (``flops=None``: no ``perf/flops_per_s`` nor ``perf/mfu``).
+
+        ``train/loss`` is this process's batch loss (rank 0's is the one logged). The perf
+        metrics are rates over the whole steps of each logging interval (restarted after
+        validation), logged at its end, when Lightning writes step metrics:
+        ``perf/tokens_per_s`` (all devices), ``perf/flops_per_s`` (their matmul FLOP/s,
+        ``lldiff.flops.step_flops_per_token``) and ``perf/mfu`` = FLOP/s / (peak FLOP/s
+        per device x devices). Host clock only: no device synchronisation is added.
+        """
         self.log("train/loss", loss, prog_bar=True)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("trainer/tokens", float(self.tokens_seen))
         self.log("trainer/flops", scaling_flops(self.config, self.tokens_seen))
         now = time.perf_counter()
-        if self._last_step_time is not None:
-            self.log("perf/tokens_per_s", tokens / max(now - self._last_step_time, 1e-9))
-        self._last_step_time = now
+        if self._window is None:
+            self._window = ThroughputWindow(now, tokens, flops or 0.0)
+            return
+        tokens_per_s, flops_per_s = self._window.step(now, tokens, flops or 0.0)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps:
+            return  # Lightning writes step metrics at the end of each interval only
+        self.log("perf/tokens_per_s", tokens_per_s)
+        if flops is not None:
+            self.log("perf/flops_per_s", flops_per_s)
+            if self._peak_flops is not None:
+                self.log("perf/mfu", mfu(flops_per_s, self._peak_flops, self.trainer.world_size))
+        self._window = ThroughputWindow(now, tokens, flops or 0.0)  # the next interval starts here
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         nats, scored = self.validation_nats(batch["input_ids"], batch_idx)
@@ -205,14 +261,18 @@ class LMBase(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lldiff"] = {
-            "tokens_seen": self.tokens_seen,
-            "model_config": dict(self.config.__dict__),
+        rng = {
             # masking draws use the global RNG: a resumed run continues
             # the exact random stream of an uninterrupted one
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+        checkpoint["lldiff"] = {"tokens_seen": self.tokens_seen, "model_config": dict(self.config.__dict__), **rng}
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # every rank calls this hook (and only rank 0's dict is written): gather each rank's stream
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, rng)
+            checkpoint["lldiff"]["rng_by_rank"] = gathered
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("lldiff", {})
@@ -230,10 +290,22 @@ class LMBase(L.LightningModule):
                     f"match this one (vocab_size={self.config.vocab_size}, d_model={self.config.d_model})"
                 )
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        by_rank = state.get("rng_by_rank")
+        if by_rank is not None and len(by_rank) == world:
+            state = {**state, **by_rank[rank]}  # this rank's own stream
         if "rng_cpu" in state:
             torch.set_rng_state(state["rng_cpu"])
         if state.get("rng_cuda") and torch.cuda.is_available() and len(state["rng_cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if world > 1 and rank > 0 and (by_rank is None or len(by_rank) != world):
+            # a checkpoint of another world size: keep the ranks' draws apart
+            torch.manual_seed(_rank_seed(int(torch.randint(0, 2**62, (1,))), rank))
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """A per-rank seed derived from a shared one (rank 0 keeps ``seed``)."""
+    return (seed + 0x9E3779B97F4A7C15 * rank) % 2**63
 
 
 class MaskedDiffusionLM(LMBase):

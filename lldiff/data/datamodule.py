@@ -15,7 +15,7 @@ from . import pipeline
 from .cache import cache_root
 from .corpora import Corpus, Document, build_corpus
 from .packing import PackedRows, check_seq_len, evenly_spaced
-from .sampler import ResumableShuffleSampler
+from .sampler import DataParallelShuffleSampler, ResumableShuffleSampler
 from .split import check_val_fraction, describe_split, split_documents
 from .tokenizer import Tokenizer, check_vocab_size
 
@@ -50,7 +50,7 @@ class PretrainDataModule(pl.LightningDataModule):
         vocab_size: Real vocabulary size V of the trained tokenizer (the LM head's outputs);
             ``<|mask|>`` is appended as id V. At least 259 (256 bytes + eos, bos, pad).
         seq_len: Tokens the model sees per row; rows hold ``seq_len + 1`` tokens.
-        batch_size: Rows per batch (train, val and test).
+        batch_size: Rows per batch (train, val and test), per process under data parallelism.
         val_fraction: Fraction of documents held out for validation, in (0, 1).
         val_max_rows: Cap on validation/test rows (evenly spaced over the validation set) so
             validation stays cheap; None = all.
@@ -219,12 +219,19 @@ class PretrainDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled per epoch by ``seed + epoch`` (see :class:`ResumableShuffleSampler`);
         incomplete last batch dropped. A run restored from a checkpoint continues with the
-        exact batches an uninterrupted run would have seen."""
+        exact batches an uninterrupted run would have seen.
+
+        Under data parallelism ``batch_size`` is per process and the processes share one
+        order: W processes with batch ``b`` train, step by step, on the rows one process
+        with batch ``b W`` would (see :class:`DataParallelShuffleSampler`)."""
         rows = self._require(self.train_rows)
-        self._sampler = ResumableShuffleSampler(len(rows), self.seed)
+        rank, world = data_parallel_rank(self.trainer)
+        self._sampler = DataParallelShuffleSampler(len(rows), self.seed, rank=rank, world_size=world)
         if self._resume_state is not None:
-            epoch, batches = self._resume_state["epoch"], self._resume_state["batches_in_epoch"]
-            self._sampler.resume_at(epoch, batches * self.batch_size)
+            state = self._resume_state
+            # rows of the epoch already trained on by all ranks (old checkpoints: one process)
+            done = state.get("rows_in_epoch", state["batches_in_epoch"] * self.batch_size)
+            self._sampler.resume_at(state["epoch"], done)
             self._resume_state = None
         return DataLoader(
             rows,
@@ -243,7 +250,9 @@ class PretrainDataModule(pl.LightningDataModule):
             return {}
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         # batches of this epoch already trained on (a checkpoint is written after its batch)
-        return {"epoch": trainer.current_epoch, "batches_in_epoch": progress.ready, "seed": self.seed}
+        _, world = data_parallel_rank(trainer)
+        return {"epoch": trainer.current_epoch, "batches_in_epoch": progress.ready,
+                "rows_in_epoch": progress.ready * self.batch_size * world, "seed": self.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict and state_dict.get("seed") == self.seed:
@@ -271,6 +280,15 @@ class PretrainDataModule(pl.LightningDataModule):
         if rows is None:
             raise RuntimeError("PretrainDataModule.setup() must run before requesting a dataloader")
         return rows
+
+
+def data_parallel_rank(trainer: Optional[pl.Trainer]) -> tuple[int, int]:
+    """(rank, size) of this process in the data-parallel group: (0, 1) without a trainer or
+    a distributed strategy (DDP, FSDP2 and the like report theirs)."""
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+    if not kwargs:
+        return 0, 1
+    return int(kwargs["rank"]), int(kwargs["num_replicas"])
 
 
 def _check_positive(name: str, value: int) -> None:
