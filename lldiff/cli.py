@@ -41,6 +41,12 @@ def _eval(argv: list[str]) -> None:
     eval_main(argv)
 
 
+def _chat(argv: list[str]) -> None:
+    from lldiff.chat import main as chat_main
+
+    chat_main(argv)
+
+
 def _tune(argv: list[str]) -> None:
     from lldiff.tune.cli import main as tune_main
 
@@ -51,6 +57,7 @@ OTHER_COMMANDS = {
     "sweep": ("MDM vs AR scaling sweeps: lldiff sweep run|plan|analyze (lldiff sweep --help)", _sweep),
     "generate": ("sample from an MDM or AR checkpoint: lldiff generate --ckpt X --prompt TEXT", _generate),
     "eval": ("zero-shot multiple choice by likelihood: lldiff eval --ckpt X --task T", _eval),
+    "chat": ("talk to a fine-tuned checkpoint (multi-turn): lldiff chat --ckpt X [--message TEXT]", _chat),
     "tune": ("Optuna hyperparameter search: lldiff tune run|best (lldiff tune --help)", _tune),
 }
 
@@ -155,7 +162,8 @@ def overview() -> str:
         "checkpoint); `lldiff fit --config X.yaml --print_config` prints a full resolved config.",
         "",
         "Model classes (model.class_path): lldiff.modules.MaskedDiffusionLM, lldiff.modules.AutoregressiveLM",
-        "Data classes (data.class_path): lldiff.data.PretrainDataModule",
+        "  fine-tuning (SFT): lldiff.finetune.MaskedDiffusionSFT, lldiff.finetune.AutoregressiveSFT",
+        "Data classes (data.class_path): lldiff.data.PretrainDataModule, lldiff.data.SFTDataModule",
         "Model sizes (model.init_args.size): " + ", ".join(SIZES),
         "Strategies (trainer.strategy): " + ", ".join(STRATEGY_PRESETS) + " (overlays: configs/strategies/)",
     ]
