@@ -16,24 +16,23 @@ import torch
 from torch import Tensor
 
 from lldiff import objectives
+from lldiff.checkpoint import read_checkpoint_meta, read_model_weights
 from lldiff.config import SIZES, ModelConfig
+from lldiff.flops import step_flops_per_token
 from lldiff.modules import AutoregressiveLM, LMBase, MaskedDiffusionLM
 
 # fields a fine-tuning run may change without invalidating the pre-trained weights
 ADJUSTABLE_FIELDS = ("max_seq_len", "rope_base", "attn_backend", "norm_eps")
 
 
-def read_pretrained(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``(model_config fields, backbone weights)`` of an ``lldiff fit`` checkpoint."""
-    path = Path(path)
-    if not path.is_file():
+def read_pretrained(path: str | Path) -> dict[str, Any]:
+    """The ``model_config`` fields of an ``lldiff fit`` checkpoint (a file or a sharded directory)."""
+    if not Path(path).exists():
         raise FileNotFoundError(f"init_from checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    config = state.get("lldiff", {}).get("model_config")
+    config = read_checkpoint_meta(path).get("lldiff", {}).get("model_config")
     if config is None:
         raise ValueError(f"init_from {str(path)!r} is not an lldiff checkpoint (no model config inside)")
-    weights = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
-    return dict(config), weights
+    return dict(config)
 
 
 def pretrained_shape(
@@ -41,7 +40,7 @@ def pretrained_shape(
 ) -> tuple[str, dict[str, Any]]:
     """``(size, model_overrides)`` that rebuild the checkpoint's exact shape, after checking
     its objective, its vocabulary against the data's tokenizer and ``size`` if given."""
-    saved, _ = read_pretrained(init_from)
+    saved = read_pretrained(init_from)
     kind = lambda c: "an AR (causal)" if c else "an MDM (bidirectional)"
     if saved["causal"] != causal:
         raise ValueError(f"init_from {init_from!r} holds {kind(saved['causal'])} model; this fine-tuning module "
@@ -74,8 +73,7 @@ class _SFTMixin:
     def _load_pretrained(self: Any, init_from: str | None) -> None:
         if init_from is None:
             return
-        _, weights = read_pretrained(init_from)
-        self.model.load_state_dict(weights)
+        self.model.load_state_dict(read_model_weights(init_from, read_checkpoint_meta(init_from), self.model))
 
     def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -94,7 +92,7 @@ class _SFTMixin:
         loss = self.sft_loss(tokens, response)
         processed = tokens.numel() * self.trainer.world_size
         self.tokens_seen += processed
-        self._log_progress(loss, processed)
+        self._log_progress(loss, processed, processed * step_flops_per_token(self.config, tokens.shape[1]))
         return loss
 
     def validation_step(self: Any, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -15,12 +15,13 @@ from . import pipeline
 from .cache import cache_root
 from .corpora import Corpus, Document, build_corpus
 from .packing import PackedRows, check_seq_len, evenly_spaced
-from .sampler import DataParallelShuffleSampler, ResumableShuffleSampler
+from .resumable import ResumableOrder
+from .sampler import ResumableShuffleSampler
 from .split import check_val_fraction, describe_split, split_documents
 from .tokenizer import Tokenizer, check_vocab_size
 
 
-class PretrainDataModule(pl.LightningDataModule):
+class PretrainDataModule(ResumableOrder, pl.LightningDataModule):
     """Text corpus -> byte-level BPE -> Arrow token cache -> packed rows -> batches.
 
     Batches are ``{"input_ids": LongTensor(batch_size, seq_len + 1)}``: documents joined with
@@ -128,7 +129,6 @@ class PretrainDataModule(pl.LightningDataModule):
         self.train_rows: Optional[PackedRows] = None
         self.val_rows: Optional[PackedRows] = None
         self._sampler: Optional[ResumableShuffleSampler] = None
-        self._resume_state: Optional[dict[str, Any]] = None
 
     # -- lazily computed pieces -------------------------------------------------------------
 
@@ -225,14 +225,7 @@ class PretrainDataModule(pl.LightningDataModule):
         order: W processes with batch ``b`` train, step by step, on the rows one process
         with batch ``b W`` would (see :class:`DataParallelShuffleSampler`)."""
         rows = self._require(self.train_rows)
-        rank, world = data_parallel_rank(self.trainer)
-        self._sampler = DataParallelShuffleSampler(len(rows), self.seed, rank=rank, world_size=world)
-        if self._resume_state is not None:
-            state = self._resume_state
-            # rows of the epoch already trained on by all ranks (old checkpoints: one process)
-            done = state.get("rows_in_epoch", state["batches_in_epoch"] * self.batch_size)
-            self._sampler.resume_at(state["epoch"], done)
-            self._resume_state = None
+        self._sampler = self.train_sampler(len(rows))
         return DataLoader(
             rows,
             batch_size=self.batch_size,
@@ -242,21 +235,6 @@ class PretrainDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where training stands in the data order (saved in checkpoints by Lightning)."""
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        # batches of this epoch already trained on (a checkpoint is written after its batch)
-        _, world = data_parallel_rank(trainer)
-        return {"epoch": trainer.current_epoch, "batches_in_epoch": progress.ready,
-                "rows_in_epoch": progress.ready * self.batch_size * world, "seed": self.seed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict and state_dict.get("seed") == self.seed:
-            self._resume_state = dict(state_dict)
 
     def val_dataloader(self) -> DataLoader:
         """Fixed order, the same rows for every run on this corpus/tokenizer/seq_len."""
@@ -280,15 +258,6 @@ class PretrainDataModule(pl.LightningDataModule):
         if rows is None:
             raise RuntimeError("PretrainDataModule.setup() must run before requesting a dataloader")
         return rows
-
-
-def data_parallel_rank(trainer: Optional[pl.Trainer]) -> tuple[int, int]:
-    """(rank, size) of this process in the data-parallel group: (0, 1) without a trainer or
-    a distributed strategy (DDP, FSDP2 and the like report theirs)."""
-    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
-    if not kwargs:
-        return 0, 1
-    return int(kwargs["rank"]), int(kwargs["num_replicas"])
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from .chat import ChatTemplate
 from .packing import evenly_spaced
-from .sampler import ResumableShuffleSampler
+from .resumable import ResumableOrder
 from .sft import (
     OVERLONG_POLICIES,
     PAD_MODES,
@@ -43,7 +42,7 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
     )
 
 
-class SFTDataModule(pl.LightningDataModule):
+class SFTDataModule(ResumableOrder, pl.LightningDataModule):
     """JSONL conversations -> chat template -> ``[EOS] prompt response EOS...`` rows.
 
     Each line of a data file is ``{"messages": [{"role": "system"|"user"|"assistant",
@@ -113,7 +112,6 @@ class SFTDataModule(pl.LightningDataModule):
         self.stats: dict[str, EncodeStats] = {}
         self.train_examples: list[EncodedTurn] | None = None
         self.val_examples: list[EncodedTurn] | None = None
-        self._resume_state: dict[str, Any] | None = None
 
     @property
     def vocab_size_real(self) -> int:
@@ -152,10 +150,7 @@ class SFTDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         examples = self._require(self.train_examples)
-        sampler = ResumableShuffleSampler(len(examples), self.seed)
-        if self._resume_state is not None:
-            sampler.resume_at(self._resume_state["epoch"], self._resume_state["batches_in_epoch"] * self.batch_size)
-            self._resume_state = None
+        sampler = self.train_sampler(len(examples))
         return DataLoader(examples, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           collate_fn=self._collate(), num_workers=self.hparams.num_workers,
                           generator=torch.Generator().manual_seed(self.seed))  # keeps the global RNG untouched
@@ -166,17 +161,6 @@ class SFTDataModule(pl.LightningDataModule):
             return []
         return DataLoader(examples, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
                           num_workers=self.hparams.num_workers, generator=torch.Generator().manual_seed(0))
-
-    def state_dict(self) -> dict[str, Any]:
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches_in_epoch": progress.ready, "seed": self.seed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict and state_dict.get("seed") == self.seed:
-            self._resume_state = dict(state_dict)
 
     @staticmethod
     def _require(examples: list[EncodedTurn] | None) -> list[EncodedTurn]:
