@@ -47,6 +47,9 @@ MODULES = {
     "pretrain": {"mdm": "lldiff.modules.MaskedDiffusionLM", "ar": "lldiff.modules.AutoregressiveLM"},
     "sft": {"mdm": "lldiff.finetune.MaskedDiffusionSFT", "ar": "lldiff.finetune.AutoregressiveSFT"},
 }
+# the queried line ends the prompt, right before the answer, as it stood before its
+# neighbour in pre-training ("X\nY"): the instruction says which neighbour is wanted
+STUDY_TEMPLATE = ChatTemplate(system="{content}\n", user="{content}\n", assistant="{content}\n")
 PAPER_ROWS = [("GPT-4o (paper)", 82.7, 34.3), ("Qwen2.5-7B Instruct (paper)", 75.9, 38.0),
               ("LLaDA-8B Instruct (paper)", 48.8, 42.4)]
 
@@ -65,6 +68,7 @@ class Preset:
     sft_lr: float = 1e-3
     block: int = 8
     window: int = 4
+    copies: int = 8  # shuffled passes over the windows: each line at many row offsets
     max_chars: int = 40
     answer_tokens: int = 24
     mdm_block_length: int = 24  # one block: the answer is a single short line
@@ -73,9 +77,9 @@ class Preset:
 
 PRESETS = {
     # ~15 min on 2 CPU cores: tiny models memorise 256 lines, then learn the two instructions
-    "cpu": Preset(lines=256, size="tiny-1M", vocab_size=512, pretrain_steps=1500, sft_steps=300),
+    "cpu": Preset(lines=256, size="tiny-1M", vocab_size=512, pretrain_steps=1500, sft_steps=300, sft_lr=5e-4),
     # seconds: plumbing only (tests)
-    "smoke": Preset(lines=48, size="tiny-0.016M", vocab_size=300, pretrain_steps=12, sft_steps=6, batch_size=8,
+    "smoke": Preset(lines=48, size="tiny-0.016M", vocab_size=300, pretrain_steps=12, sft_steps=6, batch_size=8, copies=2,
                     sft_batch_size=8, answer_tokens=8, mdm_block_length=8, val_every=6),
     # a GPU node: a real model on a few thousand lines (bf16)
     "gpu": Preset(lines=4096, size="smdm-34M", vocab_size=4096, pretrain_steps=20000, sft_steps=2000,
@@ -118,6 +122,7 @@ def sft_config(p: Preset, out: Path, objective: str, data: dict[str, Path], gpu:
             "warmup_steps": max(1, p.sft_steps // 20), "weight_decay": 0.0}},
         "data": {"class_path": "lldiff.data.SFTDataModule", "init_args": {
             "train_files": [str(data["train"])], "tokenizer_path": str(run), "val_fraction": 0.1,
+            "template": STUDY_TEMPLATE.to_dict(),
             "max_length": p.seq_len, "batch_size": p.sft_batch_size, "seed": 1234}},
         "trainer": trainer_config(out, f"sft-{objective}", p.sft_steps, p.val_every, gpu),
     }
@@ -185,8 +190,9 @@ def run_study(preset: Preset, out: Path, text: str | None, log=print) -> dict[st
     if len(lines) < preset.lines:
         raise ValueError(f"the text has only {len(lines)} distinct lines of 8..{preset.max_chars} characters; "
                          f"the preset needs {preset.lines}")
-    data = write_line_tasks(line_tasks(lines, block=preset.block), out / "data", window=preset.window)
-    template = ChatTemplate()
+    data = write_line_tasks(line_tasks(lines, block=preset.block), out / "data", window=preset.window,
+                            copies=preset.copies)
+    template = STUDY_TEMPLATE
     results: dict[str, dict[str, float]] = {}
     for objective in ("ar", "mdm"):
         start = time.perf_counter()

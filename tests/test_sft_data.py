@@ -174,3 +174,15 @@ def test_line_tasks_hold_out_whole_blocks():
     assert all(index[r["response"]] == index[r["prompt"].split(": ", 1)[1]] + 1 for r in tasks.eval_forward)
     assert all(index[r["response"]] == index[r["prompt"].split(": ", 1)[1]] - 1 for r in tasks.eval_reversal)
     assert windows(["a", "b", "c"], 2) == ["a\nb", "b\nc"]
+
+
+def test_pretraining_text_repeats_each_window_in_shuffled_orders(tmp_path):
+    from lldiff.data.line_tasks import write_line_tasks
+
+    lines = [f"line number {i:03d}" for i in range(40)]
+    paths = write_line_tasks(line_tasks(lines, block=8), tmp_path, window=4, copies=3)
+    docs = paths["pretrain"].read_text().strip().split("\n\n")
+    expected = windows(lines, 4)
+    assert sorted(docs) == sorted(expected * 3)  # every window 3 times, in forward line order inside
+    passes = [docs[i * len(expected):(i + 1) * len(expected)] for i in range(3)]
+    assert passes[0] != passes[1] and sorted(passes[0]) == sorted(expected)

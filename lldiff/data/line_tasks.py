@@ -92,11 +92,22 @@ def write_jsonl(path: Path, records: list[dict[str, str]]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def write_line_tasks(tasks: LineTasks, out: Path, *, window: int = 4) -> dict[str, Path]:
-    """The files of a line-task dataset (atomic writes); returns their paths by name."""
+def write_line_tasks(tasks: LineTasks, out: Path, *, window: int = 4, copies: int = 1, seed: int = 0) -> dict[str, Path]:
+    """The files of a line-task dataset (atomic writes); returns their paths by name.
+
+    ``pretrain.txt`` holds ``copies`` passes over the windows, each in its own seeded
+    order: packed into fixed rows, every window then appears at several offsets and next
+    to several neighbours, so a model learns the lines themselves rather than the rows."""
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.jsonl" for name in ("train", "eval-forward", "eval-reversal")}
-    write_text(out / "pretrain.txt", "\n\n".join(windows(tasks.lines, window)) + "\n")
+    rng, docs = random.Random(seed), []
+    for _ in range(copies):
+        order = windows(tasks.lines, window)
+        rng.shuffle(order)
+        docs += order
+    write_text(out / "pretrain.txt", "\n\n".join(docs) + "\n")
     write_jsonl(paths["train"], tasks.train)
     write_jsonl(paths["eval-forward"], tasks.eval_forward)
     write_jsonl(paths["eval-reversal"], tasks.eval_reversal)
@@ -123,13 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lines", type=int, default=512, help="distinct lines to use (default 512)")
     parser.add_argument("--block", type=int, default=8)
     parser.add_argument("--window", type=int, default=4, help="lines per pre-training document")
+    parser.add_argument("--copies", type=int, default=1, help="shuffled passes over the windows in pretrain.txt")
     parser.add_argument("--min-chars", type=int, default=8)
     parser.add_argument("--max-chars", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     lines = distinct_lines(corpus_text(args.text, 2_000_000), min_chars=args.min_chars, max_chars=args.max_chars)
     tasks = line_tasks(lines[: args.lines], block=args.block, seed=args.seed)
-    paths = write_line_tasks(tasks, Path(args.out), window=args.window)
+    paths = write_line_tasks(tasks, Path(args.out), window=args.window, copies=args.copies, seed=args.seed)
     print(f"{len(tasks.lines)} lines: {len(tasks.train)} training pairs, {len(tasks.eval_forward)} forward and "
           f"{len(tasks.eval_reversal)} reversal queries -> " + ", ".join(str(p) for p in paths.values()))
 
