@@ -26,21 +26,23 @@ ADJUSTABLE_FIELDS = ("max_seq_len", "rope_base", "attn_backend", "norm_eps")
 
 
 def read_pretrained(path: str | Path) -> dict[str, Any]:
-    """The ``model_config`` fields of an ``lldiff fit`` checkpoint (a file or a sharded directory)."""
+    """An ``lldiff fit`` checkpoint (a file, read once, or a sharded directory's metadata),
+    checked to carry its ``model_config``."""
     if not Path(path).exists():
         raise FileNotFoundError(f"init_from checkpoint {str(path)!r} does not exist")
-    config = read_checkpoint_meta(path).get("lldiff", {}).get("model_config")
-    if config is None:
+    state = read_checkpoint_meta(path)
+    if state.get("lldiff", {}).get("model_config") is None:
         raise ValueError(f"init_from {str(path)!r} is not an lldiff checkpoint (no model config inside)")
-    return dict(config)
+    return state
 
 
 def pretrained_shape(
-    init_from: str, causal: bool, vocab_size: int | None, size: str | None, overrides: dict[str, Any] | None
+    init_from: str, saved: dict[str, Any], causal: bool, vocab_size: int | None, size: str | None,
+    overrides: dict[str, Any] | None,
 ) -> tuple[str, dict[str, Any]]:
-    """``(size, model_overrides)`` that rebuild the checkpoint's exact shape, after checking
-    its objective, its vocabulary against the data's tokenizer and ``size`` if given."""
-    saved = read_pretrained(init_from)
+    """``(size, model_overrides)`` that rebuild the shape ``saved`` (the checkpoint's model
+    config) exactly, after checking its objective, its vocabulary against the data's
+    tokenizer and ``size`` if given."""
     kind = lambda c: "an AR (causal)" if c else "an MDM (bidirectional)"
     if saved["causal"] != causal:
         raise ValueError(f"init_from {init_from!r} holds {kind(saved['causal'])} model; this fine-tuning module "
@@ -70,10 +72,9 @@ def pretrained_shape(
 class _SFTMixin:
     """What both fine-tuning modules share: start from ``init_from``, score responses only."""
 
-    def _load_pretrained(self: Any, init_from: str | None) -> None:
-        if init_from is None:
-            return
-        self.model.load_state_dict(read_model_weights(init_from, read_checkpoint_meta(init_from), self.model))
+    def _load_pretrained(self: Any, init_from: str | None, state: dict[str, Any] | None) -> None:
+        if init_from is not None and state is not None:
+            self.model.load_state_dict(read_model_weights(init_from, state, self.model))
 
     def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -101,12 +102,17 @@ class _SFTMixin:
         self.val_tokens.update(response.sum())
 
 
-def _resolve_shape(cls: type[LMBase], kwargs: dict[str, Any], init_from: str | None) -> None:
-    if init_from is not None:
-        kwargs["size"], kwargs["model_overrides"] = pretrained_shape(
-            init_from, cls.causal, kwargs.get("vocab_size"), kwargs.get("size"), kwargs.get("model_overrides"))
-    elif kwargs.get("size") is None:
-        raise ValueError("give model.init_args.init_from (a pre-trained checkpoint) or a size to fine-tune from scratch")
+def _resolve_shape(cls: type[LMBase], kwargs: dict[str, Any], init_from: str | None) -> dict[str, Any] | None:
+    """Set ``size``/``model_overrides`` from ``init_from``; returns the checkpoint, read once."""
+    if init_from is None:
+        if kwargs.get("size") is None:
+            raise ValueError("give model.init_args.init_from (a pre-trained checkpoint) or a size to fine-tune from scratch")
+        return None
+    state = read_pretrained(init_from)
+    kwargs["size"], kwargs["model_overrides"] = pretrained_shape(
+        init_from, state["lldiff"]["model_config"], cls.causal, kwargs.get("vocab_size"), kwargs.get("size"),
+        kwargs.get("model_overrides"))
+    return state
 
 
 class MaskedDiffusionSFT(_SFTMixin, MaskedDiffusionLM):
@@ -134,9 +140,9 @@ class MaskedDiffusionSFT(_SFTMixin, MaskedDiffusionLM):
         if not 0.0 <= prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout}")
         kwargs["size"] = size
-        _resolve_shape(type(self), kwargs, init_from)
+        pretrained = _resolve_shape(type(self), kwargs, init_from)
         super().__init__(*args, **kwargs)
-        self._load_pretrained(init_from)
+        self._load_pretrained(init_from, pretrained)
 
     def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
         return objectives.mdm_sft_loss(self, tokens, response, self.mask_id, normalisation=self.hparams.normalisation,
@@ -160,9 +166,9 @@ class AutoregressiveSFT(_SFTMixin, AutoregressiveLM):
 
     def __init__(self, *args: Any, init_from: str | None = None, size: str | None = None, **kwargs: Any) -> None:
         kwargs["size"] = size
-        _resolve_shape(type(self), kwargs, init_from)
+        pretrained = _resolve_shape(type(self), kwargs, init_from)
         super().__init__(*args, **kwargs)
-        self._load_pretrained(init_from)
+        self._load_pretrained(init_from, pretrained)
 
     def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
         return objectives.ar_sft_loss(self, tokens, response)

@@ -178,7 +178,25 @@ class _Stepper:
         forbid_eos: bool,
         generator: torch.Generator | None,
     ) -> None:
-        _check_common(prompt, gen_length, mask_id, temperature, cfg_scale, attention_mask, eos_id, forbid_eos)
+        if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.dtype.is_floating_point:
+            raise ValueError(f"prompt must be an integer tensor of shape (B, P), got {getattr(prompt, 'shape', prompt)}")
+        if gen_length < 1:
+            raise ValueError(f"gen_length must be >= 1, got {gen_length}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {cfg_scale}")
+        if (prompt == mask_id).any():
+            raise ValueError(
+                f"prompt contains the mask id {mask_id} (also on padding positions); "
+                "prompts must hold real token ids only (pad with a real id)"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(prompt.shape):
+            raise ValueError(
+                f"attention_mask must have the prompt's shape {tuple(prompt.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        if forbid_eos and eos_id is None:
+            raise ValueError("forbid_eos=True needs eos_id")
         b, p = prompt.shape
         device = prompt.device
         self.model, self.mask_id, self.temperature = model, mask_id, temperature
@@ -246,37 +264,6 @@ def _check_blocks(gen_length: int, block_length: int) -> None:
             f"gen_length={gen_length} must be a positive multiple of block_length={block_length}; "
             f"allowed block lengths divide {gen_length}"
         )
-
-
-def _check_common(
-    prompt: Tensor,
-    gen_length: int,
-    mask_id: int,
-    temperature: float,
-    cfg_scale: float,
-    attention_mask: Tensor | None,
-    eos_id: int | None,
-    forbid_eos: bool,
-) -> None:
-    if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.dtype.is_floating_point:
-        raise ValueError(f"prompt must be an integer tensor of shape (B, P), got {getattr(prompt, 'shape', prompt)}")
-    if gen_length < 1:
-        raise ValueError(f"gen_length must be >= 1, got {gen_length}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {cfg_scale}")
-    if (prompt == mask_id).any():
-        raise ValueError(
-            f"prompt contains the mask id {mask_id} (also on padding positions); "
-            "prompts must hold real token ids only (pad with a real id)"
-        )
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(prompt.shape):
-        raise ValueError(
-            f"attention_mask must have the prompt's shape {tuple(prompt.shape)}, got {tuple(attention_mask.shape)}"
-        )
-    if forbid_eos and eos_id is None:
-        raise ValueError("forbid_eos=True needs eos_id")
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
@@ -15,13 +14,13 @@ from . import pipeline
 from .cache import cache_root
 from .corpora import Corpus, Document, build_corpus
 from .packing import PackedRows, check_seq_len, evenly_spaced
-from .resumable import ResumableOrder
+from .resumable import TokenizedDataModule
 from .sampler import ResumableShuffleSampler
 from .split import check_val_fraction, describe_split, split_documents
 from .tokenizer import Tokenizer, check_vocab_size
 
 
-class PretrainDataModule(ResumableOrder, pl.LightningDataModule):
+class PretrainDataModule(TokenizedDataModule):
     """Text corpus -> byte-level BPE -> Arrow token cache -> packed rows -> batches.
 
     Batches are ``{"input_ids": LongTensor(batch_size, seq_len + 1)}``: documents joined with
@@ -162,15 +161,6 @@ class PretrainDataModule(ResumableOrder, pl.LightningDataModule):
                 if not hit:
                     rank_zero_info(f"lldiff data: trained tokenizer in {time.perf_counter() - t0:.1f}s -> {path}")
         return self._tokenizer
-
-    @property
-    def vocab_size_real(self) -> int:
-        """The model's real vocabulary size V (tokenizer ids minus the mask); mask id = V."""
-        return self.tokenizer.vocab_size
-
-    @property
-    def mask_id(self) -> int:
-        return self.tokenizer.mask_id
 
     @property
     def token_bytes(self) -> torch.Tensor:

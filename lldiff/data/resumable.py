@@ -1,5 +1,6 @@
-"""The training order every lldiff DataModule shares: seeded per epoch, sharded over
-data-parallel ranks, and saved in checkpoints so that a resumed run continues exactly."""
+"""What every lldiff DataModule shares: a training order seeded per epoch, sharded over
+data-parallel ranks and saved in checkpoints (a resumed run continues exactly), and the
+tokenizer facts the modules read (:class:`TokenizedDataModule`)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,17 @@ class ResumableOrder:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict and state_dict.get("seed") == self.seed:
             self._resume_state = dict(state_dict)
+
+
+class TokenizedDataModule(ResumableOrder, pl.LightningDataModule):
+    """Base of the lldiff DataModules: a resumable training order and the tokenizer facts
+    the modules read (``vocab_size_real`` is linked to ``model.vocab_size`` by the CLI)."""
+
+    @property
+    def vocab_size_real(self) -> int:
+        """The model's real vocabulary size V (tokenizer ids minus the mask); mask id = V."""
+        return self.tokenizer.vocab_size
+
+    @property
+    def mask_id(self) -> int:
+        return self.tokenizer.mask_id

@@ -5,14 +5,13 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from .chat import ChatTemplate
 from .packing import evenly_spaced
-from .resumable import ResumableOrder
+from .resumable import TokenizedDataModule
 from .sft import (
     OVERLONG_POLICIES,
     PAD_MODES,
@@ -42,7 +41,7 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
     )
 
 
-class SFTDataModule(ResumableOrder, pl.LightningDataModule):
+class SFTDataModule(TokenizedDataModule):
     """JSONL conversations -> chat template -> ``[EOS] prompt response EOS...`` rows.
 
     Each line of a data file is ``{"messages": [{"role": "system"|"user"|"assistant",
@@ -112,14 +111,6 @@ class SFTDataModule(ResumableOrder, pl.LightningDataModule):
         self.stats: dict[str, EncodeStats] = {}
         self.train_examples: list[EncodedTurn] | None = None
         self.val_examples: list[EncodedTurn] | None = None
-
-    @property
-    def vocab_size_real(self) -> int:
-        return self.tokenizer.vocab_size
-
-    @property
-    def mask_id(self) -> int:
-        return self.tokenizer.mask_id
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples is not None:

@@ -13,6 +13,22 @@ Modules, one job each:
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 
 class TuneError(ValueError):
     """Bad input to a search (space, config, storage, study): raised before any trial runs."""
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The parsed YAML of ``path``; a missing or unparsable file is a ``TuneError`` naming ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise TuneError(f"{what} {str(path)!r} does not exist")
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise TuneError(f"{what} {str(path)!r} is not valid YAML: {error}") from None

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from lldiff.config import SIZES
 from lldiff.sweep.spec import MODULE_CLASSES, OBJECTIVES
-from lldiff.tune import TuneError
+from lldiff.tune import TuneError, read_yaml
 from lldiff.tune.space import SearchSpace, load_space
 
 DEFAULT_DATA_CLASS = "lldiff.data.PretrainDataModule"
@@ -170,13 +169,7 @@ def _check_warmup(setup: TuneSetup) -> None:
 
 
 def _read_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise TuneError(f"base config {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise TuneError(f"base config {str(path)!r} is not valid YAML: {error}") from None
+    raw = read_yaml(path, "base config")
     if not isinstance(raw, dict):
         raise TuneError(f"base config {str(path)!r} is not a mapping (a fit config like configs/mdm-tiny.yaml)")
     return raw

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
-import yaml
 
-from lldiff.tune import TuneError
+from lldiff.tune import TuneError, read_yaml
 
 GROUPS = ("model", "data", "trainer")
 KINDS = ("float", "int", "categorical")
@@ -97,14 +96,7 @@ class SearchSpace:
 
 def load_space(path: str | Path, targets: Mapping[str, set[str]], reserved: Mapping[str, str]) -> SearchSpace:
     """Read and check a space file (see the module docstring); errors name the bad value."""
-    path = Path(path)
-    if not path.is_file():
-        raise TuneError(f"search space file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise TuneError(f"search space file {str(path)!r} is not valid YAML: {error}") from None
-    return parse_space(raw, targets, reserved, source=str(path))
+    return parse_space(read_yaml(path, "search space file"), targets, reserved, source=str(path))
 
 
 def parse_space(
