@@ -14,7 +14,7 @@ import torch
 
 from lldiff.ar_decoding import ar_generate
 from lldiff.model import Transformer
-from lldiff.sampling import generate, generate_threshold
+from lldiff.sampling import generate, generate_threshold, strip_after_eos
 
 REMASKING = ("low_confidence", "random", "threshold")
 
@@ -96,8 +96,7 @@ def complete(
         out = ar_generate(model, ids, max_new_tokens=options.length, temperature=options.temperature,
                           top_k=options.top_k, top_p=options.top_p, attention_mask=mask, eos_id=eos_id,
                           use_cache=options.use_cache, generator=generator)
-        rows = out.tokens[:, ids.shape[1]:].tolist()
-        return Completion([row[: row.index(eos_id)] if eos_id in row else row for row in rows], out.model_calls)
+        return Completion(strip_after_eos(out.tokens[:, ids.shape[1]:], eos_id), out.model_calls)
     common = {"gen_length": options.length, "block_length": options.block, "mask_id": model.cfg.mask_id,
                   "temperature": options.temperature, "cfg_scale": options.cfg_scale, "attention_mask": mask,
                   "eos_id": eos_id, "forbid_eos": options.forbid_eos, "generator": generator}

@@ -24,10 +24,9 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from lldiff.ar_decoding import ar_generate
 from lldiff.checkpoint import load_model
+from lldiff.completion import DecodeOptions, complete
 from lldiff.likelihood import ar_loglik, mdm_conditional_loglik, mdm_elbo
-from lldiff.sampling import generate
 
 
 @register_model("lldiff")
@@ -111,18 +110,14 @@ class LLDiffLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             new = int(kwargs.get("max_gen_toks", self.gen_length))
-            if self.loaded.objective == "ar":
-                prompt = self._fit(self._ids(context), new)
-                ids = ar_generate(self.model, prompt[None], max_new_tokens=new, eos_id=self.tok.eos_id).tokens
-                answer = ids[0, prompt.numel():].tolist()
-            else:
-                block = min(self.block_length, new)
+            block = min(self.block_length, new)
+            if self.loaded.objective == "mdm":
                 new = -(-new // block) * block  # round up to whole blocks
-                prompt = self._fit(self._ids(context), new)
-                out = generate(self.model, prompt[None], gen_length=new, steps=self.steps or new, block_length=block,
-                               mask_id=self.model.cfg.mask_id, cfg_scale=self.cfg_scale, eos_id=self.tok.eos_id)
-                answer = out.answer(self.tok.eos_id)[0]
-            text = self.tok.decode([t for t in answer if t != self.tok.eos_id])
+            prompt = self._fit(self._ids(context), new)
+            options = DecodeOptions(length=new, steps=self.steps, block_length=block, cfg_scale=self.cfg_scale)
+            answer = complete(self.model, [prompt.tolist()], options, eos_id=self.tok.eos_id,
+                              pad_id=self.tok.pad_id).answers[0]
+            text = self.tok.decode(answer)
             for stop in until:
                 if stop and stop in text:
                     text = text[: text.index(stop)]
