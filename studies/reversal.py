@@ -42,6 +42,7 @@ from lldiff.data.line_tasks import (
     line_tasks,
     write_line_tasks,
 )
+from lldiff.data.sft import read_jsonl
 
 MODULES = {
     "pretrain": {"mdm": "lldiff.modules.MaskedDiffusionLM", "ar": "lldiff.modules.AutoregressiveLM"},
@@ -198,8 +199,8 @@ def run_study(preset: Preset, out: Path, text: str | None, log=print) -> dict[st
         start = time.perf_counter()
         fit(pretrain_config(preset, out, objective, data["pretrain"], gpu), out / "configs" / f"pretrain-{objective}.yaml")
         ckpt = fit(sft_config(preset, out, objective, data, gpu), out / "configs" / f"sft-{objective}.yaml")
-        forward, fwd_examples = exact_match(ckpt, _read(data["eval-forward"]), preset, template)
-        reversal, rev_examples = exact_match(ckpt, _read(data["eval-reversal"]), preset, template)
+        forward, fwd_examples = exact_match(ckpt, [r for _, r in read_jsonl(data["eval-forward"])], preset, template)
+        reversal, rev_examples = exact_match(ckpt, [r for _, r in read_jsonl(data["eval-reversal"])], preset, template)
         results[objective] = {"forward": forward, "reversal": reversal}
         write_text(out / f"answers-{objective}.json",
                    json.dumps({"forward": fwd_examples, "reversal": rev_examples}, indent=1, ensure_ascii=False))
@@ -210,10 +211,6 @@ def run_study(preset: Preset, out: Path, text: str | None, log=print) -> dict[st
     write_text(out / "results.json", json.dumps({"preset": asdict(preset), "text": text, "results": results}, indent=1))
     log_tensorboard(out, results, markdown)
     return results
-
-
-def _read(path: Path) -> list[dict[str, str]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> None:
