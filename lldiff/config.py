@@ -135,12 +135,20 @@ def _tiny(name: str, n_layer: int, d_model: int, n_heads: int) -> ModelConfig:
 
 
 _REGISTRY = [
-    # tiny CPU sizes (names give non-embedding parameters, rounded)
+    # tiny CPU sizes (names give non-embedding parameters, rounded): about 1.5-2x apart in N,
+    # so CPU iso-FLOP sweeps can sample each budget's optimum from both sides
+    _tiny("tiny-0.004M", 1, 16, 2),
+    _tiny("tiny-0.009M", 1, 24, 2),
     _tiny("tiny-0.016M", 1, 32, 2),
     _tiny("tiny-0.03M", 2, 32, 2),
+    _tiny("tiny-0.07M", 2, 48, 2),
     _tiny("tiny-0.1M", 2, 64, 2),
+    _tiny("tiny-0.2M", 3, 64, 2),
+    _tiny("tiny-0.3M", 3, 80, 2),
     _tiny("tiny-0.4M", 3, 96, 3),
+    _tiny("tiny-0.6M", 4, 96, 3),
     _tiny("tiny-1M", 4, 128, 4),
+    _tiny("tiny-2M", 5, 160, 5),
     _tiny("tiny-3.5M", 6, 192, 6),
     # SMDM ladder (Nie et al. 2024), exact non-embedding counts
     _smdm("smdm-6M", 6, 256, 4),

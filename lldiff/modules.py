@@ -100,6 +100,7 @@ class LMBase(L.LightningModule):
         if compile:
             self.model.compile()  # in place: state-dict keys stay model.*
         self.tokens_seen = 0
+        self.matmul_flops_seen = 0.0
         self._window: ThroughputWindow | None = None
         self._peak_flops: float | None = None
         self.val_nats, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
@@ -200,25 +201,38 @@ class LMBase(L.LightningModule):
         """Per-step metrics; ``tokens`` and ``flops`` are this step's, summed over devices
         (``flops=None``: no ``perf/flops_per_s`` nor ``perf/mfu``).
 
-        ``train/loss`` is this process's batch loss (rank 0's is the one logged). The perf
-        metrics are rates over the whole steps of each logging interval (restarted after
-        validation), logged at its end, when Lightning writes step metrics:
-        ``perf/tokens_per_s`` (all devices), ``perf/flops_per_s`` (their matmul FLOP/s,
-        ``lldiff.flops.step_flops_per_token``) and ``perf/mfu`` = FLOP/s / (peak FLOP/s
-        per device x devices). Host clock only: no device synchronisation is added.
+        Metrics are handed to Lightning only on the steps it writes them (every
+        ``trainer.log_every_n_steps``): each ``self.log`` call costs about a millisecond of
+        bookkeeping, more than a tiny model's whole forward pass, and on the other steps
+        Lightning would discard the values anyway. The event files are the same.
+
+        ``train/loss`` is this process's batch loss (rank 0's is the one logged);
+        ``trainer/tokens`` and ``trainer/flops`` (SMDM's 6 N D) and ``trainer/flops_matmul``
+        (the real forward + backward matmul FLOPs, LM head and attention included) are
+        cumulative. The perf metrics are rates over the whole steps of each logging interval
+        (restarted after validation): ``perf/tokens_per_s`` (all devices),
+        ``perf/flops_per_s`` (their matmul FLOP/s, ``lldiff.flops.step_flops_per_token``)
+        and ``perf/mfu`` = FLOP/s / (peak FLOP/s per device x devices). Host clock only: no
+        device synchronisation is added.
         """
+        self.matmul_flops_seen += flops or 0.0
+        now = time.perf_counter()
+        rates = None
+        if self._window is None:
+            self._window = ThroughputWindow(now, tokens, flops or 0.0)
+        else:
+            rates = self._window.step(now, tokens, flops or 0.0)
+        if self._trainer is not None and (self.global_step + 1) % self.trainer.log_every_n_steps:
+            return  # Lightning writes step metrics at the end of each interval only
         self.log("train/loss", loss, prog_bar=True)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("trainer/tokens", float(self.tokens_seen))
         self.log("trainer/flops", scaling_flops(self.config, self.tokens_seen))
-        now = time.perf_counter()
-        if self._window is None:
-            self._window = ThroughputWindow(now, tokens, flops or 0.0)
+        self.log("trainer/flops_matmul", float(self.matmul_flops_seen))
+        if rates is None:
             return
-        tokens_per_s, flops_per_s = self._window.step(now, tokens, flops or 0.0)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps:
-            return  # Lightning writes step metrics at the end of each interval only
+        tokens_per_s, flops_per_s = rates
         self.log("perf/tokens_per_s", tokens_per_s)
         if flops is not None:
             self.log("perf/flops_per_s", flops_per_s)
@@ -267,7 +281,8 @@ class LMBase(L.LightningModule):
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
-        checkpoint["lldiff"] = {"tokens_seen": self.tokens_seen, "model_config": dict(self.config.__dict__), **rng}
+        checkpoint["lldiff"] = {"tokens_seen": self.tokens_seen, "matmul_flops_seen": self.matmul_flops_seen,
+                                "model_config": dict(self.config.__dict__), **rng}
         if self._trainer is not None and self.trainer.world_size > 1:
             # every rank calls this hook (and only rank 0's dict is written): gather each rank's stream
             gathered: list[Any] = [None] * self.trainer.world_size
@@ -290,6 +305,7 @@ class LMBase(L.LightningModule):
                     f"match this one (vocab_size={self.config.vocab_size}, d_model={self.config.d_model})"
                 )
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.matmul_flops_seen = float(state.get("matmul_flops_seen", 0.0))
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
         by_rank = state.get("rng_by_rank")
         if by_rank is not None and len(by_rank) == world:

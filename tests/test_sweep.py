@@ -47,7 +47,7 @@ def test_steps_formula_with_random_length_correction():
     assert tps == pytest.approx(256 * expected_length(2048, 0.01))
     n = SIZES["smdm-6M"].non_embedding_params()
     (run,) = make_plan(spec)
-    assert run.max_steps == round(1e15 / (6 * n * tps)) == steps_for_budget(1e15, n, tps)
+    assert run.max_steps == round(1e15 / (6 * n * tps)) == steps_for_budget(1e15, 6 * n, tps)
     assert run.flops == pytest.approx(1e15, rel=1 / run.max_steps)
 
 
@@ -99,7 +99,13 @@ def test_presets_plan():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (dict(budgets=[1e3]), "budget too small: tiny-0.1M"),
+        (dict(budgets=[1e3]), r"2 \(size, budget\) cell\(s\) give fewer than 10 optimizer steps.*tiny-0.1M x C=1e\+03: 0 steps; tiny-0.4M"),
+        (dict(sizes=["tiny-0.1M", "tiny-0.4M", "tiny-0.1M"]), "sizes lists tiny-0.1M more than once"),
+        (dict(budgets=[2e10, 3e10, 2e10]), r"budgets lists 2e\+10 more than once"),
+        (dict(compute="real"), "compute='real' is unknown; allowed: 6nd, matmul"),
+        (dict(tokens_per_param=[10, 5]), r"tokens_per_param must be \[low, high\] with 0 < low < high"),
+        (dict(tokens_per_param=[1, 2]), r"leaves fewer than 3 sizes.*C=2e\+10: 0 size\(s\) kept, tiny-0.1M, tiny-0.4M outside"),
+        (dict(epochs=[1, 2]), "epochs needs data.unique_tokens"),
         (dict(sizes=["tiny-7M"]), "unknown size"),
         (dict(objectives=["mdm", "gpt"]), "unknown objective"),
         (dict(objective_args={"ar": {"seq_len": 64}}), "must share one data config"),
@@ -110,6 +116,83 @@ def test_presets_plan():
 def test_bad_specs_are_refused(overrides, message, toy_corpus, cache_dir):
     with pytest.raises(ValueError, match=message):
         make_plan(toy_spec(toy_corpus, cache_dir, **overrides))
+
+
+def data_constrained(toy_corpus, cache_dir, **overrides):
+    base = toy_spec(toy_corpus, cache_dir, sizes=["tiny-0.1M"]).to_dict()
+    raw = {**base, "budgets": [], "epochs": [1, 4], "data": {**base["data"], "unique_tokens": 8 * 32 * 12 + 100},
+           **overrides}
+    raw.pop("cluster")
+    return spec_from_dict(raw)
+
+
+def test_epochs_plan_repeated_passes_over_unique_tokens(toy_corpus, cache_dir):
+    spec = data_constrained(toy_corpus, cache_dir)
+    plan = make_plan(spec)
+    assert [r.run_id for r in plan] == ["mdm/tiny-0.1M/E1", "ar/tiny-0.1M/E1", "mdm/tiny-0.1M/E4", "ar/tiny-0.1M/E4"]
+    # U rounded down to whole batches of 8 x 32 tokens: 12 batches per epoch
+    assert {r.unique_tokens for r in plan} == {8 * 32 * 12}
+    assert [r.max_steps for r in plan] == [12, 12, 48, 48] and {r.epochs for r in plan} == {1.0, 4.0}
+    n = SIZES["tiny-0.1M"].non_embedding_params()
+    assert plan[2].budget == pytest.approx(6 * n * 48 * tokens_per_step(spec))
+
+
+def test_epochs_must_fit_the_compute_cap(toy_corpus, cache_dir):
+    spec = data_constrained(toy_corpus, cache_dir)
+    need = max(r.budget for r in make_plan(spec))
+    make_plan(data_constrained(toy_corpus, cache_dir, budgets=[need]))  # exactly enough
+    with pytest.raises(ValueError, match=r"epochs \[1.0, 4.0\] of U=3072 unique tokens need more compute than "
+                                         r"the budget .* provides .*: E4 x tiny-0.1M"):
+        make_plan(data_constrained(toy_corpus, cache_dir, budgets=[need / 2]))
+    with pytest.raises(ValueError, match="with epochs, budgets may hold one value"):
+        data_constrained(toy_corpus, cache_dir, budgets=[1e12, 2e12])
+
+
+def test_unique_tokens_below_one_batch_is_refused_by_the_spec(toy_corpus, cache_dir):
+    with pytest.raises(ValueError, match=r"data.unique_tokens=100 is smaller than one batch \(batch_size 8 x "
+                                         r"seq_len 32 = 256 tokens\)"):
+        data_constrained(toy_corpus, cache_dir, data={**toy_spec(toy_corpus, cache_dir).data, "unique_tokens": 100})
+
+
+def test_unique_tokens_beyond_the_training_split_fails_before_the_output_exists(toy_corpus, cache_dir, tmp_path):
+    spec = data_constrained(toy_corpus, cache_dir, data={**toy_spec(toy_corpus, cache_dir).data,
+                                                         "unique_tokens": 10**9})
+    out = tmp_path / "sweep"
+    with pytest.raises(ValueError, match=r"unique_tokens=1000000000 exceeds the training split's \d+ training tokens"):
+        run_sweep(spec, out, log=lambda _: None)
+    assert not out.exists()
+
+
+def test_matmul_axis_plans_steps_from_real_flops(toy_corpus, cache_dir):
+    spec = toy_spec(toy_corpus, cache_dir, compute="matmul", budgets=[1e11])
+    from lldiff.flops import step_flops_per_token
+
+    for run in make_plan(spec):
+        per_token = step_flops_per_token(SIZES[run.size].replace(vocab_size=320), 32)
+        assert run.max_steps == round(1e11 / (per_token * run.tokens_per_step))
+        assert run.flops == pytest.approx(1e11, rel=1 / run.max_steps) and run.compute == "matmul"
+        assert run.flops_6nd == pytest.approx(6 * run.n_nonemb * run.tokens)
+
+
+def test_tokens_per_param_window_keeps_each_budgets_sizes_near_its_optimum():
+    sizes = ["tiny-0.004M", "tiny-0.009M", "tiny-0.016M", "tiny-0.03M", "tiny-0.07M", "tiny-0.1M", "tiny-0.2M",
+             "tiny-0.3M"]
+    spec = spec_from_dict(dict(objectives=["ar"], sizes=sizes, budgets=[1e11, 1e12], tokens_per_param=[2, 1000],
+                               data=dict(seq_len=64, batch_size=16), model=dict(random_length_prob=0.0)))
+    plan = make_plan(spec)
+    for run in plan:
+        assert 2 <= run.tokens / run.n_nonemb <= 1000
+    # D/N = C / (6 N^2) on the 6nd axis: the window keeps N in [sqrt(C/6000), sqrt(C/12)]
+    kept = {c: [r.size for r in plan if r.budget == c] for c in (1e11, 1e12)}
+    assert kept[1e11] == sizes[:5]  # N in [4.08e3, 9.13e4]
+    assert kept[1e12] == sizes[2:7]  # N in [1.29e4, 2.89e5]
+
+
+def test_fields_added_later_keep_old_fingerprints():
+    raw = dict(objectives=["ar"], sizes=["tiny-1M"], budgets=[1e12])
+    spec = spec_from_dict(raw)
+    assert spec.fingerprint == spec_from_dict({**raw, "compute": "6nd", "epochs": []}).fingerprint
+    assert spec.fingerprint != spec_from_dict({**raw, "compute": "matmul"}).fingerprint
 
 
 def test_unknown_spec_key_is_named():

@@ -30,17 +30,18 @@ def surface_loss(n: float, c: float, surface: tuple[float, ...]) -> float:
 
 
 def synthetic_results(budgets, *, seeds=(0,), sizes_per_budget=7, half_width=1.5, noise=0.002, seed=0,
-                      objectives=("ar", "mdm")) -> pd.DataFrame:
+                      objectives=("ar", "mdm"), surfaces=None) -> pd.DataFrame:
     """results.csv rows: per budget, sizes log-spaced around the surface's optimum."""
+    surfaces = SURFACE if surfaces is None else surfaces
     rng = np.random.default_rng(seed)
     rows = []
     for obj in objectives:
         for c in budgets:
-            n_star = optimal_n(c, SURFACE[obj])
+            n_star = optimal_n(c, surfaces[obj])
             for i, r in enumerate(np.linspace(-half_width, half_width, sizes_per_budget)):
                 n = round(n_star * math.exp(r))
                 for s in seeds:
-                    loss = surface_loss(n, c, SURFACE[obj]) + rng.normal(0, noise)
+                    loss = surface_loss(n, c, surfaces[obj]) + rng.normal(0, noise)
                     tokens = c / (6 * n)
                     rows.append({"run_id": f"{obj}/s{i}/C{c:.0e}/seed{s}", "objective": obj, "size": f"s{i}-{n:.2g}",
                                  "n_nonemb": n, "budget": c, "seed": s, "max_steps": int(tokens // 4096),
@@ -118,7 +119,7 @@ def test_isoflop_analysis_recovers_optimal_exponent():
     assert fit.n_opt_law.exponent == pytest.approx(beta / (alpha + beta), abs=0.01)
     assert fit.loss_law_saturating.decay == pytest.approx(alpha * beta / (alpha + beta), abs=0.01)
     assert fit.loss_law_saturating.irreducible == pytest.approx(e, abs=0.03)
-    assert result.multipliers == [] and "needs both" in result.notes[0]
+    assert result.multipliers == [] and "needs both the reference 'ar'" in result.notes[0]
 
 
 def test_saturating_law_needs_four_budgets():
@@ -127,12 +128,16 @@ def test_saturating_law_needs_four_budgets():
 
 
 def test_two_budgets_do_not_crash():
-    result = analyze_results(synthetic_results([1e18, 1e19], noise=0.0))
-    for fit in result.fits.values():
+    result = analyze_results(synthetic_results([1e18, 1e19], noise=0.002))
+    for obj, fit in result.fits.items():
         assert fit.loss_law is not None and math.isnan(fit.loss_law.exponent_se)
         assert fit.loss_law_saturating is None
         assert any("needs >= 4 budgets" in n for n in fit.notes)
+        # the t interval is undefined with 2 budgets; the bootstrap one is not
+        lo, hi = result.bootstrap.objectives[obj].b_ci95
+        assert math.isfinite(lo) and math.isfinite(hi) and lo < -fit.loss_law.exponent < hi
     assert len(result.multipliers) == 2 and all(np.isfinite(r.parametric) for r in result.multipliers)
+    assert all(np.isfinite(r.parametric_ci95).all() for r in result.multipliers)
 
 
 # --------------------------------------------------------------------------- multiplier
@@ -286,3 +291,258 @@ def test_budgets_without_an_interior_minimum_fall_back_to_the_best_measured_size
         assert fit.optima(exclude_extrapolated=True)[0].size == 0
     for row in result.multipliers:
         assert row.parametric == pytest.approx(1.2 ** 20, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- bracketing
+
+
+BRACKET_SIZES = np.array([1e6, 1e7, 1e8])
+
+
+def parabola_at(x_vertex: float, curvature: float = 0.05) -> np.ndarray:
+    return curvature * (np.log(BRACKET_SIZES) - x_vertex) ** 2 + 3.0
+
+
+@pytest.mark.parametrize("case, losses, bracketed", [
+    ("vertex inside", parabola_at(math.log(3e6)), True),
+    ("vertex on the upper edge", parabola_at(math.log(1e8)), False),
+    ("vertex on the lower edge", parabola_at(math.log(1e6)), False),
+    ("vertex outside", parabola_at(math.log(1e10)), False),
+    ("opens downward", parabola_at(math.log(1e7), curvature=-0.05), False),
+    ("flat", np.full(3, 3.0), False),
+])
+def test_bracketed_is_exact(case, losses, bracketed):
+    p = fit_isoflop_parabola(BRACKET_SIZES, losses, budget=1e18)
+    assert p.bracketed is bracketed, case
+    if bracketed:
+        assert p.n_opt == pytest.approx(3e6, rel=1e-9) and p.warning is None
+    else:
+        assert p.warning is not None or not p.usable
+
+
+def test_unbracketed_budgets_fall_back_and_are_reported(tmp_path):
+    df = synthetic_results([1e18, 1e19, 1e20], noise=0.0)
+    shifted = (df["objective"] == "mdm") & (df["budget"] == 1e19)
+    x = np.log(df.loc[shifted, "n_nonemb"].to_numpy(float))
+    df.loc[shifted, "val_nll_per_token"] = 3.5 + 0.02 * (x - x.min() + 2.5) ** 2  # vertex below the smallest size
+    result = analyze_results(df)
+    fit = result.fits["mdm"]
+    assert not fit.bracketed(1e19) and fit.bracketed(1e18) and fit.unbracketed == [1e19]
+    assert fit.sources() == ["parabola", "frontier", "parabola"]
+    assert not result.all_bracketed and result.unbracketed == {"mdm": [1e19]}
+    assert analyze_results(synthetic_results([1e18, 1e19, 1e20])).all_bracketed
+    write_results(tmp_path, df)
+    text = analyze(tmp_path).read_text()
+    headline = text[text.index("## Headline"):text.index("## Compute multiplier")]
+    assert "All budgets of all objectives bracketed: **no** (not bracketed: MDM: C=1e+19" in headline
+    optima = text[text.index("## Iso-FLOP optima"):]
+    assert optima.count("| bracketed vertex |") == 5 and optima.count("| fallback: best measured size |") == 1
+    write_results(tmp_path, synthetic_results([1e18, 1e19, 1e20]))
+    assert "All budgets of all objectives bracketed: **yes**" in analyze(tmp_path).read_text()
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+K_TRUE = 16.0
+
+
+def scaled_surfaces(k: float) -> dict[str, tuple[float, ...]]:
+    """Chinchilla surfaces without an irreducible term (so L_opt(C) is an exact power law)
+    where the MDM is the AR model with k times less effective data, B_mdm = B k^beta: then
+    L_opt,mdm(C) = L_opt,ar(C / k), the true multiplier is k at every C and both objectives
+    have the same exponents a and b. The parabola's bias (the slice is not a parabola) is the
+    same relative shift at every budget and for both objectives, so it cancels in k."""
+    _, a, b, alpha, beta = SURFACE["ar"]
+    return {"ar": (0.0, a, b, alpha, beta), "mdm": (0.0, a, b * k**beta, alpha, beta)}
+
+
+def coverage(k: float, *, seeds, repetitions: int, replicates: int = 200) -> dict[str, float]:
+    """Fraction of repetitions (fresh noise 0.01 each) whose bootstrap 95% interval contains the
+    truth, per interval: k at each AR budget (power-law and non-parametric) and Δa = Δb = 0."""
+    budgets = [1e18, 1e19, 1e20]
+    base = synthetic_results(budgets, seeds=seeds, sizes_per_budget=5, noise=0.0, surfaces=scaled_surfaces(k))
+    rng = np.random.default_rng(123)
+    hits: dict[str, int] = {}
+    for rep in range(repetitions):
+        df = base.assign(val_nll_per_token=base["val_nll_per_token"] + rng.normal(0, 0.01, len(base)))
+        result = analyze_results(df, bootstrap=replicates, bootstrap_seed=rep)
+        rows = result.multipliers_for("mdm")
+        assert [r.budget for r in rows] == budgets
+        comparison = result.bootstrap.comparisons["mdm"]
+        covered = {"delta_a": comparison.delta_a_ci95[0] <= 0 <= comparison.delta_a_ci95[1],
+                   "delta_b": comparison.delta_b_ci95[0] <= 0 <= comparison.delta_b_ci95[1]}
+        for r in rows:
+            covered[f"k_power@{r.budget:.0e}"] = r.parametric_ci95[0] <= k <= r.parametric_ci95[1]
+            covered[f"k_nonparametric@{r.budget:.0e}"] = r.nonparametric_ci95[0] <= k <= r.nonparametric_ci95[1]
+        for key, hit in covered.items():
+            hits[key] = hits.get(key, 0) + bool(hit)
+    return {key: v / repetitions for key, v in hits.items()}
+
+
+def test_bootstrap_covers_the_true_multiplier_with_one_seed():
+    """One seed per cell: residual bootstrap. 200 repetitions of a 3-budget x 5-size sweep."""
+    for key, rate in coverage(K_TRUE, seeds=(0,), repetitions=200).items():
+        assert rate >= 0.85, (key, rate)
+
+
+def test_bootstrap_over_seeds_covers_identical_surfaces():
+    """Identical surfaces (k = 1, equal exponents), 3 seeds per cell: seeds resampled."""
+    for key, rate in coverage(1.0, seeds=(0, 1, 2), repetitions=200).items():
+        assert rate >= 0.85, (key, rate)
+
+
+def test_bootstrap_is_fast_reproducible_and_names_its_resampling():
+    import time
+
+    df = synthetic_results([1e18, 1e19, 1e20], sizes_per_budget=5, noise=0.01)
+    result = analyze_results(df, bootstrap=0)
+    assert result.bootstrap is None and all(math.isnan(r.parametric_ci95[0]) for r in result.multipliers)
+    samples = analysis.cell_samples(df)
+    start = time.perf_counter()
+    boot = analysis.bootstrap_sweep(result.fits, result.points, samples, replicates=1000, seed=7)
+    assert time.perf_counter() - start < 1.0
+    again = analysis.bootstrap_sweep(result.fits, result.points, samples, replicates=1000, seed=7)
+    assert np.array_equal(boot.comparisons["mdm"].parametric, again.comparisons["mdm"].parametric)
+    assert boot.methods("ar") == {"pooled-residual": 3} and boot.objectives["mdm"].failed_fraction == 0
+    own = analysis.bootstrap_sweep(result.fits, result.points, samples, replicates=50, pool_residuals=False)
+    assert own.methods("mdm") == {"residual": 3}
+    seeded = synthetic_results([1e18, 1e19, 1e20], sizes_per_budget=5, seeds=(0, 1))
+    assert analyze_results(seeded).bootstrap.methods("ar") == {"seeds": 3}
+    mixed = seeded[~((seeded["seed"] == 1) & (seeded["budget"] == 1e19))]  # one budget with single seeds
+    assert analyze_results(mixed).bootstrap.methods("ar") == {"seeds": 2, "pooled": 1}
+
+
+def test_failed_replicates_are_counted_not_dropped(tmp_path):
+    """A barely convex, noisy slice: some replicates' parabolas open downward. They are
+    counted, left out of the intervals, and the report says how many."""
+    df = synthetic_results([1e18, 1e19, 1e20], sizes_per_budget=5, noise=0.01, objectives=("ar",))
+    rng = np.random.default_rng(0)
+    flat = df["budget"] == 1e19
+    x = np.log(df.loc[flat, "n_nonemb"].to_numpy(float))
+    df.loc[flat, "val_nll_per_token"] = 3.0 + 0.006 * (x - x.mean()) ** 2 + rng.normal(0, 0.01, x.size)
+    result = analyze_results(df, bootstrap=1000)
+    assert result.fits["ar"].bracketed(1e19)
+    boot = result.bootstrap.objectives["ar"]
+    assert 0.05 < boot.failed_fraction < 0.5 and boot.failed[:, [0, 2]].sum() == 0  # only the flat budget fails
+    assert boot.ok.sum() == round((1 - boot.failed_fraction) * 1000)
+    assert np.isnan(boot.n_exponent[~boot.ok]).all() and np.isfinite(boot.n_exponent[boot.ok]).all()
+    lo, hi = boot.n_opt_ci95(1e19)
+    assert 0 < lo < result.fits["ar"].parabolas[1e19].n_opt < hi < math.inf
+    write_results(tmp_path, df)
+    text = analyze(tmp_path).read_text()
+    failed = f"{100 * boot.failed_fraction:.1f}%"
+    assert f"Replicates failed (a parabola without a minimum; left out of the intervals): AR {failed}" in text
+    assert f"| AR | pooled-residual ×3 | {failed} |" in text
+
+
+def test_percentile_interval_handles_infinities():
+    assert analysis.percentile_interval(np.arange(101.0)) == pytest.approx((2.5, 97.5))
+    values = np.r_[np.arange(90.0), np.full(10, np.inf)]  # 10% never reach the loss
+    lo, hi = analysis.percentile_interval(values)
+    assert math.isfinite(lo) and hi == math.inf
+    assert all(math.isnan(v) for v in analysis.percentile_interval([math.nan]))
+
+
+def test_batch_matching_equals_the_scalar_one():
+    c = np.logspace(15, 20, 6)
+    rng = np.random.default_rng(3)
+    losses = 12 * c**-0.06 * np.exp(rng.normal(0, 0.01, (50, c.size)))
+    targets = 10 * 1e18**-0.05 * np.exp(rng.normal(0, 0.2, 50))
+    slopes = np.where(np.arange(50) % 7 == 0, np.nan, -0.06)
+    batch = analysis.match_compute_batch(targets, c, losses, slopes)
+    for t, row, slope, got in zip(targets, losses, slopes, batch):
+        want = match_compute(t, c, row, None if np.isnan(slope) else slope).c_prime
+        assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- several objectives
+
+
+def test_three_objectives_analyse_draw_and_report(tmp_path):
+    surfaces = {**SURFACE, "bd3-4": (1.75, 480.0, 500.0, 0.34, 0.28)}
+    df = synthetic_results(np.logspace(17, 20, 4), objectives=("ar", "mdm", "bd3-4"), surfaces=surfaces)
+    result = analyze_results(df)
+    assert result.objectives == ["ar", "bd3-4", "mdm"] and result.candidates == ["bd3-4", "mdm"]
+    for cand in ("bd3-4", "mdm"):
+        rows = result.multipliers_for(cand)
+        assert len(rows) == 4 and all(r.reference == "ar" and r.nonparametric > 1 for r in rows)
+        assert all(r.parametric_ci95[0] <= r.parametric <= r.parametric_ci95[1] for r in rows)
+    bd3, mdm = (np.array([r.nonparametric for r in result.multipliers_for(c)]) for c in ("bd3-4", "mdm"))
+    assert (bd3 < mdm).all()  # bd3-4's surface lies between AR's and MDM's
+    assert set(result.bootstrap.comparisons) == {"bd3-4", "mdm"}
+    write_results(tmp_path, df)
+    text = analyze(tmp_path).read_text()
+    assert text.startswith("# Scaling sweep: BD3-4 vs AR, MDM vs AR\n")
+    for needle in ("### BD3-4 vs AR", "### MDM vs AR", "| BD3-4 − AR |", "| MDM − AR |", "Reference objective: AR",
+                   "BD3-4, MDM: Monte-Carlo negative ELBO", "- BD3-4 vs AR: at the measured budgets"):
+        assert needle in text, needle
+    assert (tmp_path / "analysis" / "scaling_laws.png").is_file()
+    other = analyze_results(df, reference="mdm", bootstrap=50)  # any objective can be the reference
+    assert other.candidates == ["ar", "bd3-4"] and all(r.nonparametric < 1 for r in other.multipliers_for("ar"))
+
+
+def test_objective_styles_fall_back_deterministically():
+    from lldiff.sweep.figures import OBJECTIVE_STYLES, objective_name, objective_styles
+
+    names = ["ar", "mdm", "bd3-4", "bd3-16", "bd3-64"]
+    styles = objective_styles(names)
+    assert styles["ar"] == OBJECTIVE_STYLES["ar"] and styles["mdm"] == OBJECTIVE_STYLES["mdm"]
+    assert len({s.color for s in styles.values()}) == len(names)
+    assert len({s.marker for s in styles.values()}) == len(names)
+    assert objective_styles(list(reversed(names))) == styles  # independent of order
+    assert styles["bd3-16"].label == objective_name("bd3-16") == "BD3-16" and objective_name("ar") == "AR"
+
+
+# --------------------------------------------------------------------------- compute axis
+
+
+def test_compute_axis_from_results():
+    df = synthetic_results([1e18, 1e19, 1e20])
+    assert analysis.compute_axis(df) == "6nd"  # old results.csv without the column
+    assert analysis.compute_axis(df.assign(compute="matmul")) == "matmul"
+    assert analysis.compute_axis(df.assign(compute=np.where(df.index % 2, "6nd", None))) == "6nd"
+    with pytest.raises(ValueError, match="mix compute axes 6nd, matmul"):
+        analysis.compute_axis(df.assign(compute=np.where(df.index % 2, "6nd", "matmul")))
+    with pytest.raises(ValueError, match="unknown compute axis 'flops'"):
+        analyze_results(df.assign(compute="flops"))
+    assert analyze_results(df.assign(compute="matmul"), bootstrap=0).compute == "matmul"
+
+
+def test_report_states_the_compute_axis(tmp_path):
+    df = synthetic_results([1e18, 1e19, 1e20])
+    write_results(tmp_path, df)
+    text = analyze(tmp_path, bootstrap=50).read_text()
+    assert "Compute axis: C = 6·N·D (SMDM)" in text and "D_opt = C / (6 N_opt)" in text
+    matmul = df.assign(compute="matmul", flops_6nd=df["flops"], flops_matmul=1.3 * df["flops"])
+    write_results(tmp_path, matmul)
+    text = analyze(tmp_path, bootstrap=50).read_text()
+    assert ("Compute axis: real matmul FLOPs (forward+backward, incl. LM head and attention)" in text
+            and "D_opt is not shown" in text)
+    assert "`compute`" not in text and "`flops_matmul`" not in text  # not listed as hyperparameters
+    write_results(tmp_path, df.assign(compute=np.where(df.index % 2, "6nd", "matmul")))
+    with pytest.raises(ValueError, match="mix compute axes"):
+        analyze(tmp_path)
+
+
+def test_matmul_training_curves_use_their_tag(tmp_path):
+    SummaryWriter = pytest.importorskip("torch.utils.tensorboard").SummaryWriter
+    df = synthetic_results([1e18, 1e19, 1e20], objectives=("ar",), sizes_per_budget=3)
+    run = df.iloc[0]
+    writer = SummaryWriter(str(tmp_path / "tb" / run["run_id"]))
+    for step in (10, 20):
+        writer.add_scalar("trainer/flops", 100.0 * step, step)
+        writer.add_scalar("trainer/flops_matmul", 130.0 * step, step)
+        writer.add_scalar("val/nll_per_token", 4.0 - step / 100, step)
+    writer.add_scalar("trainer/tokens", 1000.0 * 30, 30)  # a step without either FLOPs tag
+    writer.add_scalar("val/nll_per_token", 3.7, 30)
+    writer.close()
+    tb = tmp_path / "tb" / run["run_id"]
+    assert read_training_curve(tb)["flops"].tolist()[:2] == pytest.approx([1000.0, 2000.0])
+    matmul = read_training_curve(tb, compute="matmul", flops_per_token=2.0)
+    assert matmul["flops"].tolist() == pytest.approx([1300.0, 2600.0, 2.0 * 1000 * 30])
+    rows = df.assign(compute="matmul", flops_matmul=2.0 * df["tokens"])
+    curves = load_training_curves(tmp_path, rows, compute="matmul")
+    assert curves["flops"].tolist() == pytest.approx([1300.0, 2600.0, 60_000.0])
+    write_results(tmp_path, rows)
+    assert analyze(tmp_path, bootstrap=20).is_file()

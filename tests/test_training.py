@@ -147,11 +147,14 @@ def test_checkpoint_loads_with_weights_only(toy_corpus, cache_dir, tmp_path):
 def test_tokens_and_flops_accounting(toy_corpus, cache_dir):
     dm = make_dm(toy_corpus, cache_dir)
     model = make_module("ar", dm, random_length_prob=0.0)
-    t = trainer(5)
+    t = trainer(5, log_every_n_steps=5)  # metrics reach Lightning on its logging steps only
     t.fit(model, dm)
     assert model.tokens_seen == 5 * 16 * 48
     assert t.callback_metrics["trainer/flops"].item() == pytest.approx(
         6 * model.config.non_embedding_params() * model.tokens_seen, rel=1e-6)
+    cfg, d, layers = model.config, model.config.d_model, model.config.n_layer
+    per_token = 6 * (cfg.non_embedding_params() + d * cfg.vocab_size) + 12 * layers * 48 * d
+    assert t.callback_metrics["trainer/flops_matmul"].item() == pytest.approx(per_token * model.tokens_seen, rel=1e-6)
 
 
 def test_sequence_longer_than_model_context_stops_before_training(toy_corpus, cache_dir):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
@@ -14,7 +16,7 @@ from . import pipeline
 from .cache import cache_root
 from .corpora import Corpus, Document, build_corpus
 from .packing import PackedRows, check_seq_len, evenly_spaced
-from .resumable import TokenizedDataModule
+from .resumable import TokenizedDataModule, data_parallel_rank
 from .sampler import ResumableShuffleSampler
 from .split import check_val_fraction, describe_split, split_documents
 from .tokenizer import Tokenizer, check_vocab_size
@@ -30,6 +32,14 @@ class PretrainDataModule(TokenizedDataModule):
     order comes from a private ``torch.Generator`` seeded with ``seed``, so MDM and AR runs with
     the same seed see identical batches whatever the global seed. Every step is cached on disk
     and a second run skips tokenisation entirely.
+
+    With ``unique_tokens=U`` training repeats a fixed set of U training tokens (data-constrained
+    training): a run of D tokens makes D / U epochs (:meth:`epochs_for`), each a fresh
+    permutation of the same rows. A row counts ``seq_len`` training tokens (the tokens both
+    objectives score). U is rounded down to whole global batches (``batch_size`` x data-parallel
+    world size x ``seq_len`` tokens) so every epoch trains on each capped row exactly once; the
+    rows are evenly spaced over the training split (the same for every seed and objective) and
+    are taken from the cached packed rows, so changing U never re-tokenises or re-packs.
 
     Args:
         source: Where documents come from: ``stdlib`` (Python standard-library sources of the
@@ -59,6 +69,10 @@ class PretrainDataModule(TokenizedDataModule):
         seed: Seed of the training-order generator (independent of the global seed).
         num_proc: Processes for ``datasets.map`` tokenisation (default 1: the Rust encoder is
             already multi-threaded; more processes only help on very large corpora).
+        unique_tokens: Cap U on the unique training tokens (``seq_len`` per row), repeated over
+            epochs; rounded down to whole global batches (``unique_tokens_effective``). At least
+            one batch (``batch_size`` x ``seq_len``), at most the training split. None = no cap
+            (one pass over the whole training split per epoch).
     """
 
     def __init__(
@@ -82,10 +96,13 @@ class PretrainDataModule(TokenizedDataModule):
         cache_dir: Optional[str] = None,
         seed: int = 1234,
         num_proc: Optional[int] = None,
+        unique_tokens: Optional[int] = None,
     ) -> None:
         super().__init__()
         check_seq_len(seq_len)
         _check_positive("batch_size", batch_size)
+        if unique_tokens is not None:
+            _check_unique_tokens(unique_tokens, batch_size, seq_len, world_size=1)
         check_val_fraction(val_fraction)
         if val_max_rows is not None:
             _check_positive("val_max_rows", val_max_rows)
@@ -119,6 +136,10 @@ class PretrainDataModule(TokenizedDataModule):
         self.cache_root = cache_root(cache_dir)
         self.seed = seed
         self.num_proc = num_proc
+        self.unique_tokens = unique_tokens
+        """The requested cap U (None = no cap); see :attr:`unique_tokens_effective`."""
+        self._world_size = 1  # data-parallel processes sharing one batch order (known at setup)
+        self._logged_cap: Optional[int] = None
         self.cache_report: dict[str, str] = {}
         """Per cache step (``tokenizer``, ``tokens``, ``rows``): ``hit``, ``built`` or ``given``."""
         self._fingerprint: Optional[dict[str, Any]] = None
@@ -162,6 +183,56 @@ class PretrainDataModule(TokenizedDataModule):
                     rank_zero_info(f"lldiff data: trained tokenizer in {time.perf_counter() - t0:.1f}s -> {path}")
         return self._tokenizer
 
+    # -- the unique-tokens cap ----------------------------------------------------------------
+
+    @property
+    def unique_rows(self) -> Optional[int]:
+        """Training rows under the ``unique_tokens`` cap (None without a cap): U rounded down to
+        whole global batches of ``batch_size`` x world size rows. Before ``setup`` the world
+        size is taken as 1."""
+        if self.unique_tokens is None:
+            return None
+        global_batch = self.batch_size * self._world_size
+        return self.unique_tokens // (global_batch * self.seq_len) * global_batch
+
+    @property
+    def unique_tokens_effective(self) -> Optional[int]:
+        """The training tokens actually repeated each epoch: ``unique_rows * seq_len`` (None
+        without a cap)."""
+        rows = self.unique_rows
+        return None if rows is None else rows * self.seq_len
+
+    def epochs_for(self, tokens: float) -> float:
+        """Epochs over the capped rows that ``tokens`` training tokens make (``tokens`` / the
+        effective U); NaN without a cap."""
+        effective = self.unique_tokens_effective
+        return math.nan if effective is None else tokens / effective
+
+    def _capped_indices(self, n_train_rows: int) -> Optional[np.ndarray]:
+        """Check the cap against this run's world size and training split; the capped rows."""
+        if self.unique_tokens is None:
+            return None
+        _, self._world_size = data_parallel_rank(self.trainer)
+        _check_unique_tokens(self.unique_tokens, self.batch_size, self.seq_len, self._world_size)
+        split_tokens = n_train_rows * self.seq_len
+        if self.unique_tokens > split_tokens:
+            raise ValueError(
+                f"unique_tokens={self.unique_tokens} exceeds the training split's {split_tokens} training tokens "
+                f"({n_train_rows} rows x seq_len={self.seq_len}); use unique_tokens <= {split_tokens}, "
+                f"or more text"
+            )
+        n_rows = self.unique_rows
+        effective = self.unique_tokens_effective
+        if effective != self.unique_tokens and self._logged_cap != effective:
+            rank_zero_info(
+                f"lldiff data: unique_tokens={self.unique_tokens} rounded down to {effective} = {n_rows} rows x "
+                f"seq_len={self.seq_len} (whole global batches of {self.batch_size * self._world_size} rows)"
+            )
+            self._logged_cap = effective
+        indices = evenly_spaced(n_train_rows, n_rows)
+        assert len(indices) == n_rows, (len(indices), n_rows)
+        return indices
+
     @property
     def token_bytes(self) -> torch.Tensor:
         """LongTensor (V,): UTF-8 bytes per real token (0 for specials), for bits per byte."""
@@ -171,7 +242,8 @@ class PretrainDataModule(TokenizedDataModule):
 
     def prepare_data(self) -> None:
         """Build (or find) the tokenizer, token cache and packed rows on disk."""
-        self._ensure_rows()
+        rows_dir = self._ensure_rows()
+        self._capped_indices(pipeline.load_meta(rows_dir)["train"]["rows"])  # fail before setup
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Memory-map the packed rows (building them first if ``prepare_data`` did not run)."""
@@ -181,7 +253,7 @@ class PretrainDataModule(TokenizedDataModule):
                 f"only {len(rows['train'])} training rows of seq_len + 1 = {self.seq_len + 1} tokens, fewer than "
                 f"batch_size={self.batch_size}; use a smaller batch_size or seq_len, or more text"
             )
-        self.train_rows = PackedRows(rows["train"])
+        self.train_rows = PackedRows(rows["train"], self._capped_indices(len(rows["train"])))
         self.val_rows = PackedRows(rows["val"], evenly_spaced(len(rows["val"]), self.val_max_rows))
 
     def _ensure_rows(self) -> Path:
@@ -254,3 +326,18 @@ def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
+
+def _check_unique_tokens(unique_tokens: int, batch_size: int, seq_len: int, world_size: int) -> None:
+    """U is a positive int of at least one global batch of training tokens."""
+    if isinstance(unique_tokens, bool) or not isinstance(unique_tokens, int) or unique_tokens < 1:
+        raise ValueError(f"unique_tokens must be a positive integer (or None for no cap), got {unique_tokens!r}")
+    if world_size == 1:
+        batch, what = batch_size * seq_len, f"batch_size x seq_len = {batch_size} x {seq_len}"
+    else:
+        batch = batch_size * world_size * seq_len
+        what = f"batch_size x world size x seq_len = {batch_size} x {world_size} x {seq_len}"
+    if unique_tokens < batch:
+        raise ValueError(
+            f"unique_tokens={unique_tokens} is less than one batch of training tokens ({what} = {batch}); "
+            f"use unique_tokens >= {batch} (it is rounded down to whole batches)"
+        )

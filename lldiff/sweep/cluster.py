@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lldiff.sweep.plan import RunPlan, matmul_flops
 from lldiff.atomic import write_text
-from lldiff.sweep.spec import SweepSpec
+from lldiff.sweep.spec import COMPUTE_AXES, SweepSpec
 
 
 def gpu_hours(spec: SweepSpec, run: RunPlan) -> float:
@@ -20,10 +20,14 @@ def gpu_hours(spec: SweepSpec, run: RunPlan) -> float:
 
 
 def plan_table(spec: SweepSpec, plan: list[RunPlan]) -> str:
+    points = (f"{len(spec.epochs)} epoch counts over U={plan[0].unique_tokens:,} unique tokens" if spec.epochs
+              else f"{len(spec.budgets)} budgets")
+    cells = len({(r.size, r.budget) for r in plan})
     lines = [
-        f"sweep {spec.name!r}: {len(plan)} runs ({len(spec.objectives)} objectives x {len(spec.sizes)} sizes x "
-        f"{len(spec.budgets)} budgets x {len(spec.seeds)} seeds), {plan[0].tokens_per_step:.0f} tokens/step",
-        f"{'#':>3} {'run':<34} {'N':>13} {'steps':>8} {'tokens':>10} {'FLOPs':>10} {'GPU-h':>8}",
+        f"sweep {spec.name!r}: {len(plan)} runs ({len(spec.objectives)} objectives x {cells} (size, {points.split()[-1]}) "
+        f"cells of {len(spec.sizes)} sizes x {points} x {len(spec.seeds)} seeds), {plan[0].tokens_per_step:.0f} "
+        f"tokens/step; compute axis {spec.compute}: {COMPUTE_AXES[spec.compute]}",
+        f"{'#':>3} {'run':<34} {'N':>13} {'steps':>8} {'tokens':>10} {'D/N':>7} {'FLOPs':>10} {'GPU-h':>8}",
     ]
     total_hours = 0.0
     for run in plan:
@@ -31,10 +35,11 @@ def plan_table(spec: SweepSpec, plan: list[RunPlan]) -> str:
         total_hours += hours
         lines.append(
             f"{run.index:>3} {run.run_id:<34} {run.n_nonemb:>13,} {run.max_steps:>8} {run.tokens:>10.3g} "
-            f"{run.flops:>10.3g} {hours:>8.3g}"
+            f"{run.tokens_per_param:>7.3g} {run.flops:>10.3g} {hours:>8.3g}"
         )
     lines.append(
-        f"total: {sum(r.tokens for r in plan):.3g} tokens, {sum(r.flops for r in plan):.3g} FLOPs (6ND), "
+        f"total: {sum(r.tokens for r in plan):.3g} tokens, {sum(r.flops for r in plan):.3g} FLOPs ({spec.compute}), "
+        f"{sum(matmul_flops(spec, r) for r in plan):.3g} real matmul FLOPs, "
         f"~{total_hours:.3g} GPU-hours at MFU {spec.cluster.mfu:.0%} of {spec.cluster.peak_tflops:g} TFLOP/s"
     )
     return "\n".join(lines)

@@ -6,14 +6,22 @@ Each figure is saved as PNG and SVG, each written to a temporary file in the tar
 directory and moved into place with ``os.replace`` (a reader never sees half a file).
 
 The training curves come from the runs' TensorBoard events
-(``RUN_DIR/tb/<run_id>/events.out.tfevents.*``): the validation loss against
-``trainer/flops`` at the same global step.
+(``RUN_DIR/tb/<run_id>/events.out.tfevents.*``): the validation loss against the compute
+of the sweep's axis at the same global step (``trainer/flops`` for ``C = 6 N D``,
+``trainer/flops_matmul`` for real matmul FLOPs).
+
+Objectives are drawn from a style table (:data:`OBJECTIVE_STYLES`); an objective not in it
+gets a colour, marker and line style from fallback cycles (:func:`objective_styles`) and an
+upper-cased label, so a new objective needs no edit here.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +33,70 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from lldiff.atomic import replacing
-from lldiff.sweep.analysis import AR, MDM, ObjectiveFit, SweepAnalysis
+from lldiff.sweep.analysis import DEFAULT_COMPUTE, ObjectiveBootstrap, ObjectiveFit, SweepAnalysis
 
 log = logging.getLogger(__name__)
 
 #: results.csv metric column -> TensorBoard scalar tag.
 METRIC_TAGS = {"val_nll_per_token": "val/nll_per_token", "val_bpb": "val/bpb"}
 METRIC_LABELS = {"val_nll_per_token": "validation loss (nats/token)", "val_bpb": "validation bits/byte"}
-LINESTYLES = {AR: "-", MDM: "--"}
-MARKERS = {AR: "o", MDM: "^"}
-OBJECTIVE_COLORS = {AR: "tab:blue", MDM: "tab:red"}
-OBJECTIVE_NAMES = {AR: "AR", MDM: "MDM"}
+#: compute axis (results.csv ``compute``) -> TensorBoard tag of the cumulative FLOPs, axis label.
+FLOPS_TAGS = {"6nd": "trainer/flops", "matmul": "trainer/flops_matmul"}
+COMPUTE_LABELS = {"6nd": "training compute C = 6 N D (FLOPs)",
+                  "matmul": "training compute (real matmul FLOPs, fwd+bwd incl. LM head and attention)"}
+#: results.csv column holding a run's total FLOPs on each axis (the older ``flops`` is 6ND).
+FLOPS_COLUMNS = {"6nd": ("flops_6nd", "flops"), "matmul": ("flops_matmul",)}
 FORMATS = ("png", "svg")
+#: most sizes named in the loss-vs-FLOPs legend (the colours run from small to large N).
+MAX_SIZE_LEGEND = 12
+
+
+@dataclass(frozen=True)
+class ObjectiveStyle:
+    """How one objective is drawn and named."""
+
+    color: str
+    marker: str
+    linestyle: str | tuple
+    label: str
+
+
+#: known objectives; others get :func:`objective_styles`' fallback.
+OBJECTIVE_STYLES = {
+    "ar": ObjectiveStyle("tab:blue", "o", "-", "AR"),
+    "mdm": ObjectiveStyle("tab:red", "^", "--", "MDM"),
+}
+OBJECTIVE_NAMES = {obj: style.label for obj, style in OBJECTIVE_STYLES.items()}
+FALLBACK_COLORS = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
+                   "tab:gray")
+FALLBACK_MARKERS = ("s", "D", "v", "P", "X", "<", ">", "h")
+FALLBACK_LINESTYLES: tuple[str | tuple, ...] = ("-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)),
+                                                (0, (8, 2, 2, 2)), (0, (4, 4)), (0, (2, 1)))
+
+
+def objective_name(objective: str) -> str:
+    """The display name: from the style table, else the upper-cased name (``bd3-4`` -> ``BD3-4``)."""
+    return OBJECTIVE_NAMES.get(objective, objective.upper())
+
+
+def objective_styles(objectives: Iterable[str]) -> dict[str, ObjectiveStyle]:
+    """A style per objective. Known ones come from :data:`OBJECTIVE_STYLES`; each unknown one,
+    in name order, starts at a slot of the fallback cycles given by a stable hash of its
+    name (CRC-32, not Python's salted ``hash``) and moves on to the next slot not yet taken,
+    so the result depends only on the set of names and unknown objectives never share a
+    colour or marker (up to the cycle length) with each other or the known ones."""
+    names = list(dict.fromkeys(objectives))
+    styles = {o: OBJECTIVE_STYLES[o] for o in names if o in OBJECTIVE_STYLES}
+    taken_colors = {s.color for s in OBJECTIVE_STYLES.values()}
+    used: set[int] = set()
+    for obj in sorted(o for o in names if o not in OBJECTIVE_STYLES):
+        start = zlib.crc32(obj.encode()) % len(FALLBACK_COLORS)
+        slot = next((i for k in range(len(FALLBACK_COLORS)) if (i := (start + k) % len(FALLBACK_COLORS)) not in used
+                     and FALLBACK_COLORS[i] not in taken_colors), start)
+        used.add(slot)
+        styles[obj] = ObjectiveStyle(FALLBACK_COLORS[slot], FALLBACK_MARKERS[slot % len(FALLBACK_MARKERS)],
+                                     FALLBACK_LINESTYLES[slot % len(FALLBACK_LINESTYLES)], objective_name(obj))
+    return {o: styles[o] for o in names}
 
 
 # --------------------------------------------------------------------------- TensorBoard
@@ -65,37 +125,59 @@ def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
     return series
 
 
-def flops_at(steps: np.ndarray, scalars: dict[str, dict[int, float]], n_nonemb: float | None) -> np.ndarray:
-    """``trainer/flops`` at the given steps: logged at the step if it was, else ``6 N`` times
-    ``trainer/tokens`` logged at the step, else linear interpolation in the step between the
-    known values (clamped at the ends); NaN when nothing is known."""
-    known = dict(scalars.get("trainer/flops", {}))
-    if n_nonemb:
+def flops_at(steps: np.ndarray, scalars: dict[str, dict[int, float]], n_nonemb: float | None, *,
+             tag: str = "trainer/flops", flops_per_token: float | None = None) -> np.ndarray:
+    """The cumulative FLOPs ``tag`` at the given steps: logged at the step if it was, else
+    ``flops_per_token`` (default ``6 N`` for ``trainer/flops``) times ``trainer/tokens`` logged
+    at the step, else linear interpolation in the step between the known values (clamped at
+    the ends); NaN when nothing is known."""
+    known = dict(scalars.get(tag, {}))
+    if flops_per_token is None and tag == "trainer/flops" and n_nonemb:
+        flops_per_token = 6.0 * n_nonemb
+    if flops_per_token and math.isfinite(flops_per_token):
         for step, tokens in scalars.get("trainer/tokens", {}).items():
-            known.setdefault(step, 6.0 * n_nonemb * tokens)
+            known.setdefault(step, flops_per_token * tokens)
     if not known:
         return np.full(len(steps), np.nan)
     ks = np.array(sorted(known))
     return np.interp(steps, ks, np.array([known[k] for k in ks]))
 
 
-def read_training_curve(tb_dir: Path, metric: str = "val_nll_per_token", n_nonemb: float | None = None) -> pd.DataFrame:
-    """One run's validation curve: columns ``step``, ``flops``, ``loss`` (empty if no events)."""
+def read_training_curve(tb_dir: Path, metric: str = "val_nll_per_token", n_nonemb: float | None = None, *,
+                        compute: str = DEFAULT_COMPUTE, flops_per_token: float | None = None) -> pd.DataFrame:
+    """One run's validation curve: columns ``step``, ``flops`` (on the ``compute`` axis),
+    ``loss`` (empty if no events)."""
     scalars = read_scalars(tb_dir)
     values = scalars.get(METRIC_TAGS.get(metric, metric), {})
     steps = np.array(sorted(values), dtype=float)
-    curve = pd.DataFrame({"step": steps, "flops": flops_at(steps, scalars, n_nonemb),
-                          "loss": [values[int(s)] for s in steps]})
+    flops = flops_at(steps, scalars, n_nonemb, tag=FLOPS_TAGS[compute], flops_per_token=flops_per_token)
+    curve = pd.DataFrame({"step": steps, "flops": flops, "loss": [values[int(s)] for s in steps]})
     return curve[np.isfinite(curve["flops"]) & (curve["flops"] > 0) & np.isfinite(curve["loss"])]
 
 
-def load_training_curves(run_dir: Path, results: pd.DataFrame, metric: str = "val_nll_per_token") -> pd.DataFrame:
+def _flops_per_token(row, compute: str) -> float | None:
+    """A run's FLOPs per training token on the ``compute`` axis (constant within a run), from
+    its results.csv row: ``6 N`` for 6ND, ``flops_matmul / tokens`` for matmul (None if unknown)."""
+    if compute == "6nd":
+        return 6.0 * float(row.n_nonemb)
+    total, tokens = getattr(row, "flops_matmul", math.nan), getattr(row, "tokens", math.nan)
+    try:
+        value = float(total) / float(tokens)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def load_training_curves(run_dir: Path, results: pd.DataFrame, metric: str = "val_nll_per_token",
+                         compute: str = DEFAULT_COMPUTE) -> pd.DataFrame:
     """The validation curves of all runs in ``results`` that have events under
-    ``run_dir/tb/<run_id>``; runs without events are skipped (logged at debug level)."""
+    ``run_dir/tb/<run_id>``, against the FLOPs of the ``compute`` axis; runs without events
+    are skipped (logged at debug level)."""
     frames = []
     for row in results.itertuples(index=False):
         tb_dir = Path(run_dir, "tb", *str(row.run_id).split("/"))
-        curve = read_training_curve(tb_dir, metric, float(row.n_nonemb))
+        curve = read_training_curve(tb_dir, metric, float(row.n_nonemb), compute=compute,
+                                    flops_per_token=_flops_per_token(row, compute))
         if curve.empty:
             log.debug("no TensorBoard curve for %s under %s", row.run_id, tb_dir)
             continue
@@ -145,9 +227,9 @@ def budget_colors(budgets: Iterable[float]) -> dict[float, tuple[float, ...]]:
     return {c: cmap(i / max(len(ordered) - 1, 1) * 0.85) for i, c in enumerate(ordered)}
 
 
-def objective_handles(objectives: Iterable[str]) -> list[Line2D]:
-    return [Line2D([], [], color="0.3", linestyle=LINESTYLES.get(o, ":"), marker=MARKERS.get(o, "s"),
-                   label=OBJECTIVE_NAMES.get(o, o)) for o in objectives]
+def objective_handles(styles: dict[str, ObjectiveStyle]) -> list[Line2D]:
+    return [Line2D([], [], color="0.3", linestyle=s.linestyle, marker=s.marker, label=s.label)
+            for s in styles.values()]
 
 
 def note(ax, text: str) -> None:
@@ -157,34 +239,49 @@ def note(ax, text: str) -> None:
 # --------------------------------------------------------------------------- figures
 
 
-def plot_training_curves(curves: pd.DataFrame, points: pd.DataFrame, metric: str = "val_nll_per_token") -> Figure:
-    """Validation loss vs FLOPs: one colour per size, solid AR / dashed MDM, one line per run,
-    the final (seed-averaged) results emphasised as large markers at their trained FLOPs.
-    Without curves only the final points are drawn, with a note saying so."""
+def final_flops(points: pd.DataFrame, compute: str = DEFAULT_COMPUTE) -> pd.Series:
+    """Each point's trained FLOPs on the ``compute`` axis: the matching results.csv column
+    where present and finite, else its planned ``budget``."""
+    x = points["budget"].astype(float)
+    for col in reversed(FLOPS_COLUMNS[compute]):
+        if col in points:
+            x = points[col].astype(float).where(np.isfinite(points[col].astype(float)), x)
+    return x
+
+
+def plot_training_curves(curves: pd.DataFrame, points: pd.DataFrame, metric: str = "val_nll_per_token",
+                         compute: str = DEFAULT_COMPUTE) -> Figure:
+    """Validation loss vs FLOPs: one colour per size, one line style per objective, one line
+    per run, the final (seed-averaged) results emphasised as large markers at their trained
+    FLOPs. Without curves only the final points are drawn, with a note saying so."""
     fig, (ax,) = new_figure(width=7.5)
     colors = size_colors(points)
+    styles = objective_styles(sorted(set(points["objective"]) | set(curves["objective"])))
     for run_id, curve in curves.groupby("run_id", sort=False):
         first = curve.iloc[0]
         ax.plot(curve["flops"], curve["loss"], color=colors.get(first["size"], "0.5"),
-                linestyle=LINESTYLES.get(first["objective"], ":"), linewidth=1.0, alpha=0.8)
-    x = points["flops"] if "flops" in points else points["budget"]
-    for obj, group in points.assign(_x=x).groupby("objective"):
-        ax.scatter(group["_x"], group["loss"], c=[colors[s] for s in group["size"]], marker=MARKERS.get(obj, "s"),
+                linestyle=styles[first["objective"]].linestyle, linewidth=1.0, alpha=0.8)
+    for obj, group in points.assign(_x=final_flops(points, compute)).groupby("objective"):
+        ax.scatter(group["_x"], group["loss"], c=[colors[s] for s in group["size"]], marker=styles[obj].marker,
                    s=45, edgecolors="black", linewidths=0.7, zorder=3)
     if curves.empty:
         ax.set_title("final results only (no TensorBoard curves found)", fontsize=9, color="0.4")
     ax.set_xscale("log")
-    ax.set_xlabel("training compute C = 6 N D (FLOPs)")
+    ax.set_xlabel(COMPUTE_LABELS[compute])
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    size_handles = [Line2D([], [], color=c, linewidth=2, label=s) for s, c in colors.items()]
-    ax.legend(handles=size_handles + objective_handles(sorted(points["objective"].unique())), fontsize=8, ncols=2)
+    shown = list(colors.items())
+    if len(shown) > MAX_SIZE_LEGEND:  # many sizes: every k-th (smallest and largest kept) so the legend fits
+        keep = np.unique(np.linspace(0, len(shown) - 1, MAX_SIZE_LEGEND).round().astype(int))
+        shown = [shown[i] for i in keep]
+    size_handles = [Line2D([], [], color=c, linewidth=2, label=s) for s, c in shown]
+    ax.legend(handles=size_handles + objective_handles(styles), fontsize=8, ncols=2)
     ax.grid(True, which="both", alpha=0.2)
     return fig
 
 
 def draw_isoflop(ax, fit: ObjectiveFit, points: pd.DataFrame, colors: dict[float, tuple[float, ...]]) -> None:
     """One objective's iso-FLOP slices: seed means (± std), fitted parabolas, their minima
-    (filled star inside the sampled range, hollow when extrapolated)."""
+    (filled star when bracketed, hollow when not: that budget falls back to its best size)."""
     mine = points[points["objective"] == fit.objective]
     for budget, group in mine.groupby("budget", sort=True):
         color = colors[float(budget)]
@@ -200,19 +297,19 @@ def draw_isoflop(ax, fit: ObjectiveFit, points: pd.DataFrame, colors: dict[float
         ax.plot(grid, parabola(grid), color=color, linewidth=1.2)
         if parabola.usable:
             ax.plot(parabola.n_opt, parabola.loss_opt, marker="*", markersize=13, color=color,
-                    markerfacecolor="none" if parabola.extrapolated else color, markeredgecolor="black", zorder=4)
+                    markerfacecolor=color if parabola.bracketed else "none", markeredgecolor="black", zorder=4)
     if mine.empty:
-        note(ax, f"no {OBJECTIVE_NAMES.get(fit.objective, fit.objective)} runs")
+        note(ax, f"no {objective_name(fit.objective)} runs")
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters N")
-    ax.set_title(f"{OBJECTIVE_NAMES.get(fit.objective, fit.objective)}: iso-FLOP slices")
+    ax.set_title(f"{objective_name(fit.objective)}: iso-FLOP slices")
     ax.grid(True, which="both", alpha=0.2)
     ax.legend(fontsize=7)
 
 
 def plot_isoflop(analysis: SweepAnalysis) -> Figure:
     """Final loss vs N per budget with the fitted parabolas and minima, one panel per objective."""
-    objectives = list(analysis.fits) or [AR, MDM]
+    objectives = analysis.objectives or [analysis.reference]
     fig, axes = new_figure(ncols=len(objectives))
     colors = budget_colors(analysis.points["budget"].astype(float))
     for ax, obj in zip(axes, objectives):
@@ -225,26 +322,44 @@ def law_label(name: str, exponent: float, se: float) -> str:
     return f"{name} C^{exponent:.3f}" + ("" if np.isnan(se) else f" ± {se:.3f}")
 
 
-def draw_law(ax, fit: ObjectiveFit, column: int, exclude_extrapolated: bool) -> None:
-    """One objective's optima (N_opt for column 1, L_opt for column 2) and its fitted laws."""
+def _bootstrap_errors(boot: ObjectiveBootstrap | None, budgets: np.ndarray, values: np.ndarray,
+                      column: int) -> np.ndarray | None:
+    """(2, B) error-bar lengths from the bootstrap's per-budget 95% intervals (None without)."""
+    if boot is None:
+        return None
+    interval = boot.n_opt_ci95 if column == 1 else boot.loss_opt_ci95
+    try:
+        lo_hi = np.array([interval(float(c)) for c in budgets], dtype=float).reshape(-1, 2)
+    except KeyError:
+        return None
+    err = np.stack([values - lo_hi[:, 0], lo_hi[:, 1] - values])
+    return np.where(np.isfinite(err) & (err >= 0), err, 0.0)
+
+
+def draw_law(ax, fit: ObjectiveFit, column: int, exclude_extrapolated: bool, style: ObjectiveStyle | None = None,
+             boot: ObjectiveBootstrap | None = None) -> None:
+    """One objective's optima (N_opt for column 1, L_opt for column 2) with their bootstrap
+    95% intervals as error bars, and its fitted laws."""
+    style = style or objective_styles([fit.objective])[fit.objective]
+    name, color, marker = style.label, style.color, style.marker
     budgets, n_opt, loss_opt = fit.optima(exclude_extrapolated)
     if budgets.size == 0:
-        ax.plot([], [], color=OBJECTIVE_COLORS.get(fit.objective, "0.3"), marker=MARKERS.get(fit.objective, "s"),
-                linestyle="none", label=f"{OBJECTIVE_NAMES.get(fit.objective, fit.objective)} (no iso-FLOP minima)")
+        ax.plot([], [], color=color, marker=marker, linestyle="none", label=f"{name} (no iso-FLOP minima)")
         return
-    extrapolated = np.array([s == "frontier" for s in fit.sources(exclude_extrapolated)], dtype=bool)
+    fallback = np.array([s == "frontier" for s in fit.sources(exclude_extrapolated)], dtype=bool)
     values = n_opt if column == 1 else loss_opt
-    name, color = OBJECTIVE_NAMES.get(fit.objective, fit.objective), OBJECTIVE_COLORS.get(fit.objective, "0.3")
-    marker = MARKERS.get(fit.objective, "s")
-    ax.scatter(budgets[~extrapolated], values[~extrapolated], color=color, marker=marker, zorder=3)
-    ax.scatter(budgets[extrapolated], values[extrapolated], facecolors="none", edgecolors=color, marker=marker,
-               zorder=3, label=f"{name} (best measured size: no interior minimum)" if extrapolated.any() else None)
+    err = _bootstrap_errors(boot, budgets, values, column)
+    if err is not None:
+        ax.errorbar(budgets, values, yerr=err, fmt="none", ecolor=color, elinewidth=1, capsize=3, zorder=2)
+    ax.scatter(budgets[~fallback], values[~fallback], color=color, marker=marker, zorder=3)
+    ax.scatter(budgets[fallback], values[fallback], facecolors="none", edgecolors=color, marker=marker,
+               zorder=3, label=f"{name} (best measured size: not bracketed)" if fallback.any() else None)
     law = fit.n_opt_law if column == 1 else fit.loss_law
-    if law is None or budgets.size == 0:
+    if law is None:
         ax.plot([], [], color=color, marker=marker, linestyle="none", label=f"{name} (no law fitted)")
         return
     grid = np.logspace(np.log10(budgets.min()) - 0.3, np.log10(budgets.max()) + 0.3, 100)
-    ax.plot(grid, law(grid), color=color, linestyle=LINESTYLES.get(fit.objective, ":"),
+    ax.plot(grid, law(grid), color=color, linestyle=style.linestyle,
             label=law_label(f"{name}: {law.prefactor:.3g}", law.exponent, law.exponent_se))
     if column == 2 and fit.loss_law_saturating is not None:
         sat = fit.loss_law_saturating
@@ -253,18 +368,21 @@ def draw_law(ax, fit: ObjectiveFit, column: int, exclude_extrapolated: bool) -> 
 
 
 def plot_laws(analysis: SweepAnalysis) -> Figure:
-    """N_opt(C) and L_opt(C): parabola minima and fitted power laws, both objectives."""
+    """N_opt(C) and L_opt(C) of every objective: per-budget optima (with bootstrap 95% error
+    bars when there is a bootstrap) and fitted power laws."""
     fig, (ax_n, ax_l) = new_figure(ncols=2)
-    for fit in analysis.fits.values():
-        draw_law(ax_n, fit, 1, analysis.exclude_extrapolated)
-        draw_law(ax_l, fit, 2, analysis.exclude_extrapolated)
+    styles = objective_styles(analysis.objectives)
+    boots = analysis.bootstrap.objectives if analysis.bootstrap is not None else {}
+    for obj, fit in analysis.fits.items():
+        draw_law(ax_n, fit, 1, analysis.exclude_extrapolated, styles[obj], boots.get(obj))
+        draw_law(ax_l, fit, 2, analysis.exclude_extrapolated, styles[obj], boots.get(obj))
     has_data = any(fit.optima()[0].size for fit in analysis.fits.values())
     for ax, ylabel, title in ((ax_n, "compute-optimal N_opt", "N_opt(C)"),
                               (ax_l, f"L_opt ({METRIC_LABELS.get(analysis.metric, analysis.metric)})", "L_opt(C)")):
         if has_data:  # log axes without positive data cannot be drawn
             ax.set_xscale("log")
             ax.set_yscale("log")
-        ax.set_xlabel("training compute C (FLOPs)")
+        ax.set_xlabel(COMPUTE_LABELS[analysis.compute])
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.2)
@@ -285,7 +403,7 @@ def plot_laws(analysis: SweepAnalysis) -> Figure:
 def make_figures(analysis: SweepAnalysis, curves: pd.DataFrame, out_dir: Path) -> dict[str, list[Path]]:
     """Draw and save all figures; returns ``{stem: [png, svg]}``."""
     figures = {
-        "loss_vs_flops": lambda: plot_training_curves(curves, analysis.points, analysis.metric),
+        "loss_vs_flops": lambda: plot_training_curves(curves, analysis.points, analysis.metric, analysis.compute),
         "isoflop": lambda: plot_isoflop(analysis),
         "scaling_laws": lambda: plot_laws(analysis),
     }

@@ -3,7 +3,12 @@
 Writes into ``out_dir`` (default ``RUN_DIR/analysis/``): ``report.md`` and the figures
 ``loss_vs_flops``, ``isoflop`` and ``scaling_laws``, each as ``.png`` and ``.svg``. Every file
 is written atomically (temporary file + ``os.replace``). Nothing is printed; warnings about
-the fits (extrapolated minima, skipped budgets, ...) go to ``logging`` and into the report.
+the fits (unbracketed minima, skipped budgets, ...) go to ``logging`` and into the report.
+
+The report leads with the headline (is every optimum bracketed; each objective's exponents,
+their differences from the reference's and the compute multipliers, all with intervals),
+then the details. Objectives are whatever results.csv holds; each one other than the
+reference (default ``ar``) is compared with it.
 """
 
 from __future__ import annotations
@@ -18,18 +23,21 @@ import numpy as np
 import pandas as pd
 
 from lldiff.atomic import write_text
-from lldiff.sweep.analysis import (AR, CARRIED_NUMERIC, MDM, REQUIRED_COLUMNS, MultiplierRow, ObjectiveFit,
+from lldiff.sweep.analysis import (BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED, CARRIED_NUMERIC, COMPUTE_AXES,
+                                   DEFAULT_REFERENCE, REQUIRED_COLUMNS, RESAMPLING, ObjectiveFit,
                                    SweepAnalysis, analyze_results, validate_results)
-from lldiff.sweep.figures import METRIC_LABELS, OBJECTIVE_NAMES, load_training_curves, make_figures
+from lldiff.sweep.figures import METRIC_LABELS, load_training_curves, make_figures, objective_name
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.csv"
 REPORT_FILE = "report.md"
 SMDM_MULTIPLIER = 16.0
+#: objectives whose validation loss is an exact NLL (the others report a negative ELBO).
+EXACT_LIKELIHOOD = frozenset({"ar"})
 #: results.csv columns that are not hyperparameters (everything else is listed as one).
 KNOWN_COLUMNS = {*REQUIRED_COLUMNS, *CARRIED_NUMERIC, "seed", "val_nll_per_token", "val_bpb", "spec_fingerprint",
-                 "finished_at"}
+                 "finished_at", "compute"}
 
 
 # --------------------------------------------------------------------------- input / output
@@ -89,10 +97,96 @@ def table(header: Iterable[str], rows: Iterable[Iterable[str]], align: str) -> l
 
 
 def name(objective: str) -> str:
-    return OBJECTIVE_NAMES.get(objective, objective)
+    return objective_name(objective)
+
+
+def budget_list(budgets: Iterable[float]) -> str:
+    return ", ".join(f"C={num(c)}" for c in budgets)
 
 
 # --------------------------------------------------------------------------- sections
+
+
+def bracketing_line(analysis: SweepAnalysis) -> str:
+    """The one-line bracketing summary (and which budgets are not bracketed)."""
+    if analysis.all_bracketed:
+        return "All budgets of all objectives bracketed: **yes**."
+    missing = "; ".join(f"{name(obj)}: {budget_list(cs)}" for obj, cs in analysis.unbracketed.items())
+    what = ("left out of the law fits" if analysis.exclude_extrapolated else
+            "the best measured size is used as that budget's optimum (fallback)")
+    return f"All budgets of all objectives bracketed: **no** (not bracketed: {missing}; {what})."
+
+
+def interval_method_line(analysis: SweepAnalysis) -> str:
+    boot = analysis.bootstrap
+    if boot is None:
+        return "Intervals: t-based 95% for the OLS power laws only (no bootstrap was run)."
+    schemes: dict[str, list[str]] = {}  # resampling of an objective's budgets -> objectives
+    for obj in boot.objectives:
+        methods = boot.methods(obj)
+        how = "; ".join(RESAMPLING[m] + (f" ({k} budget{'s' * (k > 1)})" if len(methods) > 1 else "")
+                        for m, k in methods.items()) or "no budgets"
+        schemes.setdefault(how, []).append(name(obj))
+    resampling = "; ".join(f"{how} ({', '.join(objs)})" for how, objs in schemes.items())
+    failed = ", ".join(f"{name(obj)} {100 * ob.failed_fraction:.1f}%" for obj, ob in boot.objectives.items())
+    return (f"Intervals: **bootstrap** 95% percentile intervals over {boot.replicates} replicates (seed {boot.seed}) "
+            "propagating every per-budget fit through vertices, power laws and multipliers. Resampling: "
+            f"{resampling}. Replicates failed (a parabola without a minimum; left out of the intervals): {failed}. "
+            "*t*: the analytic t-based 95% interval of the OLS power law.")
+
+
+def exponent_rows(analysis: SweepAnalysis) -> list[list[str]]:
+    rows = []
+    boots = analysis.bootstrap.objectives if analysis.bootstrap is not None else {}
+    for obj, fit in analysis.fits.items():
+        boot = boots.get(obj)
+        nan2 = (math.nan, math.nan)
+        a_law, l_law = fit.n_opt_law, fit.loss_law
+        a = a_law.exponent if a_law is not None else math.nan
+        b = -l_law.exponent if l_law is not None else math.nan
+        a_t = a_law.exponent_ci95 if a_law is not None else nan2
+        b_t = (-l_law.exponent_ci95[1], -l_law.exponent_ci95[0]) if l_law is not None else nan2
+        rows.append([name(obj), num(a, ".3f"), ci(boot.a_ci95 if boot else nan2, ".3f"), ci(a_t, ".3f"),
+                     num(b, ".4f"), ci(boot.b_ci95 if boot else nan2, ".4f"), ci(b_t, ".4f"),
+                     str(fit.optima(analysis.exclude_extrapolated)[0].size),
+                     f"{100 * boot.failed_fraction:.1f}%" if boot else "—"])
+    return rows
+
+
+def headline_section(analysis: SweepAnalysis) -> list[str]:
+    """Bracketing, exponents, exponent differences and multipliers, each with intervals."""
+    lines = ["## Headline", "", f"- {bracketing_line(analysis)}", f"- {interval_method_line(analysis)}", "",
+             "Exponents of N_opt = A·C^a and L_opt = A·C^-b:", ""]
+    lines += table(["objective", "a", "a 95% (bootstrap)", "a 95% (t)", "b", "b 95% (bootstrap)", "b 95% (t)",
+                    "budgets", "failed replicates"], exponent_rows(analysis), "lrrrrrrrr")
+    ref = analysis.reference
+    if analysis.candidates:
+        rows = []
+        for cand in analysis.candidates:
+            fit_c, fit_r = analysis.fits[cand], analysis.fits[ref]
+            da = (fit_c.n_opt_law.exponent - fit_r.n_opt_law.exponent
+                  if fit_c.n_opt_law is not None and fit_r.n_opt_law is not None else math.nan)
+            db = (fit_r.loss_law.exponent - fit_c.loss_law.exponent
+                  if fit_c.loss_law is not None and fit_r.loss_law is not None else math.nan)
+            comp = analysis.bootstrap.comparisons.get(cand) if analysis.bootstrap is not None else None
+            nan2 = (math.nan, math.nan)
+            rows.append([f"{name(cand)} − {name(ref)}", num(da, "+.3f"),
+                         ci(comp.delta_a_ci95 if comp else nan2, "+.3f"), num(db, "+.4f"),
+                         ci(comp.delta_b_ci95 if comp else nan2, "+.4f"),
+                         f"{100 * comp.used_fraction:.1f}%" if comp else "—"])
+        lines += ["", f"Exponent differences from the reference ({name(ref)}); an interval containing 0 means the "
+                  "sweep cannot tell the exponents apart:", ""]
+        lines += table(["difference", "Δa", "Δa 95% (bootstrap)", "Δb", "Δb 95% (bootstrap)", "replicates used"],
+                       rows, "lrrrrr")
+        for cand in analysis.candidates:
+            lines += ["", f"Compute multiplier k(C), {name(cand)} vs {name(ref)} (95% bootstrap intervals):", ""]
+            rows = [[num(r.budget), num(r.parametric), ci(r.parametric_ci95), num(r.nonparametric),
+                     ci(r.nonparametric_ci95), r.method] for r in analysis.multipliers_for(cand)]
+            lines += (table([f"{name(ref)} budget C", "k (power laws)", "95%", "k (non-parametric)", "95%", "how"],
+                            rows, "rrrrrl") if rows else
+                      [f"No multiplier: no {name(ref)} budget has a usable optimum."])
+        lines += ["", *interpretation(analysis)]
+    return lines
 
 
 def results_section(points: pd.DataFrame) -> list[str]:
@@ -110,24 +204,53 @@ def results_section(points: pd.DataFrame) -> list[str]:
             *table(header, rows, "llrrrrrrrr")]
 
 
-def optima_section(fits: dict[str, ObjectiveFit]) -> list[str]:
-    """Per-budget parabola minima of each objective, with flags, and skipped budgets."""
+def optima_section(analysis: SweepAnalysis) -> list[str]:
+    """Per-budget optimum of each objective: bracketed vertex or fallback, with intervals."""
     rows, skipped = [], []
-    for obj, fit in fits.items():
-        for c, p in sorted(fit.parabolas.items()):
-            flag = "opens downward: no minimum" if p.opens_downward else "extrapolated" if p.extrapolated else ""
-            found = fit.optimum(c)
-            if found and found[2] == "frontier":
-                flag += f"; used the best measured size instead: N={num(found[0])}, L={num(found[1], '.4f')}"
-            d_opt = c / (6 * p.n_opt) if p.usable else math.nan
-            rows.append([name(obj), num(c), str(p.n_sizes), num(p.n_opt), num(d_opt), num(p.loss_opt, ".4f"), flag])
+    boots = analysis.bootstrap.objectives if analysis.bootstrap is not None else {}
+    six_nd = analysis.compute == "6nd"
+    for obj, fit in analysis.fits.items():
+        boot = boots.get(obj)
+        for c in fit.budgets:
+            p = fit.parabolas.get(c)
+            found = fit.optimum(c, analysis.exclude_extrapolated)
+            if p is None:
+                kind, flag = "fallback: best measured size", "no parabola (< 3 sizes)"
+            elif p.bracketed:
+                kind, flag = "bracketed vertex", ""
+            else:
+                kind = "fallback: best measured size"
+                flag = ("opens downward: no minimum" if p.opens_downward else
+                        f"vertex N={num(p.n_opt)} outside the sampled sizes" if p.extrapolated else
+                        f"vertex N={num(p.n_opt)} on the edge of the sampled sizes")
+            if found is None:
+                kind = "left out (not bracketed)"
+            n_opt, l_opt = (found[0], found[1]) if found else (math.nan, math.nan)
+            n_ci = l_ci = "—"
+            if boot is not None and found is not None:
+                n_ci, l_ci = ci(boot.n_opt_ci95(c)), ci(boot.loss_opt_ci95(c), ".4f")
+                if boot.method(c) == "none":
+                    flag = "; ".join(filter(None, [flag, "no noise estimate"]))
+            d_opt = c / (6 * n_opt) if six_nd and math.isfinite(n_opt) else math.nan
+            rows.append([name(obj), num(c), str(p.n_sizes if p else fit_sizes(analysis, obj, c)), kind, num(n_opt),
+                         n_ci, num(d_opt), num(l_opt, ".4f"), l_ci, flag])
         skipped += [f"- {name(obj)}: {reason}" for _, reason in sorted(fit.skipped.items())]
+    d_note = ("D_opt = C / (6 N_opt)." if six_nd else
+              "D_opt is not shown: on the matmul axis C is not 6·N·D.")
     lines = ["## Iso-FLOP optima", "",
-             "Per budget, a least-squares parabola of loss against ln N; its vertex is (N_opt, L_opt), "
-             "D_opt = C / (6 N_opt). *Extrapolated*: the vertex lies outside the sampled sizes.", ""]
-    lines += (table(["objective", "budget C", "sizes", "N_opt", "D_opt", "L_opt", "flag"], rows, "lrrrrrl")
+             "Per budget, a least-squares parabola of loss against ln N; its vertex is (N_opt, L_opt) when "
+             "*bracketed*: the parabola opens upward and its vertex lies strictly inside the sampled sizes, with a "
+             "measured size on each side. Otherwise the budget falls back to its best measured size "
+             f"(Chinchilla approach 1). {d_note} Intervals: bootstrap 95% percentile.", ""]
+    lines += (table(["objective", "budget C", "sizes", "optimum", "N_opt", "N_opt 95%", "D_opt", "L_opt", "L_opt 95%",
+                     "flag"], rows, "lrrlrrrrrl")
               if rows else ["No budget has an iso-FLOP parabola."])
     return lines + (["", "Budgets without a parabola:", *skipped] if skipped else [])
+
+
+def fit_sizes(analysis: SweepAnalysis, objective: str, budget: float) -> int:
+    pts = analysis.points
+    return int(pts[(pts["objective"] == objective) & (pts["budget"] == budget)]["n_nonemb"].nunique())
 
 
 def law_lines(fit: ObjectiveFit) -> list[str]:
@@ -136,13 +259,14 @@ def law_lines(fit: ObjectiveFit) -> list[str]:
     if fit.n_opt_law is not None:
         law = fit.n_opt_law
         out.append(f"- {who}: N_opt = A·C^a with a = {law.exponent:.3f} ± {num(law.exponent_se)} "
-                   f"(95% CI {ci(law.exponent_ci95)}), A = {law.prefactor:.3g} (95% CI {ci(law.prefactor_ci95)}), "
-                   f"{law.n_points} budgets, R² = {law.r_squared:.4f}; so D_opt ∝ C^{1 - law.exponent:.3f}")
+                   f"(t 95% CI {ci(law.exponent_ci95)}), A = {law.prefactor:.3g} (t 95% CI "
+                   f"{ci(law.prefactor_ci95)}), {law.n_points} budgets, R² = {law.r_squared:.4f}; so D_opt ∝ "
+                   f"C^{1 - law.exponent:.3f} (on the 6·N·D axis)")
     if fit.loss_law is not None:
         law = fit.loss_law
         lo, hi = law.exponent_ci95
         out.append(f"- {who}: L_opt = A·C^-b with b = {-law.exponent:.4f} ± {num(law.exponent_se)} "
-                   f"(95% CI {ci((-hi, -lo))}), A = {law.prefactor:.3g} (95% CI {ci(law.prefactor_ci95)}), "
+                   f"(t 95% CI {ci((-hi, -lo))}), A = {law.prefactor:.3g} (t 95% CI {ci(law.prefactor_ci95)}), "
                    f"R² = {law.r_squared:.4f}")
     if fit.loss_law_saturating is not None:
         sat = fit.loss_law_saturating
@@ -153,48 +277,88 @@ def law_lines(fit: ObjectiveFit) -> list[str]:
 
 
 def laws_section(analysis: SweepAnalysis) -> list[str]:
-    used = ("parabola minima inside the sampled sizes only" if analysis.exclude_extrapolated else
-            "the parabola's minimum where it lies inside the sampled sizes, else the best measured size")
+    used = ("bracketed parabola minima only" if analysis.exclude_extrapolated else
+            "the parabola's minimum where it is bracketed, else the best measured size")
     lines = ["## Fitted laws", "",
              f"Ordinary least squares in log-log space on the per-budget optima ({used}); ± is one standard "
-             "error, intervals are t-based 95%. With two budgets a line passes exactly through both and the "
-             "uncertainty is undefined.", ""]
+             "error, *t* intervals are t-based 95%. With two budgets a line passes exactly through both and the "
+             "t interval is undefined; the bootstrap intervals of the headline still exist (they come from "
+             "the per-budget fit noise).", ""]
     for fit in analysis.fits.values():
         lines += law_lines(fit)
     return lines
 
 
-def interpretation(rows: list[MultiplierRow]) -> str:
-    """One sentence on the multipliers, against SMDM's ~16x."""
-    ks = np.array([r.nonparametric if np.isfinite(r.nonparametric) else r.parametric for r in rows], dtype=float)
-    ks = ks[np.isfinite(ks) & (ks > 0)]
-    if ks.size == 0:
-        return "No finite multiplier could be estimated at the measured budgets."
-    mean = float(np.exp(np.log(ks).mean()))
-    spread = f" (from {ks.min():.3g}x to {ks.max():.3g}x)" if ks.size > 1 else ""
-    verdict = (f"the MDM needs about {mean:.3g}x{spread} the compute of the AR model to reach the same validation loss"
-               if mean >= 1 else f"the MDM reaches the AR model's loss with about {1 / mean:.3g}x less compute{spread}")
-    return (f"At the measured budgets {verdict} (geometric mean); SMDM reports roughly {SMDM_MULTIPLIER:.0f}x at "
-            "their scale. The MDM's loss is a Monte-Carlo negative ELBO, an upper bound on its NLL, so the "
-            "multiplier overstates the MDM's true likelihood gap, if anything.")
+def interpretation(analysis: SweepAnalysis) -> list[str]:
+    """A sentence per candidate on its multipliers, and SMDM's ~16x for scale."""
+    out, ref = [], analysis.reference
+    for cand in analysis.candidates:
+        rows = analysis.multipliers_for(cand)
+        ks = np.array([r.nonparametric if np.isfinite(r.nonparametric) else r.parametric for r in rows], dtype=float)
+        ks = ks[np.isfinite(ks) & (ks > 0)]
+        if ks.size == 0:
+            out.append(f"- {name(cand)} vs {name(ref)}: no finite multiplier could be estimated at the measured "
+                       "budgets.")
+            continue
+        mean = float(np.exp(np.log(ks).mean()))
+        spread = f" (from {ks.min():.3g}x to {ks.max():.3g}x)" if ks.size > 1 else ""
+        verdict = (f"the {name(cand)} needs about {mean:.3g}x{spread} the compute of the {name(ref)} to reach the "
+                   "same validation loss" if mean >= 1 else
+                   f"the {name(cand)} reaches the {name(ref)}'s loss with about {1 / mean:.3g}x less compute{spread}")
+        elbo = (f" The {name(cand)}'s loss is a Monte-Carlo negative ELBO, an upper bound on its NLL, so the "
+                f"multiplier overstates its true likelihood gap, if anything."
+                if cand not in EXACT_LIKELIHOOD and ref in EXACT_LIKELIHOOD else "")
+        out.append(f"- {name(cand)} vs {name(ref)}: at the measured budgets {verdict} (geometric mean).{elbo}")
+    out.append(f"- For scale: SMDM reports roughly {SMDM_MULTIPLIER:.0f}x for MDM vs AR at their scale.")
+    return out
 
 
 def multiplier_section(analysis: SweepAnalysis) -> list[str]:
+    ref = name(analysis.reference)
     lines = ["## Compute multiplier", "",
-             "k(C) = C'/C where the MDM trained with C' FLOPs reaches the AR model's L_opt(C). "
-             "*Power laws*: from the fitted pure laws L = A·C^-b, C' = (A_mdm / A_ar · C^b_ar)^(1/b_mdm) "
-             "(= (A_mdm/A_ar)^(1/b) for all C when the exponents are equal). *Non-parametric*: linear "
-             "interpolation of the MDM's measured optima in (ln C, ln L), extrapolated from the nearest measured "
-             "budget along the MDM's fitted exponent outside them.", ""]
-    rows = [[num(r.budget), num(r.ar_loss_opt, ".4f"), num(r.parametric), num(r.nonparametric), num(r.mdm_compute),
-             r.method] for r in analysis.multipliers]
-    if rows:
-        lines += table(["AR budget C", "AR L_opt", "k (power laws)", "k (non-parametric)", "MDM compute C'", "how"],
-                       rows, "rrrrrl")
-        lines += ["", interpretation(analysis.multipliers)]
-    elif not analysis.notes:
-        lines.append("No multiplier: no AR budget has a usable iso-FLOP minimum.")
-    lines += [f"- {n}" for n in analysis.notes]
+             f"k(C) = C'/C where the candidate trained with C' FLOPs reaches the {ref}'s L_opt(C). *Power laws*: "
+             "from the fitted pure laws L = A·C^-b, C' = (A_cand / A_ref · C^b_ref)^(1/b_cand) (= (A_cand/A_ref)^(1/b) "
+             "for all C when the exponents are equal). *Non-parametric*: linear interpolation of the candidate's "
+             "measured optima in (ln C, ln L), extrapolated from the nearest measured budget along the candidate's "
+             "fitted exponent outside them. Intervals: bootstrap 95% percentile; an upper end of inf means more than "
+             "2.5% of the replicates never reach the loss."]
+    for cand in analysis.candidates:
+        rows = [[num(r.budget), num(r.reference_loss_opt, ".4f"), num(r.parametric), ci(r.parametric_ci95),
+                 num(r.nonparametric), ci(r.nonparametric_ci95), num(r.candidate_compute), r.method]
+                for r in analysis.multipliers_for(cand)]
+        lines += ["", f"### {name(cand)} vs {ref}", ""]
+        lines += (table([f"{ref} budget C", f"{ref} L_opt", "k (power laws)", "95%", "k (non-parametric)", "95%",
+                         f"{name(cand)} compute C'", "how"], rows, "rrrrrrrl") if rows else
+                  [f"No multiplier: no {ref} budget has a usable optimum."])
+    lines += [""] * bool(analysis.notes) + [f"- {n}" for n in analysis.notes]
+    return lines
+
+
+def bootstrap_section(analysis: SweepAnalysis) -> list[str]:
+    """How the intervals were made, per objective and comparison."""
+    boot = analysis.bootstrap
+    if boot is None:
+        return []
+    lines = ["## Bootstrap", "",
+             f"{boot.replicates} replicates, generator seed {boot.seed}. Per (size, budget) cell: with >= 2 seeds "
+             "the seeds are resampled with replacement (deviations from the cell mean inflated by sqrt(n/(n-1)) so "
+             "that the variance of the mean is unbiased); single-seed cells get Gaussian noise with the objective's "
+             "pooled seed std when it has one, otherwise each parabola is residual-bootstrapped (residuals scaled by "
+             "sqrt(m/(m-3)) for its 3 parameters and, by default, pooled over the objective's parabolas: a single "
+             "parabola of 5 sizes has only 2 residual degrees of freedom, too few to estimate the noise). Each "
+             "replicate is refitted through the whole pipeline. A "
+             "replicate whose refitted parabola (at a bracketed budget) has no minimum is *failed*: counted here and "
+             "left out of the intervals.", ""]
+    rows = []
+    for obj, ob in boot.objectives.items():
+        methods = "; ".join(f"{m} ×{k}" for m, k in boot.methods(obj).items()) or "—"
+        rows.append([name(obj), methods, f"{100 * ob.failed_fraction:.1f}%", f"{100 * ob.outside_fraction:.1f}%"])
+    lines += table(["objective", "resampling (budgets)", "failed replicates", "a vertex left the sampled sizes"],
+                   rows, "llrr")
+    lines += [""] * bool(boot.comparisons)
+    for cand, comp in boot.comparisons.items():
+        lines.append(f"- {name(cand)} vs {name(comp.reference)}: {100 * comp.used_fraction:.1f}% of replicates "
+                     "succeeded for both objectives and give the intervals.")
     return lines
 
 
@@ -224,18 +388,32 @@ def figures_section(figures: dict[str, list[Path]], report_dir: Path) -> list[st
     return lines
 
 
+def title(analysis: SweepAnalysis) -> str:
+    ref = analysis.reference
+    if analysis.candidates:
+        return ", ".join(f"{name(c)} vs {name(ref)}" for c in analysis.candidates)
+    return ", ".join(name(o) for o in analysis.objectives) or "no objectives"
+
+
 def render_report(analysis: SweepAnalysis, results: pd.DataFrame, figures: dict[str, list[Path]],
                   run_dir: Path, report_dir: Path) -> str:
     """The whole markdown report."""
-    runs = {obj: int((results["objective"].astype(str).str.lower() == obj).sum()) for obj in (AR, MDM)}
-    header = ["# Scaling sweep: MDM vs AR", "",
-              f"Sweep `{run_dir}`: {len(results)} finished runs ({runs[AR]} AR, {runs[MDM]} MDM). Metric: "
-              f"{METRIC_LABELS.get(analysis.metric, analysis.metric)} on the same validation tokens (AR: exact NLL; "
-              "MDM: Monte-Carlo negative ELBO, an upper bound on its NLL). Compute C = 6·N·D with N the "
-              "non-embedding parameters (SMDM); fits follow Chinchilla approach 2.", ""]
-    sections = [multiplier_section(analysis), laws_section(analysis), optima_section(analysis.fits),
-                results_section(analysis.points), figures_section(figures, report_dir),
-                hyperparameter_section(results)]
+    objectives = results["objective"].astype(str).str.lower()
+    runs = ", ".join(f"{int((objectives == obj).sum())} {name(obj)}" for obj in analysis.objectives)
+    exact = [name(o) for o in analysis.objectives if o in EXACT_LIKELIHOOD]
+    bounds = [name(o) for o in analysis.objectives if o not in EXACT_LIKELIHOOD]
+    kinds = "; ".join(filter(None, [f"{', '.join(exact)}: exact NLL" if exact else "",
+                                    f"{', '.join(bounds)}: Monte-Carlo negative ELBO, an upper bound on the NLL"
+                                    if bounds else ""]))
+    header = [f"# Scaling sweep: {title(analysis)}", "",
+              f"Sweep `{run_dir}`: {len(results)} finished runs ({runs}). Metric: "
+              f"{METRIC_LABELS.get(analysis.metric, analysis.metric)} on the same validation tokens ({kinds}). "
+              f"Reference objective: {name(analysis.reference)}.", "",
+              f"Compute axis: {COMPUTE_AXES[analysis.compute]}; N is the non-embedding parameter count. Fits follow "
+              "Chinchilla approach 2 (iso-FLOP parabolas).", ""]
+    sections = [headline_section(analysis), multiplier_section(analysis), laws_section(analysis),
+                optima_section(analysis), bootstrap_section(analysis), results_section(analysis.points),
+                figures_section(figures, report_dir), hyperparameter_section(results)]
     body = [line for section in sections if section for line in (*section, "")]
     return "\n".join(header + body).rstrip() + "\n"
 
@@ -244,15 +422,18 @@ def render_report(analysis: SweepAnalysis, results: pd.DataFrame, figures: dict[
 
 
 def analyze(run_dir: str | Path, out_dir: str | Path | None = None, *, metric: str = "val_nll_per_token",
-            exclude_extrapolated: bool = False, strict: bool = False) -> Path:
+            exclude_extrapolated: bool = False, strict: bool = False, reference: str = DEFAULT_REFERENCE,
+            bootstrap: int = BOOTSTRAP_REPLICATES, bootstrap_seed: int = BOOTSTRAP_SEED) -> Path:
     """Analyse a finished (or partly finished) sweep and write its report.
 
     Args:
         run_dir: the sweep directory holding ``results.csv`` (and optionally ``tb/``).
         out_dir: where to write; default ``run_dir/analysis``.
         metric: the loss column to fit (``val_nll_per_token`` or ``val_bpb``).
-        exclude_extrapolated: leave parabola minima outside the sampled sizes out of the laws.
+        exclude_extrapolated: leave budgets without a bracketed vertex out of the laws.
         strict: raise on a budget with fewer than 3 sizes instead of skipping it.
+        reference: the objective every other one is compared with.
+        bootstrap: bootstrap replicates for the intervals (0: none); ``bootstrap_seed`` seeds them.
 
     Returns:
         The path of ``report.md``.
@@ -260,8 +441,9 @@ def analyze(run_dir: str | Path, out_dir: str | Path | None = None, *, metric: s
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
     results = load_results(run_dir, metric)
-    analysis = analyze_results(results, metric=metric, exclude_extrapolated=exclude_extrapolated, strict=strict)
-    curves = load_training_curves(run_dir, results, metric)
+    analysis = analyze_results(results, metric=metric, exclude_extrapolated=exclude_extrapolated, strict=strict,
+                               reference=reference, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+    curves = load_training_curves(run_dir, results, metric, analysis.compute)
     log.info("%d run(s) with TensorBoard curves", curves["run_id"].nunique())
     figures = make_figures(analysis, curves, out)
     report = out / REPORT_FILE

@@ -12,8 +12,8 @@ from typing import Any, Iterator
 from lldiff.atomic import write_text
 
 COLUMNS = [
-    "run_id", "objective", "size", "n_nonemb", "budget", "seed", "max_steps", "tokens", "flops",
-    "val_nll_per_token", "val_bpb", "val_mc_samples", "wall_time_s", "lr", "warmup_steps", "batch_size",
+    "run_id", "objective", "size", "n_nonemb", "budget", "seed", "max_steps", "tokens", "compute", "flops",
+    "flops_6nd", "flops_matmul", "unique_tokens", "epochs", "val_nll_per_token", "val_bpb", "val_mc_samples", "wall_time_s", "lr", "warmup_steps", "batch_size",
     "seq_len", "vocab_size", "random_length_prob", "spec_fingerprint", "finished_at",
 ]
 

@@ -9,18 +9,20 @@ the sweep at any moment loses no finished result and never records a run twice.
 from __future__ import annotations
 
 import logging
-import subprocess
+import multiprocessing as mp
+import os
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
-from lldiff.sweep.plan import RunPlan, make_plan, matmul_flops, run_config
+from lldiff.sweep.plan import RunPlan, make_plan, matmul_flops, run_config, seq_len_of, world_batch_rows
 from lldiff.atomic import write_text
 from lldiff.sweep.results import ResultsTable
 from lldiff.sweep.spec import SweepSpec, spec_from_dict
@@ -44,6 +46,17 @@ def prepare_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
     table = ResultsTable(out / "results.csv", spec.fingerprint)
     table.rows()  # fails early on a table from another spec
     return table
+
+
+def check_data(spec: SweepSpec) -> None:
+    """Build (or find in the cache) the sweep's one data set and check it can serve every run
+    (e.g. ``data.unique_tokens`` within the training split); raises before any run starts.
+    Parallel workers then find every cache step built."""
+    from lldiff.data import PretrainDataModule
+
+    datamodule = PretrainDataModule(**spec.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
 
 
 def config_path(out: Path, run: RunPlan) -> Path:
@@ -75,10 +88,17 @@ def execute_run(spec: SweepSpec, out: Path, run: RunPlan, table: ResultsTable) -
     if not trainer.is_global_zero:
         return None
     hp = model.hparams
+    tokens = model.tokens_seen
+    flops_6nd = 6.0 * run.n_nonemb * tokens
+    flops_matmul = model.matmul_flops_seen or matmul_flops(spec, run)  # a checkpoint from before the counter
+    unique = run.unique_tokens
     row = {
         "run_id": run.run_id, "objective": run.objective, "size": run.size, "n_nonemb": run.n_nonemb,
-        "budget": run.budget, "seed": run.seed, "max_steps": trainer.global_step, "tokens": model.tokens_seen,
-        "flops": 6.0 * run.n_nonemb * model.tokens_seen,
+        "budget": run.budget, "seed": run.seed, "max_steps": trainer.global_step, "tokens": tokens,
+        "compute": spec.compute, "flops": flops_6nd if spec.compute == "6nd" else flops_matmul,
+        "flops_6nd": flops_6nd, "flops_matmul": flops_matmul,
+        "unique_tokens": unique if unique is not None else "",
+        "epochs": trainer.global_step * world_batch_rows(spec) * seq_len_of(spec) / unique if unique else "",
         "val_nll_per_token": metrics["val/nll_per_token"], "val_bpb": metrics.get("val/bpb", float("nan")),
         "val_mc_samples": spec.final_val_mc_samples if run.objective == "mdm" else 0,
         "wall_time_s": round(time.perf_counter() - start, 2), "lr": hp.lr, "warmup_steps": hp.warmup_steps,
@@ -101,6 +121,7 @@ def run_sweep(
     """Run every planned run not yet recorded in ``out/results.csv``; returns the runs done now."""
     out = Path(out)
     plan = make_plan(spec)
+    check_data(spec)  # before the output directory is touched
     table = prepare_out_dir(spec, out)
     write_run_configs(spec, out, plan)
     if only:
@@ -137,17 +158,77 @@ def run_sweep(
             lightning_log.setLevel(level)
         return todo
 
-    spec_file = out / "spec.yaml"
-
-    def worker(run: RunPlan) -> RunPlan:
-        cmd = [sys.executable, "-m", "lldiff.cli", "sweep", "run", str(spec_file), "--out", str(out),
-               "--only", run.run_id]
-        with open(out / "logs" / f"{run.index:03d}.log", "w") as handle:
-            subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, check=True)
-        return run
-
-    (out / "logs").mkdir(exist_ok=True)
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for i, run in enumerate(pool.map(worker, todo), 1):
-            report(i, run, "done")
+    failed = []
+    with worker_pool(parallel) as pool:
+        # longest runs first (LPT): K workers finish close together
+        futures = {pool.submit(_execute_logged, spec, out, run): run
+                   for run in sorted(todo, key=lambda r: -work[r.run_id])}
+        for i, future in enumerate(as_completed(futures), 1):
+            run = futures[future]
+            try:
+                row = future.result()
+            except Exception as err:  # noqa: BLE001 - the other runs go on; named at the end
+                failed.append(f"{run.run_id} ({type(err).__name__}: {err}; log: {run_log(out, run)})")
+                report(i, run, "FAILED")
+                continue
+            report(i, run, f"val {row['val_nll_per_token']:.4f} nats/token" if row else "done")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(todo)} run(s) failed; re-run the same command to retry them: "
+                           + "; ".join(failed))
     return todo
+
+
+def run_log(out: Path, run: RunPlan) -> Path:
+    return out / "logs" / f"{run.index:03d}.log"
+
+
+@contextmanager
+def worker_pool(parallel: int) -> Iterator[ProcessPoolExecutor]:
+    """``parallel`` worker processes, each importing Lightning once and running many runs.
+
+    The cores are shared out: each worker uses ``cores // parallel`` intra-op threads (tiny
+    models gain more from independent runs side by side than from a second thread per
+    matmul). Workers are spawned, not forked, so no OpenMP state is inherited.
+    """
+    threads = max(1, len(os.sched_getaffinity(0)) // parallel)
+    pool = ProcessPoolExecutor(max_workers=parallel, mp_context=mp.get_context("spawn"),
+                               initializer=_init_worker, initargs=(threads,))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+def _execute_logged(spec: SweepSpec, out: Path, run: RunPlan) -> dict | None:
+    """One run in a worker process, its output (Python and native) in ``logs/NNN.log``."""
+    log_path = run_log(out, run)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    table = ResultsTable(out / "results.csv", spec.fingerprint)
+    with open(log_path, "w") as handle, _redirect_output(handle.fileno()):
+        return execute_run(spec, out, run, table)
+
+
+@contextmanager
+def _redirect_output(fd: int) -> Iterator[None]:
+    """Point this process's stdout and stderr (file descriptors 1 and 2) at ``fd``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for copy in saved:
+            os.close(copy)

@@ -5,7 +5,9 @@ A spec is a YAML file (or a named preset in ``lldiff/sweep/presets``)::
     name: demo
     objectives: [mdm, ar]
     sizes: [tiny-0.1M, tiny-0.4M, tiny-1M]
-    budgets: [2.0e11, 6.0e11]         # compute C = 6 N D, FLOPs
+    budgets: [2.0e11, 6.0e11]         # compute C in FLOPs, on the `compute` axis
+    compute: 6nd                      # 6nd: SMDM's C = 6 N D (default); matmul: real training FLOPs
+    tokens_per_param: [5, 500]        # per budget, keep the sizes whose D/N lies in this window
     seeds: [0]
     data: {source: stdlib, vocab_size: 1024, seq_len: 64, batch_size: 16}   # PretrainDataModule args
     model: {lr: 2.0e-3, random_length_prob: 0.01}   # LMBase args for every run
@@ -16,11 +18,17 @@ A spec is a YAML file (or a named preset in ``lldiff/sweep/presets``)::
     evals_per_run: 4                  # validation points along each run (curves)
     final_val_mc_samples: 32          # K Monte-Carlo draws for the MDM's final ELBO (SMDM 128)
     cluster: {partition: gpu, time: "04:00:00", gpus_per_run: 1, mfu: 0.4, peak_tflops: 989}
+
+A repeated-data (data-constrained) sweep caps the unique training tokens with
+``data.unique_tokens: U`` and gives ``epochs: [1, 4, 16, ...]`` instead of budgets: each run
+trains for E passes over the same U tokens (reshuffled every epoch). ``budgets`` may then
+hold one value, a compute cap that no run may exceed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -32,6 +40,12 @@ import yaml
 from lldiff.config import SIZES
 
 OBJECTIVES = ("mdm", "ar")
+COMPUTE_AXES = {
+    "6nd": "C = 6·N·D (SMDM: N the non-embedding parameters; no LM head, no attention)",
+    "matmul": "real training FLOPs: forward + backward matmuls, LM head and attention included",
+}
+MIN_STEPS = 10
+"""Fewest optimizer steps a planned run may have: below this, warmup and schedule are noise."""
 MODULE_CLASSES = {"mdm": "lldiff.modules.MaskedDiffusionLM", "ar": "lldiff.modules.AutoregressiveLM"}
 PRESET_PACKAGE = "lldiff.sweep.presets"
 
@@ -55,8 +69,11 @@ class SweepSpec:
     name: str
     objectives: tuple[str, ...]
     sizes: tuple[str, ...]
-    budgets: tuple[float, ...]
+    budgets: tuple[float, ...] = ()
     seeds: tuple[int, ...] = (0,)
+    compute: str = "6nd"
+    tokens_per_param: tuple[float, float] | None = None
+    epochs: tuple[float, ...] = ()
     data: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     objective_args: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -73,35 +90,52 @@ class SweepSpec:
     @property
     def fingerprint(self) -> str:
         """Hash of everything that determines the runs' results (not the cluster layout)."""
-        payload = {k: v for k, v in asdict(self).items() if k != "cluster"}
+        payload = {k: v for k, v in asdict(self).items()
+                   if k != "cluster" and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("objectives", "sizes", "budgets", "seeds"):
+        for key in ("objectives", "sizes", "budgets", "seeds", "epochs"):
             out[key] = list(out[key])
+        if out["tokens_per_param"] is not None:
+            out["tokens_per_param"] = list(out["tokens_per_param"])
         return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+#: fields added after sweeps were first written, with their defaults: left at the default they
+#: stay out of the fingerprint, so a sweep directory made before they existed still resumes.
+_LATER_FIELDS: dict[str, Any] = {"compute": "6nd", "tokens_per_param": None, "epochs": ()}
+
+
 def _validate(spec: SweepSpec) -> None:
     def fail(message: str) -> None:
         raise ValueError(f"sweep spec {spec.name!r}: {message}")
 
-    for key in ("objectives", "sizes", "budgets", "seeds"):
+    for key in ("objectives", "sizes", "seeds"):
         if not getattr(spec, key):
             fail(f"{key} is empty")
+    for key in ("objectives", "sizes", "budgets", "seeds", "epochs"):
+        values = list(getattr(spec, key))
+        repeated = sorted({f"{v:g}" if isinstance(v, float) else str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            fail(f"{key} lists {', '.join(repeated)} more than once")
     bad = [o for o in spec.objectives if o not in OBJECTIVES]
     if bad:
         fail(f"unknown objective(s) {bad}; allowed: {', '.join(OBJECTIVES)}")
+    if spec.compute not in COMPUTE_AXES:
+        fail(f"compute={spec.compute!r} is unknown; allowed: {', '.join(COMPUTE_AXES)}")
+    if spec.tokens_per_param is not None:
+        window = spec.tokens_per_param
+        if len(window) != 2 or not 0 < window[0] < window[1]:
+            fail(f"tokens_per_param must be [low, high] with 0 < low < high, got {list(window)}")
+    _validate_data_budget(spec, fail)
     bad = [s for s in spec.sizes if s not in SIZES]
     if bad:
         fail(f"unknown size(s) {bad}; known sizes: {', '.join(SIZES)}")
-    bad = [c for c in spec.budgets if not (isinstance(c, (int, float)) and c > 0)]
-    if bad:
-        fail(f"budgets must be positive FLOP counts, got {bad}")
     for objective, args in spec.objective_args.items():
         if objective not in OBJECTIVES:
             fail(f"objective_args has unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
@@ -122,6 +156,35 @@ def _validate(spec: SweepSpec) -> None:
         fail(f"warmup_fraction must be in [0, 1], got {spec.warmup_fraction}")
     if spec.evals_per_run < 1 or spec.final_val_mc_samples < 1:
         fail("evals_per_run and final_val_mc_samples must be >= 1")
+
+
+def _validate_data_budget(spec: SweepSpec, fail) -> None:
+    """Budgets or epochs (with a unique-token cap), never neither."""
+    bad = [c for c in spec.budgets if not (isinstance(c, (int, float)) and c > 0)]
+    if bad:
+        fail(f"budgets must be positive FLOP counts, got {bad}")
+    unique = spec.data.get("unique_tokens")
+    if unique is not None:
+        if isinstance(unique, bool) or not isinstance(unique, int) or unique < 1:
+            fail(f"data.unique_tokens must be a positive integer (training tokens), got {unique!r}")
+        from lldiff.data import PretrainDataModule  # the data defaults, for the batch check
+
+        defaults = inspect.signature(PretrainDataModule.__init__).parameters
+        seq_len = spec.data.get("seq_len", defaults["seq_len"].default)
+        batch = spec.data.get("batch_size", defaults["batch_size"].default)
+        if unique < seq_len * batch:
+            fail(f"data.unique_tokens={unique} is smaller than one batch (batch_size {batch} x seq_len {seq_len} = "
+                 f"{batch * seq_len} tokens)")
+    if spec.epochs:
+        bad = [e for e in spec.epochs if not (isinstance(e, (int, float)) and e > 0)]
+        if bad:
+            fail(f"epochs must be positive numbers of passes over the unique tokens, got {bad}")
+        if unique is None:
+            fail("epochs needs data.unique_tokens (the U tokens each epoch passes over)")
+        if len(spec.budgets) > 1:
+            fail(f"with epochs, budgets may hold one value (a compute cap), got {list(spec.budgets)}")
+    elif not spec.budgets:
+        fail("budgets is empty (or give epochs with data.unique_tokens for a repeated-data sweep)")
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -158,6 +221,10 @@ def spec_from_dict(raw: dict[str, Any], default_name: str = "sweep") -> SweepSpe
     for key in ("objectives", "sizes", "seeds"):
         if key in raw:
             raw[key] = tuple(raw[key])
-    if "budgets" in raw:
-        raw["budgets"] = tuple(float(c) for c in raw["budgets"])
+    for key in ("budgets", "epochs"):
+        if key in raw:
+            raw[key] = tuple(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                             for v in raw[key] or ())
+    if raw.get("tokens_per_param") is not None:
+        raw["tokens_per_param"] = tuple(float(v) for v in raw["tokens_per_param"])
     return SweepSpec(**raw, cluster=ClusterSpec(**cluster))

@@ -209,7 +209,6 @@ def quiet_lightning() -> Iterator[None]:
         logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*LeafSpec.*")
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             yield
     finally:
