@@ -1,5 +1,7 @@
-# Two entry points from a fresh clone; each creates .venv on first use.
-#   make demo      the CPU scaling sweep: 4 sizes x 2 budgets x {MDM, AR}, fits, figures, report
+# Entry points from a fresh clone; each creates .venv on first use.
+#   make demo      the CPU iso-FLOP sweep, MDM vs AR, 3 budgets, optima bracketed (~7 min on 2 cores)
+#   make demo-long the same with 5 budgets and 2 seeds (~35 min): exponents with intervals
+#   make data-constrained  AR vs MDM repeated over 1..128 epochs of the same tokens (~10 min)
 #   make demo-fit  train the tiny MDM and AR on the offline corpus, print their comparison table
 #   make demo-sft  then fine-tune both on next/previous-line instructions and chat with them
 #   make reversal  the reversal study (LLaDA Table 3 shape), CPU preset
@@ -8,7 +10,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo demo-fit demo-sft reversal test test-slow clean-env
+.PHONY: demo demo-long data-constrained demo-fit demo-sft reversal test test-slow clean-env
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +25,13 @@ demo: $(BIN)/.installed
 	$(BIN)/lldiff sweep run --preset demo --out runs/sweep-demo
 	$(BIN)/lldiff sweep analyze runs/sweep-demo
 	@echo "Curves: $(BIN)/tensorboard --logdir runs/sweep-demo/tb"
+
+demo-long: $(BIN)/.installed
+	$(BIN)/lldiff sweep run --preset demo-long --out runs/sweep-demo-long
+	$(BIN)/lldiff sweep analyze runs/sweep-demo-long
+
+data-constrained: $(BIN)/.installed
+	$(BIN)/python studies/data_constrained.py --preset cpu --out runs/data-constrained
 
 # `--ckpt_path last`: an interrupted demo resumes where it stopped, a finished one is kept
 # (without a checkpoint Lightning warns and starts fresh). `rm -rf runs` to start over.

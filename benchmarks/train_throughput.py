@@ -1,4 +1,5 @@
-"""Training-step throughput: Lightning vs a bare PyTorch loop, MDM and AR, in one run.
+"""Training-step throughput: Lightning vs a bare PyTorch loop, MDM and AR, in one run, and
+where a step's time goes.
 
 Both loops train the same LightningModule (same backbone, objective, AdamW, schedule and
 gradient clipping) on the same fixed batch. Each timed iteration covers everything a step
@@ -8,6 +9,15 @@ in the machine hits both alike; the median step time of each is reported.
 
     python benchmarks/train_throughput.py                      # smdm-6M (d=256), L=256, B=8
     python benchmarks/train_throughput.py --size tiny-1M --steps 20
+    python benchmarks/train_throughput.py --breakdown          # the demo sweep's smallest model, 1 thread
+
+``--breakdown`` splits one step into its phases (the demo sweep's shape by default:
+tiny-0.004M, vocabulary 512, 16 x 64 tokens, one thread per run as ``--parallel auto`` gives):
+data loading (the real ``PretrainDataModule`` loader over the offline corpus), forward (the
+objective's loss), backward, and clipping + optimizer + schedule; then the Lightning step with
+metrics handed over every ``log_every_n_steps`` (10, as sweeps do) and every step (what each
+step cost before lldiff logged only on Lightning's logging steps). "Lightning and hooks" is the
+Lightning step minus the bare phases.
 
 Achieved GFLOP/s counts the matmul work of a step (``lldiff.flops.step_flops_per_token``:
 6 x (non-embedding + head) parameters + attention), compared with this machine's fp32
@@ -17,6 +27,7 @@ matmul throughput measured at the start.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import tempfile
 import time
@@ -87,11 +98,12 @@ class StepTimer(L.Callback):
         self.stamps.append(time.perf_counter())
 
 
-def lightning_step_times(module: LMBase, loader: DataLoader, steps: int, logdir: str) -> list[float]:
+def lightning_step_times(module: LMBase, loader: DataLoader, steps: int, logdir: str,
+                         log_every_n_steps: int = 10) -> list[float]:
     timer = StepTimer()
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", devices=1, logger=L.pytorch.loggers.TensorBoardLogger(logdir),
-        log_every_n_steps=10, enable_checkpointing=False, enable_progress_bar=False,
+        log_every_n_steps=log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, gradient_clip_val=1.0, limit_val_batches=0, callbacks=[timer],
     )
     start = time.perf_counter()
@@ -99,6 +111,68 @@ def lightning_step_times(module: LMBase, loader: DataLoader, steps: int, logdir:
     trainer.fit(module, train_dataloaders=loader)
     # first interval includes Trainer set-up; drop it like the bare loop's warm-up
     return [b - a for a, b in zip(timer.stamps[1:], timer.stamps[2:])]
+
+
+def phase_times(module: LMBase, loader: DataLoader, steps: int) -> dict[str, list[float]]:
+    """Per-step seconds of each phase of a bare training step (same work as ``bare_step_times``)."""
+    hp = module.hparams
+    optimizer, scheduler = build_optimizer(
+        module.model, max_steps=steps, lr=hp.lr, min_lr_ratio=hp.min_lr_ratio, weight_decay=hp.weight_decay,
+        betas=hp.betas, warmup_steps=hp.warmup_steps,
+    )
+    module.train()
+    times: dict[str, list[float]] = {"data loading": [], "forward (loss)": [], "backward": [],
+                                     "clip + optimizer + schedule": []}
+    batches = iter(loader)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        loss = module.loss(batch["input_ids"])
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        for name, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            times[name].append(dt)
+    return times
+
+
+def breakdown(args: argparse.Namespace) -> None:
+    """Where a tiny model's step goes, MDM and AR, medians over alternating rounds."""
+    from lldiff.data import PretrainDataModule
+
+    torch.set_num_threads(args.threads)
+    datamodule = PretrainDataModule(source="stdlib", max_bytes=2_000_000, vocab_size=args.vocab,
+                                    seq_len=args.seq_len, batch_size=args.batch)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    args.vocab = datamodule.vocab_size_real
+    loader = datamodule.train_dataloader()
+    steps = args.steps + args.warmup
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); model {args.size}, batch {args.batch} x "
+          f"{args.seq_len} tokens, vocabulary {args.vocab}; medians over {args.rounds} rounds of {args.steps} steps")
+    with tempfile.TemporaryDirectory() as logdir:
+        for name, cls in (("mdm", MaskedDiffusionLM), ("ar", AutoregressiveLM)):
+            phases: dict[str, list[float]] = {}
+            lightning: dict[int, list[float]] = {10: [], 1: []}
+            for _ in range(args.rounds):
+                for phase, values in phase_times(make_module(cls, args), loader, steps).items():
+                    phases.setdefault(phase, []).extend(values[args.warmup:])
+                for every in lightning:
+                    lightning[every] += lightning_step_times(make_module(cls, args), loader, steps + 1, logdir,
+                                                             log_every_n_steps=every)[args.warmup:]
+            median = {phase: statistics.median(v) for phase, v in phases.items()}
+            step = statistics.median(lightning[10])
+            rows = [*median.items(), ("Lightning loop, hooks, logging", step - sum(median.values()))]
+            print(f"\n{name.upper()}: Lightning step {step * 1e3:.2f} ms (metrics every 10 steps); "
+                  f"{statistics.median(lightning[1]) * 1e3:.2f} ms when every step hands its metrics to Lightning")
+            for phase, seconds in rows:
+                print(f"  {phase:<32} {seconds * 1e3:>7.2f} ms  {seconds / step:>6.1%}")
 
 
 def main() -> None:
@@ -110,9 +184,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=4, help="rounds, alternating which loop runs first")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="split a step into phases (defaults: tiny-0.004M, vocab 512, 16 x 64, 1 thread)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for --breakdown")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric"):  # no per-fit banners between the tables
+        logging.getLogger(name).setLevel(logging.WARNING)
     L.seed_everything(0, verbose=False)
+    if args.breakdown:
+        defaults = {"size": "smdm-6M", "vocab": 4096, "seq_len": 256, "batch": 8, "steps": 12}
+        demo = {"size": "tiny-0.004M", "vocab": 512, "seq_len": 64, "batch": 16, "steps": 100}
+        for key, value in demo.items():  # the demo sweep's shape unless given
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
+        breakdown(args)
+        return
 
     peak = matmul_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul 2048^3: {peak:.1f} GFLOP/s")

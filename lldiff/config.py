@@ -137,6 +137,7 @@ def _tiny(name: str, n_layer: int, d_model: int, n_heads: int) -> ModelConfig:
 _REGISTRY = [
     # tiny CPU sizes (names give non-embedding parameters, rounded): about 1.5-2x apart in N,
     # so CPU iso-FLOP sweeps can sample each budget's optimum from both sides
+    _tiny("tiny-0.002M", 1, 12, 2),
     _tiny("tiny-0.004M", 1, 16, 2),
     _tiny("tiny-0.009M", 1, 24, 2),
     _tiny("tiny-0.016M", 1, 32, 2),

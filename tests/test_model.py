@@ -167,7 +167,7 @@ def test_rope_positions_argument_matches_default():
 
 # -- bad input ---------------------------------------------------------------------------
 def test_unknown_size_is_named():
-    with pytest.raises(ValueError, match="unknown model size .smdm-7M..*known sizes: tiny-0.004M, tiny-0.009M, tiny-0.016M"):
+    with pytest.raises(ValueError, match="unknown model size .smdm-7M..*known sizes: tiny-0.002M, tiny-0.004M, tiny-0.009M"):
         ModelConfig.from_name("smdm-7M")
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats
 
 from lldiff import objectives
@@ -133,3 +134,31 @@ def test_smdm_warmup_rule():
     assert smdm_warmup_steps(50_000) == 500
     assert smdm_warmup_steps(2_000) == 100
     assert smdm_warmup_steps(60) == 60
+
+
+def test_fused_adamw_follows_the_reference_update():
+    """The optimizer lldiff builds (fused AdamW on plain CPU tensors) takes the same steps as
+    PyTorch's single-tensor AdamW with the same groups, to float rounding."""
+    from lldiff.model import Transformer
+    from lldiff.config import ModelConfig
+    from lldiff.optim import build_optimizer, fused_adamw_supported
+
+    torch.manual_seed(0)
+    fused_model = Transformer(ModelConfig(n_layer=2, d_model=32, n_heads=2, d_ff=64, vocab_size=50, max_seq_len=16))
+    reference_model = Transformer(fused_model.cfg)
+    reference_model.load_state_dict(fused_model.state_dict())
+    assert fused_adamw_supported(list(fused_model.parameters()))
+    fused, _ = build_optimizer(fused_model, max_steps=10, lr=1e-2, min_lr_ratio=0.1, weight_decay=0.1,
+                               betas=(0.9, 0.95), warmup_steps=0)
+    assert fused.defaults["fused"]
+    groups = [{"params": [p for p in reference_model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in reference_model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    reference = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    ids = torch.randint(0, 50, (4, 16))
+    for _ in range(10):
+        for model, optimizer in ((fused_model, fused), (reference_model, reference)):
+            F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(fused_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -61,7 +61,14 @@ def test_tokens_per_step_counts_devices_and_accumulation():
 def test_plan_names_runs_and_shares_data_across_objectives(tmp_path):
     spec = load_preset("demo")
     plan = make_plan(spec)
-    assert len(plan) == len(spec.objectives) * len(spec.sizes) * len(spec.budgets) * len(spec.seeds) >= 12
+    cells = {(r.size, r.budget) for r in plan}
+    assert len(plan) == len(spec.objectives) * len(cells) * len(spec.seeds) >= 12
+    low, high = spec.tokens_per_param
+    assert all(low <= r.tokens_per_param <= high for r in plan)
+    assert all(len({s for s, b in cells if b == c}) >= 3 for c in spec.budgets)
+    for run in plan:  # learning rates scaled as 32 / d_model above width 32
+        base = spec.objective_args[run.objective]["lr"]
+        assert run.model_args["lr"] == pytest.approx(base * min(1.0, 32 / SIZES[run.size].d_model))
     assert len({r.run_id for r in plan}) == len(plan)
     assert {r.run_id.split("/")[0] for r in plan} == {"mdm", "ar"}
     configs = {r.run_id: run_config(spec, r, str(tmp_path)) for r in plan}
@@ -106,6 +113,7 @@ def test_presets_plan():
         (dict(tokens_per_param=[10, 5]), r"tokens_per_param must be \[low, high\] with 0 < low < high"),
         (dict(tokens_per_param=[1, 2]), r"leaves fewer than 3 sizes.*C=2e\+10: 0 size\(s\) kept, tiny-0.1M, tiny-0.4M outside"),
         (dict(epochs=[1, 2]), "epochs needs data.unique_tokens"),
+        (dict(lr_reference_width=0), "lr_reference_width must be a positive integer"),
         (dict(sizes=["tiny-7M"]), "unknown size"),
         (dict(objectives=["mdm", "gpt"]), "unknown objective"),
         (dict(objective_args={"ar": {"seq_len": 64}}), "must share one data config"),
@@ -186,6 +194,48 @@ def test_tokens_per_param_window_keeps_each_budgets_sizes_near_its_optimum():
     kept = {c: [r.size for r in plan if r.budget == c] for c in (1e11, 1e12)}
     assert kept[1e11] == sizes[:5]  # N in [4.08e3, 9.13e4]
     assert kept[1e12] == sizes[2:7]  # N in [1.29e4, 2.89e5]
+
+
+def test_fresh_control_repeats_the_steps_and_compute_on_distinct_tokens(toy_corpus, cache_dir):
+    from lldiff.sweep.plan import fresh_control
+
+    spec = data_constrained(toy_corpus, cache_dir, epochs=[1, 2, 4, 8])
+    unique = 8 * 32 * 12
+    control = fresh_control(spec, train_tokens=4 * unique)  # 8 epochs of U do not fit in one pass
+    assert "unique_tokens" not in control.data and not control.epochs and control.name == "toy-fresh"
+    repeated = {r.run_id: r for r in make_plan(spec)}
+    fresh = make_plan(control)
+    assert [r.max_steps for r in fresh if r.objective == "ar"] == [24, 48]  # E = 2 and 4
+    for run in fresh:
+        twin = repeated[f"{run.objective}/{run.size}/E{run.max_steps // 12}"]
+        assert run.max_steps == twin.max_steps and run.flops == pytest.approx(twin.flops)
+    with pytest.raises(ValueError, match="2 epochs of U=3072 tokens need more than the training split's 5000"):
+        fresh_control(spec, train_tokens=5000)
+    with pytest.raises(ValueError, match="no epochs and data.unique_tokens"):
+        fresh_control(toy_spec(toy_corpus, cache_dir), train_tokens=10**6)
+
+
+def test_repeated_data_sweep_records_u_epochs_and_both_flop_counts(toy_corpus, cache_dir, tmp_path):
+    spec = data_constrained(toy_corpus, cache_dir, objectives=["ar"], epochs=[1, 2], compute="matmul")
+    run_sweep(spec, tmp_path, parallel=1, log=lambda _: None)
+    rows = {r["run_id"]: r for r in read_rows(tmp_path / "results.csv")}
+    assert sorted(rows) == ["ar/tiny-0.1M/E1", "ar/tiny-0.1M/E2"]
+    n = SIZES["tiny-0.1M"].non_embedding_params()
+    for epochs in (1, 2):
+        row = rows[f"ar/tiny-0.1M/E{epochs}"]
+        assert int(row["unique_tokens"]) == 3072 and float(row["epochs"]) == epochs
+        assert int(row["max_steps"]) == 12 * epochs and row["compute"] == "matmul"
+        tokens = float(row["tokens"])
+        assert float(row["flops_6nd"]) == pytest.approx(6 * n * tokens)
+        assert float(row["flops"]) == float(row["flops_matmul"]) > float(row["flops_6nd"])
+
+
+def test_parallel_auto_is_one_worker_per_core_for_cpu_sweeps_only(toy_corpus, cache_dir):
+    from lldiff.sweep.runner import auto_parallel
+
+    assert auto_parallel(toy_spec(toy_corpus, cache_dir)) == len(os.sched_getaffinity(0))
+    gpu = toy_spec(toy_corpus, cache_dir, trainer=dict(accelerator="gpu", devices=1))
+    assert auto_parallel(gpu) == 1
 
 
 def test_fields_added_later_keep_old_fingerprints():

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lldiff.sweep import analysis
-from lldiff.sweep.analysis import (aggregate_seeds, analyze_results, compute_multiplier, fit_isoflop_parabola,
-                                   fit_power_law, fit_saturating_power_law, match_compute, nonparametric_multipliers)
+from lldiff.sweep import analysis, bootstrap, fits
+from lldiff.sweep.analysis import aggregate_seeds, analyze_results
+from lldiff.sweep.fits import (compute_multiplier, fit_isoflop_parabola, fit_power_law, fit_saturating_power_law,
+                               match_compute, nonparametric_multipliers)
 from lldiff.sweep.figures import load_training_curves, read_training_curve
 from lldiff.sweep.report import analyze
 
@@ -158,7 +159,7 @@ def test_multiplier_of_different_exponents():
         assert compute_multiplier(ar, mdm, budget) == pytest.approx(c_prime / budget, rel=1e-6)
     rising = fit_power_law(c, 2 * c**0.01)  # an MDM loss growing with compute: no multiplier
     assert math.isnan(compute_multiplier(ar, rising, 1e18))
-    saturating = analysis.SaturatingPowerLaw(3.0, 50.0, 0.1, 0, 0, 0, 4)  # floor above AR's loss: never reached
+    saturating = fits.SaturatingPowerLaw(3.0, 50.0, 0.1, 0, 0, 0, 4)  # floor above AR's loss: never reached
     assert compute_multiplier(ar, saturating, 1e20) == math.inf
 
 
@@ -400,12 +401,12 @@ def test_bootstrap_is_fast_reproducible_and_names_its_resampling():
     assert result.bootstrap is None and all(math.isnan(r.parametric_ci95[0]) for r in result.multipliers)
     samples = analysis.cell_samples(df)
     start = time.perf_counter()
-    boot = analysis.bootstrap_sweep(result.fits, result.points, samples, replicates=1000, seed=7)
+    boot = bootstrap.bootstrap_sweep(result.fits, result.points, samples, replicates=1000, seed=7)
     assert time.perf_counter() - start < 1.0
-    again = analysis.bootstrap_sweep(result.fits, result.points, samples, replicates=1000, seed=7)
+    again = bootstrap.bootstrap_sweep(result.fits, result.points, samples, replicates=1000, seed=7)
     assert np.array_equal(boot.comparisons["mdm"].parametric, again.comparisons["mdm"].parametric)
-    assert boot.methods("ar") == {"pooled-residual": 3} and boot.objectives["mdm"].failed_fraction == 0
-    own = analysis.bootstrap_sweep(result.fits, result.points, samples, replicates=50, pool_residuals=False)
+    assert boot.methods("ar") == {"pooled-residual": 3} and boot.objectives["mdm"].bracket_held() > 0.99
+    own = bootstrap.bootstrap_sweep(result.fits, result.points, samples, replicates=50, pool_residuals=False)
     assert own.methods("mdm") == {"residual": 3}
     seeded = synthetic_results([1e18, 1e19, 1e20], sizes_per_budget=5, seeds=(0, 1))
     assert analyze_results(seeded).bootstrap.methods("ar") == {"seeds": 3}
@@ -413,9 +414,11 @@ def test_bootstrap_is_fast_reproducible_and_names_its_resampling():
     assert analyze_results(mixed).bootstrap.methods("ar") == {"seeds": 2, "pooled": 1}
 
 
-def test_failed_replicates_are_counted_not_dropped(tmp_path):
-    """A barely convex, noisy slice: some replicates' parabolas open downward. They are
-    counted, left out of the intervals, and the report says how many."""
+def test_replicates_that_lose_the_bracket_fall_back_like_the_estimator(tmp_path):
+    """A barely convex, noisy slice: some replicates' parabolas open downward or move their
+    vertex out of the sampled sizes. Each replicate applies the point estimator itself, so
+    those take their best measured size: nothing is dropped, N_opt stays within the measured
+    sizes, and the report says how often each budget's bracket held."""
     df = synthetic_results([1e18, 1e19, 1e20], sizes_per_budget=5, noise=0.01, objectives=("ar",))
     rng = np.random.default_rng(0)
     flat = df["budget"] == 1e19
@@ -424,24 +427,28 @@ def test_failed_replicates_are_counted_not_dropped(tmp_path):
     result = analyze_results(df, bootstrap=1000)
     assert result.fits["ar"].bracketed(1e19)
     boot = result.bootstrap.objectives["ar"]
-    assert 0.05 < boot.failed_fraction < 0.5 and boot.failed[:, [0, 2]].sum() == 0  # only the flat budget fails
-    assert boot.ok.sum() == round((1 - boot.failed_fraction) * 1000)
-    assert np.isnan(boot.n_exponent[~boot.ok]).all() and np.isfinite(boot.n_exponent[boot.ok]).all()
+    held = boot.bracket_held(1e19)
+    assert 0.3 < held < 0.95 and boot.bracket_held(1e18) > held and boot.bracket_held(1e20) > held
+    assert boot.ok.all() and np.isfinite(boot.n_exponent).all()
+    column = boot.fallback[:, 1]
+    sizes = set(df.loc[flat, "n_nonemb"].astype(float))
+    assert set(boot.n_opt[column, 1]) <= sizes  # a fallback replicate takes one of the measured sizes
+    n = sorted(sizes)
+    assert ((n[0] < boot.n_opt[~column, 1]) & (boot.n_opt[~column, 1] < n[-1])).all()
     lo, hi = boot.n_opt_ci95(1e19)
-    assert 0 < lo < result.fits["ar"].parabolas[1e19].n_opt < hi < math.inf
+    assert n[0] <= lo < result.fits["ar"].parabolas[1e19].n_opt < hi <= n[-1]
     write_results(tmp_path, df)
     text = analyze(tmp_path).read_text()
-    failed = f"{100 * boot.failed_fraction:.1f}%"
-    assert f"Replicates failed (a parabola without a minimum; left out of the intervals): AR {failed}" in text
-    assert f"| AR | pooled-residual ×3 | {failed} |" in text
+    assert f"Replicates in which every budget stayed bracketed: AR {100 * boot.bracket_held():.1f}%" in text
+    assert f"C=1e+19: {100 * held:.0f}%" in text
 
 
 def test_percentile_interval_handles_infinities():
-    assert analysis.percentile_interval(np.arange(101.0)) == pytest.approx((2.5, 97.5))
+    assert bootstrap.percentile_interval(np.arange(101.0)) == pytest.approx((2.5, 97.5))
     values = np.r_[np.arange(90.0), np.full(10, np.inf)]  # 10% never reach the loss
-    lo, hi = analysis.percentile_interval(values)
+    lo, hi = bootstrap.percentile_interval(values)
     assert math.isfinite(lo) and hi == math.inf
-    assert all(math.isnan(v) for v in analysis.percentile_interval([math.nan]))
+    assert all(math.isnan(v) for v in bootstrap.percentile_interval([math.nan]))
 
 
 def test_batch_matching_equals_the_scalar_one():
@@ -450,7 +457,7 @@ def test_batch_matching_equals_the_scalar_one():
     losses = 12 * c**-0.06 * np.exp(rng.normal(0, 0.01, (50, c.size)))
     targets = 10 * 1e18**-0.05 * np.exp(rng.normal(0, 0.2, 50))
     slopes = np.where(np.arange(50) % 7 == 0, np.nan, -0.06)
-    batch = analysis.match_compute_batch(targets, c, losses, slopes)
+    batch = fits.match_compute_batch(targets, c, losses, slopes)
     for t, row, slope, got in zip(targets, losses, slopes, batch):
         want = match_compute(t, c, row, None if np.isnan(slope) else slope).c_prime
         assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want, rel=1e-9)

@@ -14,6 +14,18 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SweepSpe
     return load_spec(args.spec) if args.spec else load_preset(args.preset)
 
 
+def _parallel(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"--parallel must be a positive integer or auto, got {value!r}")
+    return k
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lldiff sweep", description="MDM vs AR scaling sweeps (C = 6 N D).")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -23,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", help="a built-in spec instead: " + ", ".join(preset_names()))
     run.add_argument("--out", type=Path, required=True, help="sweep directory (results.csv, tb/, configs/)")
     run.add_argument("--only", nargs="+", metavar="RUN_ID", help="run just these runs (cluster jobs use this)")
-    run.add_argument("--parallel", type=int, default=1, help="runs at a time, as subprocesses (default 1)")
+    run.add_argument("--parallel", type=_parallel, default="auto", metavar="K|auto",
+                     help="runs at a time in K worker processes, the cores shared out among them; auto (default): "
+                          "one per core for a CPU sweep on one device, else 1")
 
     plan = sub.add_parser("plan", help="print runs, steps, tokens, FLOPs and GPU-hours; emit cluster scripts")
     plan.add_argument("spec", nargs="?", type=Path, help="sweep spec YAML")
@@ -35,16 +49,43 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="iso-FLOP fits, scaling laws, compute multiplier, figures, report")
     analyze.add_argument("run_dir", type=Path, help="a sweep directory with results.csv")
     analyze.add_argument("--out", type=Path, help="where figures and report.md go (default RUN_DIR/analysis)")
+    analyze.add_argument("--fresh", type=Path, metavar="DIR",
+                         help="a repeated-data sweep's fresh-data control (R* from effective data)")
     return parser
+
+
+def analyze_sweep(run_dir: Path, out: Path | None, fresh: Path | None) -> Path:
+    """The iso-FLOP report, or the repeated-data report for a sweep of epochs."""
+    import pandas as pd
+
+    results = run_dir / "results.csv"
+    repeated = results.is_file() and "epochs" in pd.read_csv(results, nrows=1000).dropna(axis=1, how="all")
+    if repeated or fresh is not None:
+        from lldiff.sweep.repetition_report import analyze_repetition
+
+        return analyze_repetition(run_dir, fresh, out)
+    from lldiff.sweep.report import analyze
+
+    return analyze(run_dir, out)
+
+
+def headline_of(markdown: str) -> str:
+    """The report's ``## Headline`` section (empty when it has none), for the console."""
+    lines = markdown.splitlines()
+    if "## Headline" not in lines:
+        return ""
+    start = lines.index("## Headline") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[start:end]).strip()
 
 
 def main(argv: list[str]) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.action == "analyze":
-        from lldiff.sweep.report import analyze
-
-        print(f"report: {analyze(args.run_dir, args.out)}")
+        report = analyze_sweep(args.run_dir, args.out, args.fresh)
+        headline = headline_of(report.read_text())
+        print(f"{headline}\n\nreport: {report}" if headline else f"report: {report}")
         return
     spec = _spec(args, parser)
     if args.action == "run":

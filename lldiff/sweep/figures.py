@@ -33,7 +33,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from lldiff.atomic import replacing
-from lldiff.sweep.analysis import DEFAULT_COMPUTE, ObjectiveBootstrap, ObjectiveFit, SweepAnalysis
+from lldiff.sweep.analysis import DEFAULT_COMPUTE, SweepAnalysis
+from lldiff.sweep.bootstrap import ObjectiveBootstrap
+from lldiff.sweep.fits import ObjectiveFit
 
 log = logging.getLogger(__name__)
 

@@ -120,6 +120,13 @@ def matmul_flops(spec: SweepSpec, run: RunPlan) -> float:
     return flops_per_token(spec, run.size, "matmul") * run.tokens
 
 
+def width_scaled_lr(lr: float, d_model: int, reference_width: int) -> float:
+    """``lr`` for a model of width ``d_model`` when ``lr`` is right at ``reference_width``:
+    ``lr * reference_width / d_model`` above it (Adam's rule for hidden weights under muP:
+    the update size per coordinate must shrink as 1/width), unchanged at or below it."""
+    return lr * min(1.0, reference_width / d_model)
+
+
 def epoch_label(epochs: float) -> str:
     """``4.0`` -> ``E4``, ``0.5`` -> ``E0.5``."""
     return f"E{epochs:g}"
@@ -189,7 +196,11 @@ def make_plan(spec: SweepSpec) -> list[RunPlan]:
         for objective in spec.objectives:
             for seed in spec.seeds:
                 version = label + (f"-seed{seed}" if len(spec.seeds) > 1 else "")
-                args = {**spec.model, **spec.objective_args.get(objective, {}), **spec.size_args.get(size, {})}
+                args = {**spec.model, **spec.objective_args.get(objective, {})}
+                if spec.lr_reference_width is not None:
+                    base_lr = args.get("lr", _default(LMBase, "lr"))
+                    args["lr"] = width_scaled_lr(base_lr, SIZES[size].d_model, spec.lr_reference_width)
+                args.update(spec.size_args.get(size, {}))  # an explicit per-size value wins
                 warmup = args.get("warmup_steps")
                 if spec.warmup_fraction is not None:
                     warmup = max(1, round(spec.warmup_fraction * steps))
@@ -203,6 +214,35 @@ def make_plan(spec: SweepSpec) -> list[RunPlan]:
                     )
                 )
     return runs
+
+
+def fresh_control(spec: SweepSpec, train_tokens: int) -> SweepSpec:
+    """The fresh-data control of a repeated-data sweep: the same objectives, sizes, model and
+    data without the unique-token cap, one run per epoch count E whose E x U tokens fit in one
+    pass over the training split (``train_tokens``), each seeing E x U distinct tokens with the
+    same steps, schedule and compute as the repeated run of E epochs. Muennighoff's effective
+    data D' of a repeated run is the fresh-data amount that reaches the same loss.
+
+    Raises:
+        ValueError: ``spec`` is not a repeated-data sweep, or even 2 epochs of U exceed the split.
+    """
+    import dataclasses
+
+    unique = unique_tokens_effective(spec)
+    if not spec.epochs or unique is None:
+        raise ValueError(f"sweep {spec.name!r} has no epochs and data.unique_tokens: no fresh-data control to derive")
+    fresh = [e for e in sorted(spec.epochs) if e > 1 and e * unique <= train_tokens]
+    if not fresh:
+        raise ValueError(f"sweep {spec.name!r}: 2 epochs of U={unique} tokens need more than the training split's "
+                         f"{train_tokens} tokens; no fresh-data control is possible")
+    (size,) = spec.sizes if len(spec.sizes) == 1 else (None,)
+    if size is None:
+        raise ValueError(f"a fresh-data control is derived for one size; {spec.name!r} has {list(spec.sizes)}")
+    steps_per_epoch = unique / (world_batch_rows(spec) * seq_len_of(spec))
+    budgets = [flops_per_token(spec, size) * round(e * steps_per_epoch) * tokens_per_step(spec) for e in fresh]
+    data = {k: v for k, v in spec.data.items() if k != "unique_tokens"}
+    return dataclasses.replace(spec, name=f"{spec.name}-fresh", epochs=(), budgets=tuple(budgets), data=data,
+                               tokens_per_param=None)
 
 
 def run_config(spec: SweepSpec, run: RunPlan, tb_root: str) -> dict[str, Any]:

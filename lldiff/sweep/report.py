@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 
 from lldiff.atomic import write_text
-from lldiff.sweep.analysis import (BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED, CARRIED_NUMERIC, COMPUTE_AXES,
-                                   DEFAULT_REFERENCE, REQUIRED_COLUMNS, RESAMPLING, ObjectiveFit,
-                                   SweepAnalysis, analyze_results, validate_results)
+from lldiff.sweep.analysis import (CARRIED_NUMERIC, COMPUTE_AXES, REQUIRED_COLUMNS, SweepAnalysis, analyze_results,
+                                   validate_results)
+from lldiff.sweep.bootstrap import BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED, RESAMPLING
+from lldiff.sweep.fits import DEFAULT_REFERENCE, ObjectiveFit
 from lldiff.sweep.figures import METRIC_LABELS, load_training_curves, make_figures, objective_name
 
 log = logging.getLogger(__name__)
@@ -128,10 +129,11 @@ def interval_method_line(analysis: SweepAnalysis) -> str:
                         for m, k in methods.items()) or "no budgets"
         schemes.setdefault(how, []).append(name(obj))
     resampling = "; ".join(f"{how} ({', '.join(objs)})" for how, objs in schemes.items())
-    failed = ", ".join(f"{name(obj)} {100 * ob.failed_fraction:.1f}%" for obj, ob in boot.objectives.items())
-    return (f"Intervals: **bootstrap** 95% percentile intervals over {boot.replicates} replicates (seed {boot.seed}) "
-            "propagating every per-budget fit through vertices, power laws and multipliers. Resampling: "
-            f"{resampling}. Replicates failed (a parabola without a minimum; left out of the intervals): {failed}. "
+    held = ", ".join(f"{name(obj)} {100 * ob.bracket_held():.1f}%" for obj, ob in boot.objectives.items())
+    return (f"Intervals: **bootstrap** 95% percentile intervals over {boot.replicates} replicates (seed {boot.seed}), "
+            "each replicate re-running the same estimator (vertex where bracketed, else the best measured size) "
+            "through power laws and multipliers. Resampling: "
+            f"{resampling}. Replicates in which every budget stayed bracketed: {held}. "
             "*t*: the analytic t-based 95% interval of the OLS power law.")
 
 
@@ -149,7 +151,7 @@ def exponent_rows(analysis: SweepAnalysis) -> list[list[str]]:
         rows.append([name(obj), num(a, ".3f"), ci(boot.a_ci95 if boot else nan2, ".3f"), ci(a_t, ".3f"),
                      num(b, ".4f"), ci(boot.b_ci95 if boot else nan2, ".4f"), ci(b_t, ".4f"),
                      str(fit.optima(analysis.exclude_extrapolated)[0].size),
-                     f"{100 * boot.failed_fraction:.1f}%" if boot else "—"])
+                     f"{100 * boot.bracket_held():.1f}%" if boot else "—"])
     return rows
 
 
@@ -158,7 +160,7 @@ def headline_section(analysis: SweepAnalysis) -> list[str]:
     lines = ["## Headline", "", f"- {bracketing_line(analysis)}", f"- {interval_method_line(analysis)}", "",
              "Exponents of N_opt = A·C^a and L_opt = A·C^-b:", ""]
     lines += table(["objective", "a", "a 95% (bootstrap)", "a 95% (t)", "b", "b 95% (bootstrap)", "b 95% (t)",
-                    "budgets", "failed replicates"], exponent_rows(analysis), "lrrrrrrrr")
+                    "budgets", "replicates bracketed"], exponent_rows(analysis), "lrrrrrrrr")
     ref = analysis.reference
     if analysis.candidates:
         rows = []
@@ -172,12 +174,10 @@ def headline_section(analysis: SweepAnalysis) -> list[str]:
             nan2 = (math.nan, math.nan)
             rows.append([f"{name(cand)} − {name(ref)}", num(da, "+.3f"),
                          ci(comp.delta_a_ci95 if comp else nan2, "+.3f"), num(db, "+.4f"),
-                         ci(comp.delta_b_ci95 if comp else nan2, "+.4f"),
-                         f"{100 * comp.used_fraction:.1f}%" if comp else "—"])
+                         ci(comp.delta_b_ci95 if comp else nan2, "+.4f")])
         lines += ["", f"Exponent differences from the reference ({name(ref)}); an interval containing 0 means the "
                   "sweep cannot tell the exponents apart:", ""]
-        lines += table(["difference", "Δa", "Δa 95% (bootstrap)", "Δb", "Δb 95% (bootstrap)", "replicates used"],
-                       rows, "lrrrrr")
+        lines += table(["difference", "Δa", "Δa 95% (bootstrap)", "Δb", "Δb 95% (bootstrap)"], rows, "lrrrr")
         for cand in analysis.candidates:
             lines += ["", f"Compute multiplier k(C), {name(cand)} vs {name(ref)} (95% bootstrap intervals):", ""]
             rows = [[num(r.budget), num(r.parametric), ci(r.parametric_ci95), num(r.nonparametric),
@@ -253,15 +253,16 @@ def fit_sizes(analysis: SweepAnalysis, objective: str, budget: float) -> int:
     return int(pts[(pts["objective"] == objective) & (pts["budget"] == budget)]["n_nonemb"].nunique())
 
 
-def law_lines(fit: ObjectiveFit) -> list[str]:
-    """The fitted laws of one objective as bullet points."""
+def law_lines(fit: ObjectiveFit, six_nd: bool = True) -> list[str]:
+    """The fitted laws of one objective as bullet points (``six_nd``: C = 6 N D, so the
+    compute-optimal tokens scale as C^(1 - a))."""
     out, who = [], name(fit.objective)
     if fit.n_opt_law is not None:
         law = fit.n_opt_law
         out.append(f"- {who}: N_opt = A·C^a with a = {law.exponent:.3f} ± {num(law.exponent_se)} "
                    f"(t 95% CI {ci(law.exponent_ci95)}), A = {law.prefactor:.3g} (t 95% CI "
-                   f"{ci(law.prefactor_ci95)}), {law.n_points} budgets, R² = {law.r_squared:.4f}; so D_opt ∝ "
-                   f"C^{1 - law.exponent:.3f} (on the 6·N·D axis)")
+                   f"{ci(law.prefactor_ci95)}), {law.n_points} budgets, R² = {law.r_squared:.4f}"
+                   + (f"; so D_opt ∝ C^{1 - law.exponent:.3f}" if six_nd else ""))
     if fit.loss_law is not None:
         law = fit.loss_law
         lo, hi = law.exponent_ci95
@@ -285,7 +286,7 @@ def laws_section(analysis: SweepAnalysis) -> list[str]:
              "t interval is undefined; the bootstrap intervals of the headline still exist (they come from "
              "the per-budget fit noise).", ""]
     for fit in analysis.fits.values():
-        lines += law_lines(fit)
+        lines += law_lines(fit, analysis.compute == "6nd")
     return lines
 
 
@@ -346,19 +347,21 @@ def bootstrap_section(analysis: SweepAnalysis) -> list[str]:
              "pooled seed std when it has one, otherwise each parabola is residual-bootstrapped (residuals scaled by "
              "sqrt(m/(m-3)) for its 3 parameters and, by default, pooled over the objective's parabolas: a single "
              "parabola of 5 sizes has only 2 residual degrees of freedom, too few to estimate the noise). Each "
-             "replicate is refitted through the whole pipeline. A "
-             "replicate whose refitted parabola (at a bracketed budget) has no minimum is *failed*: counted here and "
-             "left out of the intervals.", ""]
+             "replicate re-runs the estimator of the point estimate on its resampled losses: per budget the "
+             "parabola's vertex where the replicate brackets it, else its best measured size (no replicate is "
+             "dropped). How often each budget stayed bracketed measures how robust its bracket is.", ""]
     rows = []
     for obj, ob in boot.objectives.items():
         methods = "; ".join(f"{m} ×{k}" for m, k in boot.methods(obj).items()) or "—"
-        rows.append([name(obj), methods, f"{100 * ob.failed_fraction:.1f}%", f"{100 * ob.outside_fraction:.1f}%"])
-    lines += table(["objective", "resampling (budgets)", "failed replicates", "a vertex left the sampled sizes"],
-                   rows, "llrr")
-    lines += [""] * bool(boot.comparisons)
-    for cand, comp in boot.comparisons.items():
-        lines.append(f"- {name(cand)} vs {name(comp.reference)}: {100 * comp.used_fraction:.1f}% of replicates "
-                     "succeeded for both objectives and give the intervals.")
+        per_budget = ", ".join(f"C={c:.3g}: {100 * ob.bracket_held(float(c)):.0f}%" for c in ob.budgets)
+        rows.append([name(obj), methods, f"{100 * ob.bracket_held():.1f}%", per_budget])
+    lines += table(["objective", "resampling (budgets)", "all budgets bracketed", "bracketed, per budget"],
+                   rows, "llrl")
+    unused = {cand: comp for cand, comp in boot.comparisons.items() if comp.used_fraction < 1}
+    lines += [""] * bool(unused)
+    for cand, comp in unused.items():  # an optimum with a non-positive loss: practically never
+        lines.append(f"- {name(cand)} vs {name(comp.reference)}: {100 * (1 - comp.used_fraction):.1f}% of replicates "
+                     "had an optimum with a non-positive loss and are left out of the intervals.")
     return lines
 
 

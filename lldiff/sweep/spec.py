@@ -8,6 +8,7 @@ A spec is a YAML file (or a named preset in ``lldiff/sweep/presets``)::
     budgets: [2.0e11, 6.0e11]         # compute C in FLOPs, on the `compute` axis
     compute: 6nd                      # 6nd: SMDM's C = 6 N D (default); matmul: real training FLOPs
     tokens_per_param: [5, 500]        # per budget, keep the sizes whose D/N lies in this window
+    lr_reference_width: 32            # runs wider than this get lr x 32 / d_model (muP's Adam rule)
     seeds: [0]
     data: {source: stdlib, vocab_size: 1024, seq_len: 64, batch_size: 16}   # PretrainDataModule args
     model: {lr: 2.0e-3, random_length_prob: 0.01}   # LMBase args for every run
@@ -74,6 +75,7 @@ class SweepSpec:
     compute: str = "6nd"
     tokens_per_param: tuple[float, float] | None = None
     epochs: tuple[float, ...] = ()
+    lr_reference_width: int | None = None
     data: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     objective_args: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -108,7 +110,7 @@ class SweepSpec:
 
 #: fields added after sweeps were first written, with their defaults: left at the default they
 #: stay out of the fingerprint, so a sweep directory made before they existed still resumes.
-_LATER_FIELDS: dict[str, Any] = {"compute": "6nd", "tokens_per_param": None, "epochs": ()}
+_LATER_FIELDS: dict[str, Any] = {"compute": "6nd", "tokens_per_param": None, "epochs": (), "lr_reference_width": None}
 
 
 def _validate(spec: SweepSpec) -> None:
@@ -133,6 +135,9 @@ def _validate(spec: SweepSpec) -> None:
         if len(window) != 2 or not 0 < window[0] < window[1]:
             fail(f"tokens_per_param must be [low, high] with 0 < low < high, got {list(window)}")
     _validate_data_budget(spec, fail)
+    width = spec.lr_reference_width
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        fail(f"lr_reference_width must be a positive integer (a d_model) or null, got {width!r}")
     bad = [s for s in spec.sizes if s not in SIZES]
     if bad:
         fail(f"unknown size(s) {bad}; known sizes: {', '.join(SIZES)}")
