@@ -13,7 +13,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from lldiff.sweep.spec import load_spec
+from lldiff.sweep.spec import load_preset, load_spec
 from lldiff.tune import TuneError
 from lldiff.tune.cli import main as tune_main
 from lldiff.tune.setup import RESERVED, load_setup
@@ -267,7 +267,8 @@ def test_tune_run_then_best_into_spec(tmp_path, base_config, capsys):
     best = study.best_trial
     spec = load_spec(spec_out)
     assert spec.size_args["tiny-0.016M"] == {"lr": best.params["model.lr"]}
-    assert spec.model["lr"] == 3.0e-3 and spec.sizes == ("tiny-0.016M", "tiny-0.03M", "tiny-0.1M", "tiny-0.4M")
+    preset = load_preset("demo")  # everything but the tuned size's args stays the preset's
+    assert (spec.model, spec.objective_args, spec.sizes) == (preset.model, preset.objective_args, preset.sizes)
     assert "not written" in printed and "data.batch_size" in printed
     with pytest.raises(SystemExit):
         tune_main(["best", "--out", str(out), "--into-spec", "demo", "--size", "tiny-3.5M", "--spec-out", str(spec_out)])

@@ -23,9 +23,10 @@ def plan_table(spec: SweepSpec, plan: list[RunPlan]) -> str:
     points = (f"{len(spec.epochs)} epoch counts over U={plan[0].unique_tokens:,} unique tokens" if spec.epochs
               else f"{len(spec.budgets)} budgets")
     cells = len({(r.size, r.budget) for r in plan})
+    window = f", D/N in [{spec.tokens_per_param[0]:g}, {spec.tokens_per_param[1]:g}]" if spec.tokens_per_param else ""
     lines = [
-        f"sweep {spec.name!r}: {len(plan)} runs ({len(spec.objectives)} objectives x {cells} (size, {points.split()[-1]}) "
-        f"cells of {len(spec.sizes)} sizes x {points} x {len(spec.seeds)} seeds), {plan[0].tokens_per_step:.0f} "
+        f"sweep {spec.name!r}: {len(plan)} runs = {len(spec.objectives)} objectives x {cells} cells (of "
+        f"{len(spec.sizes)} sizes x {points}{window}) x {len(spec.seeds)} seed(s), {plan[0].tokens_per_step:.0f} "
         f"tokens/step; compute axis {spec.compute}: {COMPUTE_AXES[spec.compute]}",
         f"{'#':>3} {'run':<34} {'N':>13} {'steps':>8} {'tokens':>10} {'D/N':>7} {'FLOPs':>10} {'GPU-h':>8}",
     ]
