@@ -285,6 +285,15 @@ def test_sweep_skips_finished_runs_and_refuses_a_foreign_directory(toy_corpus, c
     assert (tmp_path / "results.csv").read_text() == before
 
 
+def test_a_foreign_results_table_is_refused_before_anything_is_written(toy_corpus, cache_dir, tmp_path):
+    """A directory with another spec's results.csv (and no spec.yaml) gets no spec.yaml of ours."""
+    ResultsTable(tmp_path / "results.csv", "someone-else").record({"run_id": "ar/x/C1"})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match="different sweep spec"):
+        run_sweep(toy_spec(toy_corpus, cache_dir, sizes=["tiny-0.1M"]), tmp_path, log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "spec.yaml").exists()
+
+
 def test_sweep_killed_mid_run_resumes_and_records_each_run_once(toy_corpus, cache_dir, tmp_path):
     spec = toy_spec(toy_corpus, cache_dir, budgets=[1.5e10])
     spec_file = tmp_path / "spec.yaml"

@@ -31,8 +31,8 @@ Log = Callable[[str], None]
 
 
 def prepare_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
-    """Create ``out`` with ``spec.yaml``, or check that it belongs to this very spec."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Create ``out`` with ``spec.yaml``, or check that it belongs to this very spec. Every
+    check reads only; nothing is written into a directory that belongs to another spec."""
     spec_path = out / "spec.yaml"
     if spec_path.is_file():
         existing = spec_from_dict(yaml.safe_load(spec_path.read_text()))
@@ -41,10 +41,11 @@ def prepare_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
                 f"{out} holds a sweep with a different spec ({spec_path}, fingerprint {existing.fingerprint} "
                 f"!= {spec.fingerprint}); use another --out directory. Nothing was overwritten."
             )
-    else:
-        write_text(spec_path, spec.to_yaml())
     table = ResultsTable(out / "results.csv", spec.fingerprint)
-    table.rows()  # fails early on a table from another spec
+    table.rows()  # fails on a table from another spec, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    if not spec_path.is_file():
+        write_text(spec_path, spec.to_yaml())
     return table
 
 
