@@ -175,13 +175,18 @@ def breakdown(args: argparse.Namespace) -> None:
                 print(f"  {phase:<32} {seconds * 1e3:>7.2f} ms  {seconds / step:>6.1%}")
 
 
+THROUGHPUT_DEFAULTS = {"size": "smdm-6M", "vocab": 4096, "seq_len": 256, "batch": 8, "steps": 12}
+BREAKDOWN_DEFAULTS = {"size": "tiny-0.004M", "vocab": 512, "seq_len": 64, "batch": 16, "steps": 100}
+"""``--breakdown`` defaults to the demo sweep's smallest model, as one of its runs sees it."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="smdm-6M")
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
+    parser.add_argument("--size", help="model size (default smdm-6M; with --breakdown tiny-0.004M)")
+    parser.add_argument("--vocab", type=int, help="vocabulary (default 4096; with --breakdown 512)")
+    parser.add_argument("--seq-len", type=int, help="tokens per row (default 256; with --breakdown 64)")
+    parser.add_argument("--batch", type=int, help="rows per batch (default 8; with --breakdown 16)")
+    parser.add_argument("--steps", type=int, help="timed steps per round (default 12; with --breakdown 100)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds, alternating which loop runs first")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
     parser.add_argument("--breakdown", action="store_true",
@@ -192,12 +197,11 @@ def main() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):  # no per-fit banners between the tables
         logging.getLogger(name).setLevel(logging.WARNING)
     L.seed_everything(0, verbose=False)
+    defaults = BREAKDOWN_DEFAULTS if args.breakdown else THROUGHPUT_DEFAULTS
+    for key, value in defaults.items():  # what was not given
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.breakdown:
-        defaults = {"size": "smdm-6M", "vocab": 4096, "seq_len": 256, "batch": 8, "steps": 12}
-        demo = {"size": "tiny-0.004M", "vocab": 512, "seq_len": 64, "batch": 16, "steps": 100}
-        for key, value in demo.items():  # the demo sweep's shape unless given
-            if getattr(args, key) == defaults[key]:
-                setattr(args, key, value)
         breakdown(args)
         return
 

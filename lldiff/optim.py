@@ -37,7 +37,7 @@ def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
     from torch.distributed.tensor import DTensor
 
     return bool(params) and all(
-        type(p) is not DTensor and not isinstance(p, DTensor) and p.is_floating_point()
+        not isinstance(p, DTensor) and p.is_floating_point()
         and p.device.type in ("cpu", "cuda") for p in params
     )
 

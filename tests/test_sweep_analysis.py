@@ -490,7 +490,7 @@ def test_three_objectives_analyse_draw_and_report(tmp_path):
 
 
 def test_objective_styles_fall_back_deterministically():
-    from lldiff.sweep.figures import OBJECTIVE_STYLES, objective_name, objective_styles
+    from lldiff.sweep.objective_facts import OBJECTIVE_STYLES, objective_name, objective_styles
 
     names = ["ar", "mdm", "bd3-4", "bd3-16", "bd3-64"]
     styles = objective_styles(names)

@@ -21,8 +21,10 @@ import pandas as pd
 
 from lldiff.sweep.bootstrap import (BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED, ComparisonBootstrap, SweepBootstrap,
                                     bootstrap_sweep)
-from lldiff.sweep.fits import (CELL_KEYS, DEFAULT_REFERENCE, MultiplierRow, ObjectiveFit, fit_laws, fit_parabolas,
+from lldiff.sweep.fits import (CELL_KEYS, MultiplierRow, ObjectiveFit, fit_laws, fit_parabolas,
                                multiplier_table)
+from lldiff.sweep.objective_facts import DEFAULT_REFERENCE
+from lldiff.sweep.spec import COMPUTE_AXES
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,6 @@ REQUIRED_COLUMNS: tuple[str, ...] = ("run_id", "objective", "size", "n_nonemb", 
 #: numeric columns averaged over seeds when present.
 CARRIED_NUMERIC: tuple[str, ...] = ("tokens", "flops", "flops_6nd", "flops_matmul", "max_steps", "val_bpb",
                                     "wall_time_s")
-#: compute axes (the ``compute`` column of results.csv) and how to name them.
-COMPUTE_AXES = {"6nd": "C = 6·N·D (SMDM)",
-                "matmul": "real matmul FLOPs (forward+backward, incl. LM head and attention)"}
 DEFAULT_COMPUTE = "6nd"
 
 

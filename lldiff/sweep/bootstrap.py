@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from lldiff.sweep.fits import (BRACKET_TOL, CELL_KEYS, DEFAULT_REFERENCE, MIN_BUDGETS_POWER, MIN_SIZES, ArrayLike,
+from lldiff.sweep.fits import (BRACKET_TOL, CELL_KEYS, MIN_BUDGETS_POWER, MIN_SIZES, ArrayLike,
                                ObjectiveFit, Parabola, match_compute_batch)
+from lldiff.sweep.objective_facts import DEFAULT_REFERENCE
 
 #: bootstrap defaults: replicates and generator seed (a fixed seed: the report is reproducible).
 BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED = 1000, 0

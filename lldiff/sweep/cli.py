@@ -58,7 +58,9 @@ def analyze_sweep(run_dir: Path, out: Path | None, fresh: Path | None) -> Path:
     """The iso-FLOP report, or the repeated-data report for a sweep of epochs."""
     import pandas as pd
 
-    results = run_dir / "results.csv"
+    from lldiff.sweep.results import RESULTS_FILE
+
+    results = run_dir / RESULTS_FILE
     repeated = results.is_file() and "epochs" in pd.read_csv(results, nrows=1000).dropna(axis=1, how="all")
     if repeated or fresh is not None:
         from lldiff.sweep.repetition_report import analyze_repetition

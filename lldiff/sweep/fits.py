@@ -44,8 +44,6 @@ from scipy import optimize, stats
 
 log = logging.getLogger(__name__)
 
-#: the objective every other one is compared with unless told otherwise.
-DEFAULT_REFERENCE = "ar"
 #: fewest distinct sizes for an iso-FLOP parabola, fewest budgets for each law.
 MIN_SIZES, MIN_BUDGETS_POWER, MIN_BUDGETS_SATURATING = 3, 2, 4
 #: how far (in ln N) a vertex must be from a measured size to count as strictly beyond it.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lldiff.config import SIZES, ModelConfig
@@ -226,8 +226,6 @@ def fresh_control(spec: SweepSpec, train_tokens: int) -> SweepSpec:
     Raises:
         ValueError: ``spec`` is not a repeated-data sweep, or even 2 epochs of U exceed the split.
     """
-    import dataclasses
-
     unique = unique_tokens_effective(spec)
     if not spec.epochs or unique is None:
         raise ValueError(f"sweep {spec.name!r} has no epochs and data.unique_tokens: no fresh-data control to derive")
@@ -235,13 +233,13 @@ def fresh_control(spec: SweepSpec, train_tokens: int) -> SweepSpec:
     if not fresh:
         raise ValueError(f"sweep {spec.name!r}: 2 epochs of U={unique} tokens need more than the training split's "
                          f"{train_tokens} tokens; no fresh-data control is possible")
-    (size,) = spec.sizes if len(spec.sizes) == 1 else (None,)
-    if size is None:
+    if len(spec.sizes) != 1:
         raise ValueError(f"a fresh-data control is derived for one size; {spec.name!r} has {list(spec.sizes)}")
+    size = spec.sizes[0]
     steps_per_epoch = unique / (world_batch_rows(spec) * seq_len_of(spec))
     budgets = [flops_per_token(spec, size) * round(e * steps_per_epoch) * tokens_per_step(spec) for e in fresh]
     data = {k: v for k, v in spec.data.items() if k != "unique_tokens"}
-    return dataclasses.replace(spec, name=f"{spec.name}-fresh", epochs=(), budgets=tuple(budgets), data=data,
+    return replace(spec, name=f"{spec.name}-fresh", epochs=(), budgets=tuple(budgets), data=data,
                                tokens_per_param=None)
 
 

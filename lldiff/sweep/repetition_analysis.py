@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lldiff.sweep.figures import objective_name
+from lldiff.sweep.objective_facts import objective_name
 from lldiff.sweep.repetition import (FreshLaw, RepetitionFit, RStarFit, best_epoch, crossover_compute,
                                      effective_data_from_fresh, fit_fresh_law, fit_r_star, fit_repetition_decay)
+from lldiff.sweep.results import RESULTS_FILE, read_results
 
-RESULTS_FILE = "results.csv"
 LOSS = "val_nll_per_token"
 #: a fresh run matches a repeated epoch count when their data differ by less than this factor.
 MATCH_TOLERANCE = 1.05
@@ -45,14 +45,13 @@ MATCH_TOLERANCE = 1.05
 
 def _read_results(directory: Path, what: str) -> pd.DataFrame:
     path = Path(directory) / RESULTS_FILE
-    if not path.is_file():
-        raise ValueError(f"{what} directory {directory} has no {RESULTS_FILE}")
-    df = pd.read_csv(path)
+    try:
+        df = read_results(directory, what)
+    except FileNotFoundError as err:  # this module's loaders raise ValueError for every bad input
+        raise ValueError(str(err)) from err
     missing = [c for c in ("run_id", "objective", "size", "tokens", LOSS) if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}")
-    if df.empty:
-        raise ValueError(f"{path} has no finished runs")
     df = df.copy()
     df["objective"] = df["objective"].astype(str).str.lower()
     for col in ("tokens", "flops", "budget", "epochs", "unique_tokens", LOSS, "val_bpb", "n_nonemb"):

@@ -18,7 +18,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import FuncFormatter
 
-from lldiff.sweep.figures import COMPUTE_LABELS, new_figure, note, objective_name, objective_styles, read_scalars
+from lldiff.sweep.figures import COMPUTE_LABELS, new_figure, note, read_scalars
+from lldiff.sweep.objective_facts import objective_name, objective_styles
 from lldiff.sweep.repetition_analysis import LOSS, Crossover, ObjectiveResult
 
 

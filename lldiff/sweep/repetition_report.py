@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from lldiff.atomic import write_text
-from lldiff.sweep.figures import objective_name, save_figure
+from lldiff.sweep.figures import save_figure
+from lldiff.sweep.objective_facts import DEFAULT_REFERENCE, exact_likelihood, objective_name
 from lldiff.sweep.repetition import RepetitionFit, RStarFit
 from lldiff.sweep.repetition_analysis import (LOSS, Crossover, ObjectiveResult, analyze_objective, compare, load_fresh,
                                               load_repeated, seed_mean)
@@ -43,14 +44,12 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "report.md"
 JSON_FILE = "results.json"
 TB_RUN = "data_constrained"
-DEFAULT_REFERENCE = "ar"
 #: SPEC §11 (Muennighoff et al. 2023; Prabhudesai et al. 2025): published values, for comparison.
 PUBLISHED = {"ar": {"r_star": 15.0, "useful_epochs": 4.0}, "mdm": {"r_star": 500.0, "useful_epochs": 100.0}}
 PUBLISHED_TEXT = ("Published (SPEC §11; Muennighoff et al. 2023, Prabhudesai et al. 2025): AR R* ≈ 15, MDM R* ≈ 500; "
                   "AR gains from up to ~4 epochs, MDM from up to ~100; at enough compute the MDM's best loss is "
                   "lower (3.51 vs 3.71 on C4 at 100M unique tokens).")
 #: objectives whose validation loss is an exact NLL (the others report a bound, the negative ELBO).
-EXACT_LIKELIHOOD = frozenset({"ar"})
 
 
 # --------------------------------------------------------------------------- formatting
@@ -187,7 +186,7 @@ def render_report(results: dict[str, ObjectiveResult], crossovers: list[Crossove
                                                              else "") + ".")
         else:
             lines.append(f"- Direct fit: not possible ({res.notes.get('direct', '')}).")
-        if obj not in EXACT_LIKELIHOOD:
+        if not exact_likelihood(obj):
             lines.append(f"- {name}'s validation loss is its negative ELBO, an upper bound on its NLL.")
         lines.append("")
     if crossovers:
@@ -267,7 +266,7 @@ def results_json(results: dict[str, ObjectiveResult], crossovers: list[Crossover
         law = r.fresh_law
         objectives[obj] = {
             "best_epoch": r.best_epoch, "best_loss": r.best_loss, "largest_epoch": r.largest_epoch,
-            "loss_at_largest_epoch": r.loss_at_largest, "exact_likelihood": obj in EXACT_LIKELIHOOD,
+            "loss_at_largest_epoch": r.loss_at_largest, "exact_likelihood": exact_likelihood(obj),
             "r_star": {"primary": r.primary,
                        "value": (r.r_star_fresh.r_star if r.primary == "fresh" else
                                  r.direct.r_star if r.primary == "direct" else None),

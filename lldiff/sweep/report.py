@@ -23,19 +23,20 @@ import numpy as np
 import pandas as pd
 
 from lldiff.atomic import write_text
-from lldiff.sweep.analysis import (CARRIED_NUMERIC, COMPUTE_AXES, REQUIRED_COLUMNS, SweepAnalysis, analyze_results,
+from lldiff.sweep.analysis import (CARRIED_NUMERIC, REQUIRED_COLUMNS, SweepAnalysis, analyze_results,
                                    validate_results)
 from lldiff.sweep.bootstrap import BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED, RESAMPLING
-from lldiff.sweep.fits import DEFAULT_REFERENCE, ObjectiveFit
-from lldiff.sweep.figures import METRIC_LABELS, load_training_curves, make_figures, objective_name
+from lldiff.sweep.fits import ObjectiveFit
+from lldiff.sweep.figures import METRIC_LABELS, load_training_curves, make_figures
+from lldiff.sweep.objective_facts import DEFAULT_REFERENCE, exact_likelihood, objective_name
+from lldiff.sweep.results import RESULTS_FILE, read_results
+from lldiff.sweep.spec import COMPUTE_AXES
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.csv"
 REPORT_FILE = "report.md"
 SMDM_MULTIPLIER = 16.0
 #: objectives whose validation loss is an exact NLL (the others report a negative ELBO).
-EXACT_LIKELIHOOD = frozenset({"ar"})
 #: results.csv columns that are not hyperparameters (everything else is listed as one).
 KNOWN_COLUMNS = {*REQUIRED_COLUMNS, *CARRIED_NUMERIC, "seed", "val_nll_per_token", "val_bpb", "spec_fingerprint",
                  "finished_at", "compute"}
@@ -51,13 +52,8 @@ def load_results(run_dir: str | Path, metric: str = "val_nll_per_token") -> pd.D
         FileNotFoundError: no results.csv in ``run_dir``.
         ValueError: the file is empty or lacks required columns (named in the message).
     """
+    df = read_results(run_dir)
     path = Path(run_dir) / RESULTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {RESULTS_FILE} in {Path(run_dir)}: has the sweep finished any run?")
-    try:
-        df = pd.read_csv(path)
-    except pd.errors.EmptyDataError as err:
-        raise ValueError(f"{path} is empty: no finished runs") from err
     try:
         validate_results(df, metric)
     except ValueError as err:
@@ -308,7 +304,7 @@ def interpretation(analysis: SweepAnalysis) -> list[str]:
                    f"the {name(cand)} reaches the {name(ref)}'s loss with about {1 / mean:.3g}x less compute{spread}")
         elbo = (f" The {name(cand)}'s loss is a Monte-Carlo negative ELBO, an upper bound on its NLL, so the "
                 f"multiplier overstates its true likelihood gap, if anything."
-                if cand not in EXACT_LIKELIHOOD and ref in EXACT_LIKELIHOOD else "")
+                if not exact_likelihood(cand) and exact_likelihood(ref) else "")
         out.append(f"- {name(cand)} vs {name(ref)}: at the measured budgets {verdict} (geometric mean).{elbo}")
     out.append(f"- For scale: SMDM reports roughly {SMDM_MULTIPLIER:.0f}x for MDM vs AR at their scale.")
     return out
@@ -403,8 +399,8 @@ def render_report(analysis: SweepAnalysis, results: pd.DataFrame, figures: dict[
     """The whole markdown report."""
     objectives = results["objective"].astype(str).str.lower()
     runs = ", ".join(f"{int((objectives == obj).sum())} {name(obj)}" for obj in analysis.objectives)
-    exact = [name(o) for o in analysis.objectives if o in EXACT_LIKELIHOOD]
-    bounds = [name(o) for o in analysis.objectives if o not in EXACT_LIKELIHOOD]
+    exact = [name(o) for o in analysis.objectives if exact_likelihood(o)]
+    bounds = [name(o) for o in analysis.objectives if not exact_likelihood(o)]
     kinds = "; ".join(filter(None, [f"{', '.join(exact)}: exact NLL" if exact else "",
                                     f"{', '.join(bounds)}: Monte-Carlo negative ELBO, an upper bound on the NLL"
                                     if bounds else ""]))

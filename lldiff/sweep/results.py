@@ -9,12 +9,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import pandas as pd
+
 from lldiff.atomic import write_text
+
+RESULTS_FILE = "results.csv"
+"""A sweep directory's table of finished runs."""
 
 COLUMNS = [
     "run_id", "objective", "size", "n_nonemb", "budget", "seed", "max_steps", "tokens", "compute", "flops",
-    "flops_6nd", "flops_matmul", "unique_tokens", "epochs", "val_nll_per_token", "val_bpb", "val_mc_samples", "wall_time_s", "lr", "warmup_steps", "batch_size",
-    "seq_len", "vocab_size", "random_length_prob", "spec_fingerprint", "finished_at",
+    "flops_6nd", "flops_matmul", "unique_tokens", "epochs", "val_nll_per_token", "val_bpb", "val_mc_samples",
+    "wall_time_s", "lr", "warmup_steps", "batch_size", "seq_len", "vocab_size", "random_length_prob",
+    "spec_fingerprint", "finished_at",
 ]
 
 
@@ -64,3 +70,22 @@ class ResultsTable:
             writer.writerows(rows)
             write_text(self.path, buffer.getvalue())
             return True
+
+
+def read_results(directory: str | Path, what: str = "sweep") -> pd.DataFrame:
+    """``directory/results.csv`` as a data frame (what an analysis reads; no fingerprint check).
+
+    Raises:
+        FileNotFoundError: no results.csv (``what`` names the directory's role in the message).
+        ValueError: the file is empty.
+    """
+    path = Path(directory) / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} directory {directory} has no {RESULTS_FILE}: has it finished any run?")
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError as err:
+        raise ValueError(f"{path} is empty: no finished runs") from err
+    if df.empty:
+        raise ValueError(f"{path} is empty: no finished runs")
+    return df

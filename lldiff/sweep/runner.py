@@ -24,7 +24,7 @@ import yaml
 
 from lldiff.sweep.plan import RunPlan, make_plan, matmul_flops, run_config, seq_len_of, world_batch_rows
 from lldiff.atomic import write_text
-from lldiff.sweep.results import ResultsTable
+from lldiff.sweep.results import RESULTS_FILE, ResultsTable
 from lldiff.sweep.spec import SweepSpec, spec_from_dict
 
 Log = Callable[[str], None]
@@ -41,7 +41,7 @@ def prepare_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
                 f"{out} holds a sweep with a different spec ({spec_path}, fingerprint {existing.fingerprint} "
                 f"!= {spec.fingerprint}); use another --out directory. Nothing was overwritten."
             )
-    table = ResultsTable(out / "results.csv", spec.fingerprint)
+    table = ResultsTable(out / RESULTS_FILE, spec.fingerprint)
     table.rows()  # fails on a table from another spec, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if not spec_path.is_file():
@@ -81,7 +81,8 @@ def execute_run(spec: SweepSpec, out: Path, run: RunPlan, table: ResultsTable) -
         warnings.filterwarnings("ignore", ".*there is no last checkpoint available.*")  # a fresh run: expected
         cli = lightning_cli(["fit", "--config", str(config_path(out, run)), "--ckpt_path", "last"])
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
-    if run.objective == "mdm":
+    monte_carlo = "eval_mc_samples" in model.hparams  # a Monte-Carlo validation loss (an ELBO), whatever its name
+    if monte_carlo:
         model.hparams.eval_mc_samples = spec.final_val_mc_samples
     loggers, trainer.loggers = trainer.loggers, []  # the final evaluation is not a curve point
     metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
@@ -101,7 +102,7 @@ def execute_run(spec: SweepSpec, out: Path, run: RunPlan, table: ResultsTable) -
         "unique_tokens": unique if unique is not None else "",
         "epochs": trainer.global_step * world_batch_rows(spec) * seq_len_of(spec) / unique if unique else "",
         "val_nll_per_token": metrics["val/nll_per_token"], "val_bpb": metrics.get("val/bpb", float("nan")),
-        "val_mc_samples": spec.final_val_mc_samples if run.objective == "mdm" else 0,
+        "val_mc_samples": spec.final_val_mc_samples if monte_carlo else 0,
         "wall_time_s": round(time.perf_counter() - start, 2), "lr": hp.lr, "warmup_steps": hp.warmup_steps,
         "batch_size": datamodule.batch_size, "seq_len": datamodule.seq_len, "vocab_size": model.config.vocab_size,
         "random_length_prob": hp.random_length_prob,
@@ -224,7 +225,7 @@ def _execute_logged(spec: SweepSpec, out: Path, run: RunPlan) -> dict | None:
     """One run in a worker process, its output (Python and native) in ``logs/NNN.log``."""
     log_path = run_log(out, run)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    table = ResultsTable(out / "results.csv", spec.fingerprint)
+    table = ResultsTable(out / RESULTS_FILE, spec.fingerprint)
     with open(log_path, "w") as handle, _redirect_output(handle.fileno()):
         return execute_run(spec, out, run, table)
 

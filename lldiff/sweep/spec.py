@@ -42,8 +42,8 @@ from lldiff.config import SIZES
 
 OBJECTIVES = ("mdm", "ar")
 COMPUTE_AXES = {
-    "6nd": "C = 6·N·D (SMDM: N the non-embedding parameters; no LM head, no attention)",
-    "matmul": "real training FLOPs: forward + backward matmuls, LM head and attention included",
+    "6nd": "C = 6·N·D (SMDM)",
+    "matmul": "real matmul FLOPs (forward+backward, incl. LM head and attention)",
 }
 MIN_STEPS = 10
 """Fewest optimizer steps a planned run may have: below this, warmup and schedule are noise."""
