@@ -4,7 +4,7 @@
 #   make data-constrained  AR vs MDM repeated over 1..128 epochs of the same tokens (~10 min)
 #   make demo-fit  train the tiny MDM and AR on the offline corpus, print their comparison table
 #   make demo-sft  then fine-tune both on next/previous-line instructions and chat with them
-#   make reversal  the reversal study (LLaDA Table 3 shape), CPU preset
+#   make reversal  the reversal study on synthetic facts (LLaDA Table 3 shape), CPU preset (~20 min)
 #   make test   run the default (fast) test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -50,7 +50,7 @@ demo-sft: demo-fit
 	$(BIN)/lldiff chat --ckpt runs/sft-ar-tiny/checkpoints/last.ckpt --message "next line after: import os"
 
 reversal: $(BIN)/.installed
-	$(BIN)/python studies/reversal.py --preset cpu --out runs/reversal
+	$(BIN)/python studies/reversal.py --task facts --preset cpu --out runs/reversal-facts
 
 test: $(BIN)/.installed
 	$(BIN)/pytest -m "not slow" -q

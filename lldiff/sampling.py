@@ -382,3 +382,27 @@ def generate_threshold(
             best = select_top_k(confidence, active.squeeze(1).long())
             state.reveal(x0, ((confidence > threshold) | best) & candidates)
     return state.output(time.perf_counter() - start_time, eos_id)
+
+
+@torch.no_grad()
+def infill(model: Model, canvas: Tensor, *, mask_id: int, attention_mask: Tensor | None = None) -> Tensor:
+    """Fill every ``mask_id`` position of ``canvas`` (B, T), wherever it lies (text on both
+    sides), by the reverse process with low-confidence remasking: each model call reveals,
+    in every row that still has masks, its single most confident greedy prediction. Rows
+    finish after as many calls as they have masks; the canvas's other tokens never change.
+    With the masks as a suffix this is ``generate`` with one block and ``steps = gen_length``.
+    """
+    if not isinstance(canvas, Tensor) or canvas.dim() != 2 or canvas.dtype.is_floating_point:
+        raise ValueError(f"canvas must be an integer tensor of shape (B, T), got {getattr(canvas, 'shape', canvas)}")
+    x = canvas.clone()
+    while (masked := x == mask_id).any():
+        logits = call_model(model, x, attention_mask)
+        if mask_id < logits.shape[-1]:
+            logits = logits.clone()
+            logits[..., mask_id] = float("-inf")
+        probs = torch.softmax(logits.to(torch.float64), dim=-1)
+        confidence, x0 = probs.max(dim=-1)
+        confidence = torch.where(masked, confidence, float("-inf"))
+        best = select_top_k(confidence, masked.any(dim=1).long()) & masked
+        x = torch.where(best, x0.to(x.dtype), x)
+    return x

@@ -11,6 +11,7 @@ from lldiff.sampling import (
     cfg_logits,
     generate,
     generate_threshold,
+    infill,
     reveal_counts,
     strip_after_eos,
 )
@@ -475,3 +476,36 @@ def test_matches_llada_reference_sampler(cfg_scale, gen_length, block_length, st
                         mask_id=M, cfg_scale=cfg_scale, attention_mask=full).canvas
         ref = upstream_generate(model, prompt, steps, gen_length, block_length, cfg_scale, M, full)
         assert torch.equal(ours, ref)
+
+
+# ---------------------------------------------------------------------------------------
+# infilling: masks anywhere in the canvas
+
+
+def test_infill_with_a_masked_suffix_is_generate_with_one_block_and_one_token_per_step():
+    model = LinearModel(seed=3)
+    prompt = prompt_batch(b=4, p=5, seed=2)
+    reference = generate(model, prompt, gen_length=6, steps=6, block_length=6, mask_id=M)
+    canvas = torch.cat([prompt, torch.full((4, 6), M)], dim=1)
+    assert torch.equal(infill(model, canvas, mask_id=M), reference.canvas)
+
+
+def test_infill_fills_only_the_masks_most_confident_first_each_row_at_its_own_pace():
+    target = torch.tensor([1, 2, 3, 4, 5, 6])
+    rec = Recorder(Oracle(target, [0.9, 0.3, 0.8, 0.5, 0.95, 0.6]))
+    canvas = torch.tensor([[0, M, M, 3, M, 5], [M, 6, 6, 6, 6, M]])
+    out = infill(rec, canvas, mask_id=M)
+    assert torch.equal(out, torch.tensor([[0, 2, 3, 3, 5, 5], [1, 6, 6, 6, 6, 6]]))
+    assert len(rec.calls) == 3  # the row with the most masks sets the number of calls
+    # row 0 reveals position 4 (0.95), then 2 (0.8), then 1 (0.3); row 1 reveals 0 (0.9), then 5, then nothing
+    steps = [ids[0].tolist() for ids, _ in rec.calls]
+    assert steps[1] == [0, M, M, 3, 5, 5] and steps[2] == [0, M, 3, 3, 5, 5]
+    assert rec.calls[1][0][1].tolist() == [1, 6, 6, 6, 6, M] and rec.calls[2][0][1].tolist() == [1, 6, 6, 6, 6, 6]
+
+
+def test_infill_without_masks_calls_nothing_and_rejects_floats():
+    rec = Recorder(LinearModel())
+    canvas = prompt_batch()
+    assert torch.equal(infill(rec, canvas, mask_id=M), canvas) and not rec.calls
+    with pytest.raises(ValueError, match="integer tensor"):
+        infill(rec, canvas.float(), mask_id=M)
