@@ -30,15 +30,17 @@ def test_reversal_study_smoke_writes_table_results_curves_and_tensorboard(tmp_pa
     assert f"| model | {labels[0]} | {labels[1]} |" in table
     assert "| AR, tiny-0.016M, instructions after fine-tuning (this run) |" in table
     assert "| MDM (LLaDA objective), tiny-0.016M, infilling after pre-training, zero-shot (this run) |" in table
+    assert "| MDM (LLaDA objective), tiny-0.016M, infilling after fine-tuning (this run) |" in table
     assert "n/a (left context only)" in table  # AR cannot infill a span with text after it
     assert "| LLaDA-8B Instruct (paper) | 48.8 | 42.4 |" in table
     assert "## Pre-training recall plateau" in table
     saved = json.loads((out / "results.json").read_text())
     results = saved["results"]
     assert set(results) == {"ar", "mdm"} and saved["task"] == task
-    assert set(results["mdm"]["infill"]) == {"forward", "backward"} and set(results["ar"]["infill"]) == {"forward"}
+    for kind in ("infill", "infill_after_sft"):
+        assert set(results["mdm"][kind]) == {"forward", "backward"} and set(results["ar"][kind]) == {"forward"}
     for objective, r in results.items():
-        assert all(0.0 <= v <= 1.0 for kind in ("instruction", "infill") for v in r[kind].values())
+        assert all(0.0 <= v <= 1.0 for kind in ("instruction", "infill", "infill_after_sft") for v in r[kind].values())
         assert str(r["plateau"]["step"]) in saved["curves"][f"pretrain-{objective}"]["infill_forward"]
         outcomes = r["answers"]["instruction_backward"]  # every answer lands in exactly one bin
         n_queries = len((out / "data" / "eval-backward.jsonl").read_text().splitlines())
@@ -71,7 +73,7 @@ def test_lines_pretraining_text_holds_the_lines_in_forward_order(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--task", "facts", "--preset", "huge"], "--preset 'huge' does not exist for --task facts; allowed: cpu, smoke, gpu"),
+    (["--task", "facts", "--preset", "huge"], "--preset 'huge' does not exist for --task facts; allowed: cpu, cpu-long, smoke, gpu"),
     (["--task", "facts", "--text", "x.txt"], "--text applies to --task lines only"),
     (["--task", "facts", "--size", "tiny-7B"], "unknown model size 'tiny-7B'"),
     (["--task", "facts", "--pretrain-steps", "0"], "--pretrain-steps must be >= 1, got 0"),
