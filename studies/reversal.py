@@ -147,9 +147,7 @@ class TaskData:
 
 def prepare_facts(p: FactsPreset, out: Path, text: str | None) -> TaskData:
     tasks = fact_tasks(p.facts, paraphrases=p.paraphrases, sft_fraction=p.sft_fraction)
-    files = write_fact_tasks(tasks, out)
-    copies = [d for _ in range(p.copies) for d in tasks.documents]  # the datamodule shuffles rows, not documents
-    write_text(files["pretrain"], "\n\n".join(_shuffled(copies)) + "\n")
+    files = write_fact_tasks(tasks, out, copies=p.copies)
     in_val = {d for d in tasks.documents if split_score(d) < p.val_fraction}
     statements = {f: [d for d in tasks.documents if f.a in d] for f in tasks.heldout_facts}
     missing = sum(all(d in in_val for d in docs) for docs in statements.values())
@@ -185,14 +183,6 @@ def prepare_lines(p: LinesPreset, out: Path, text: str | None) -> TaskData:
     description = (f"{source}, {p.lines} distinct lines in windows of {p.window}; half of the blocks of {p.block} "
                    "lines teach next/previous-line instructions, the other half are held out")
     return TaskData(files, description, ("forward", "reversal"))
-
-
-def _shuffled(items: list[str], seed: int = 0) -> list[str]:
-    import random
-
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items
 
 
 PREPARE = {"facts": prepare_facts, "lines": prepare_lines}

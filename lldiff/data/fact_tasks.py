@@ -215,10 +215,18 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def write_fact_tasks(tasks: FactTasks, out: Path) -> dict[str, Path]:
-    """The files of a fact-task dataset (atomic writes); returns their paths by name."""
+def write_fact_tasks(tasks: FactTasks, out: Path, *, copies: int = 1, seed: int = 0) -> dict[str, Path]:
+    """The files of a fact-task dataset (atomic writes); returns their paths by name.
+    ``pretrain.txt`` holds ``copies`` passes over the statements, shuffled together by
+    ``seed`` when more than one (the data module shuffles packed rows, not documents: each
+    statement then meets several neighbours)."""
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "pretrain.txt", "\n\n".join(tasks.documents) + "\n")
+    documents = tasks.documents * copies
+    if copies > 1:
+        random.Random(seed).shuffle(documents)
+    write_text(out / "pretrain.txt", "\n\n".join(documents) + "\n")
     heldout = set(tasks.heldout_facts)
     write_jsonl(out / "facts.jsonl", [{**asdict(f), "heldout": f in heldout} for f in tasks.facts])
     files = {"train": tasks.sft, "eval-forward": tasks.eval_forward, "eval-backward": tasks.eval_backward,
