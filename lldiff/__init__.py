@@ -10,6 +10,14 @@ _warnings.filterwarnings(
     module=r"lightning\.pytorch\.utilities\._pytree",
 )
 
+# Lightning warns on every mid-epoch resume that "your dataloader is not resumable" because it
+# only asks the DataLoader object; lldiff's datamodules record the data order in every checkpoint
+# and fast-forward their sampler (lldiff.data.resumable), so a resume replays the exact batches.
+_warnings.filterwarnings(
+    "ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is"
+    r" not resumable",
+)
+
 
 class _DropLightningAdverts:
     """A ``logging`` filter for Lightning's product tips (one per fit: "💡 Tip: ... LitLogger")."""

@@ -55,12 +55,16 @@ def _check(model: Transformer, prompt: Tensor, max_new_tokens: int, temperature:
         raise ValueError("AR decoding needs a causal lldiff Transformer (an AutoregressiveLM's .model)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
+    if not temperature >= 0:  # also NaN
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        for name, value in (("top_k", top_k), ("top_p", top_p)):
+            if value is not None:
+                raise ValueError(f"{name}={value} needs temperature > 0 (greedy decoding at temperature 0 ignores it)")
     total = prompt.shape[1] + max_new_tokens
     if total > model.cfg.max_seq_len:
         raise ValueError(

@@ -9,9 +9,12 @@ The template is the one the checkpoint was fine-tuned with (``data.init_args.tem
 the run's ``config.yaml``), or ``--template FILE.yaml``, or the default. Each turn's prompt
 is the whole conversation so far (oldest turns are dropped when it outgrows the context).
 The MDM answers with the LLaDA reverse process in semi-autoregressive blocks
-(``--block-length``, default 32) with low-confidence remasking; the AR decodes with a KV
-cache. Answers end at the first EOS. In a terminal, ``/reset`` starts over and ``/quit``
-(or Ctrl-D) leaves.
+(``--block-length``, default ``min(32, --length)``; ``--length`` must be whole blocks) with
+low-confidence remasking; the AR decodes with a KV cache. Answers end at the first EOS. In
+a terminal, ``/reset`` starts over and ``/quit`` (or Ctrl-D) leaves.
+
+Option values are used exactly as given or refused (exit code 2), before the checkpoint is
+loaded where they do not depend on it; MDM options are refused for an AR checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import yaml
 from lldiff.checkpoint import LoadedModel, load_model
 from lldiff.completion import REMASKING, DecodeOptions, check_context, complete
 from lldiff.data.chat import ChatTemplate, Message
+from lldiff.generate import check_blocks, check_values, refuse_foreign_options
+
+MDM_ONLY = ("block_length", "steps", "remasking", "threshold", "cfg_scale")
 
 
 class ChatSession:
@@ -85,13 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's run directory)")
     parser.add_argument("--length", type=int, default=64, help="answer tokens: MDM canvas / AR budget (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="RNG seed for sampling (default 0; needs --temperature > 0 "
+                        "or --remasking random)")
     parser.add_argument("--device", default="cpu")
     mdm = parser.add_argument_group("MDM")
-    mdm.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block (default 32)")
-    mdm.add_argument("--steps", type=int, help="model calls per answer (default: --length)")
-    mdm.add_argument("--remasking", choices=REMASKING, default="low_confidence")
-    mdm.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance w (default 0: off)")
+    mdm.add_argument("--block-length", type=int,
+                     help="semi-autoregressive block, dividing --length (default: min(32, --length))")
+    mdm.add_argument("--steps", type=int,
+                     help="model calls per answer, a multiple of the number of blocks (default: --length)")
+    mdm.add_argument("--remasking", choices=REMASKING, help="default low_confidence")
+    mdm.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] for --remasking threshold "
+                     "(default 0.9)")
+    mdm.add_argument("--cfg-scale", type=float, help="classifier-free guidance w (default 0: off)")
     return parser
 
 
@@ -99,17 +110,24 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_values(args, parser)
+    if args.block_length is not None or args.steps is not None:  # MDM-only: the layout is known now
+        check_blocks(parser, args.length, "--length", args.block_length, args.steps)
+    seed = 0 if args.seed is None else args.seed
     try:
         loaded = load_model(args.ckpt, tokenizer=args.tokenizer, device=args.device)
+        if loaded.objective == "mdm":
+            block = check_blocks(parser, args.length, "--length", args.block_length, args.steps)
+            options = DecodeOptions(
+                length=args.length, temperature=args.temperature, steps=args.steps, block_length=block,
+                remasking="low_confidence" if args.remasking is None else args.remasking, threshold=args.threshold,
+                cfg_scale=0.0 if args.cfg_scale is None else args.cfg_scale)
+        else:
+            refuse_foreign_options(args, loaded.objective, parser, MDM_ONLY)
+            options = DecodeOptions(length=args.length, temperature=args.temperature)
         pattern = yaml.safe_load(Path(args.template).read_text()) if args.template else run_template(Path(args.ckpt))
         template = ChatTemplate.from_config(pattern)
-        length = args.length
-        block = min(args.block_length, length)
-        if loaded.objective == "mdm" and length % block:
-            length = -(-length // block) * block  # the canvas is whole blocks
-        options = DecodeOptions(length=length, temperature=args.temperature, steps=args.steps, block_length=block,
-                                remasking=args.remasking, cfg_scale=args.cfg_scale)
-        session = ChatSession(loaded, template, options, system=args.system, seed=args.seed)
+        session = ChatSession(loaded, template, options, system=args.system, seed=seed)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     interactive = not args.message and stdin.isatty()

@@ -9,18 +9,23 @@ tokenizer. Two formats, both read on one CPU process without any process group:
 * a sharded checkpoint (``fsdp2``): a ``.ckpt`` *directory* holding the weight and
   optimizer shards in PyTorch Distributed Checkpoint (DCP) format plus ``meta.pt`` (the
   rest: loops, ``lldiff`` extras with the model config); only the weights are read.
-  (PyTorch reads a DCP directory's ``.metadata`` index with pickle: load directories you trust.)
+  ``meta.pt`` is read with ``weights_only=True`` and the DCP ``.metadata`` index with a
+  restricted unpickler (:mod:`lldiff.checkpoint_io`; PyTorch's own reader uses plain
+  pickle, so a crafted index could run code).
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lldiff.checkpoint_io import check_sharded_metadata, safe_filesystem_reader
 from lldiff.config import ModelConfig
 from lldiff.data.tokenizer import Tokenizer
 from lldiff.model import Transformer
@@ -38,6 +43,18 @@ class LoadedModel:
         return self.model.cfg
 
 
+TOKENIZER_KEY = "tokenizer_sha256"  # in checkpoint["lldiff"]: the fingerprint of the run's tokenizer
+
+
+def check_tokenizer(saved: str | None, tokenizer: Tokenizer | None, what: str) -> None:
+    """Refuse a tokenizer other than the one ``what`` was trained with (same vocabulary size
+    or not: ids would mean other strings). Checkpoints from before the fingerprint pass."""
+    if saved is None or tokenizer is None or tokenizer.fingerprint == saved:
+        return
+    raise ValueError(f"{what} was trained with another tokenizer (sha256 {saved[:12]}…) than the one given "
+                     f"(sha256 {tokenizer.fingerprint[:12]}…); use the run's own tokenizer.json")
+
+
 SHARDED_METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 
 
@@ -52,12 +69,21 @@ def read_checkpoint_meta(path: str | Path, map_location: str = "cpu") -> dict:
     ``state_dict`` (the shards stay on disk until :func:`read_model_weights`)."""
     path = Path(path)
     if is_sharded_checkpoint(path):
+        check_sharded_metadata(path)  # before anything else of the directory is trusted
         return torch.load(path / SHARDED_METADATA, map_location=map_location, weights_only=True)
     if path.is_dir():
         raise ValueError(f"{path} is a directory but not a sharded checkpoint (no {SHARDED_METADATA} and .metadata)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if not zipfile.is_zipfile(path):  # torch.save's format; a text file or tokenizer.json is not one
+        raise ValueError(f"{path} is not a checkpoint (expected a .ckpt file or sharded directory written by lldiff fit)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refused an object: say so in one line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} holds objects a checkpoint never needs; refused to load it ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt: {error})") from None
 
 
 def read_model_weights(path: str | Path, state: dict, model: Transformer) -> dict[str, torch.Tensor]:
@@ -75,7 +101,7 @@ def read_model_weights(path: str | Path, state: dict, model: Transformer) -> dic
     request = {"state_dict": {f"model.{k}": v for k, v in weights.items()}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*assuming the intent is to load in a single process.*")
-        dcp.load(request, checkpoint_id=Path(path), no_dist=True)
+        dcp.load(request, storage_reader=safe_filesystem_reader(path), no_dist=True)
     return {k[len("model."):]: v for k, v in request["state_dict"].items()}
 
 
@@ -136,6 +162,7 @@ def load_model(
             f"tokenizer {tokenizer_path} has {loaded_tokenizer.vocab_size} real tokens but the checkpoint's model "
             f"has vocab_size={config.vocab_size}"
         )
+    check_tokenizer(state["lldiff"].get(TOKENIZER_KEY), loaded_tokenizer, str(path))
     return LoadedModel(model, objective, loaded_tokenizer, path)
 
 

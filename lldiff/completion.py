@@ -26,8 +26,11 @@ class DecodeOptions:
     MDM: ``steps`` model calls in all (default ``length``), semi-autoregressive blocks of
     ``block_length`` (default ``min(32, length)``; ``length`` = one block), ``remasking``
     ``low_confidence`` (LLaDA's default), ``random`` (Alg. 4) or ``threshold`` (parallel
-    decoding above ``threshold`` confidence), ``cfg_scale`` > 0 for classifier-free guidance.
-    AR: greedy at ``temperature`` 0, else sampling with optional ``top_k`` / ``top_p``.
+    decoding above ``threshold`` confidence, default 0.9), ``cfg_scale`` > 0 for
+    classifier-free guidance. AR: greedy at ``temperature`` 0, else sampling with optional
+    ``top_k`` / ``top_p``. Values that would be ignored or replaced are refused (ValueError):
+    ``threshold`` without ``remasking="threshold"``, ``steps`` with it, ``top_k`` / ``top_p`` at
+    ``temperature`` 0, zero ``steps`` / ``block_length``.
     """
 
     length: int = 64
@@ -35,7 +38,7 @@ class DecodeOptions:
     steps: int | None = None
     block_length: int | None = None
     remasking: str = "low_confidence"
-    threshold: float = 0.9
+    threshold: float | None = None  # None: 0.9 under remasking="threshold"
     cfg_scale: float = 0.0
     forbid_eos: bool = False
     top_k: int | None = None
@@ -47,10 +50,33 @@ class DecodeOptions:
             raise ValueError(f"length must be >= 1, got {self.length}")
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking={self.remasking!r}; allowed: {', '.join(REMASKING)}")
+        for name in ("steps", "block_length", "top_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.temperature >= 0:  # also NaN
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not self.cfg_scale >= 0:
+            raise ValueError(f"cfg_scale must be >= 0 (0 = off), got {self.cfg_scale}")
+        for name in ("threshold", "top_p"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if self.threshold is not None and self.remasking != "threshold":
+            raise ValueError(f"threshold={self.threshold} needs remasking='threshold' "
+                             f"(remasking={self.remasking!r} ignores it)")
+        if self.steps is not None and self.remasking == "threshold":
+            raise ValueError(f"steps={self.steps} has no effect with remasking='threshold' (it calls the model "
+                             "until each block is full)")
+        if self.temperature == 0:
+            for name in ("top_k", "top_p"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}={getattr(self, name)} needs temperature > 0 "
+                                     "(greedy decoding at temperature 0 ignores it)")
 
     @property
     def block(self) -> int:
-        return self.block_length or min(32, self.length)
+        return min(32, self.length) if self.block_length is None else self.block_length
 
 
 @dataclass
@@ -89,6 +115,10 @@ def complete(
     generator: torch.Generator | None = None,
 ) -> Completion:
     """Answer every prompt (token ids) with ``model`` (an MDM or an AR backbone)."""
+    if not model.cfg.causal:
+        for name in ("top_k", "top_p"):
+            if getattr(options, name) is not None:
+                raise ValueError(f"{name}={getattr(options, name)} applies to AR models only; this is an MDM")
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     check_context(ids.shape[1], options.length, model.cfg.max_seq_len)
@@ -101,7 +131,9 @@ def complete(
                   "temperature": options.temperature, "cfg_scale": options.cfg_scale, "attention_mask": mask,
                   "eos_id": eos_id, "forbid_eos": options.forbid_eos, "generator": generator}
     if options.remasking == "threshold":
-        sample = generate_threshold(model, ids, threshold=options.threshold, **common)
+        threshold = 0.9 if options.threshold is None else options.threshold
+        sample = generate_threshold(model, ids, threshold=threshold, **common)
     else:
-        sample = generate(model, ids, steps=options.steps or options.length, remasking=options.remasking, **common)
+        steps = options.length if options.steps is None else options.steps
+        sample = generate(model, ids, steps=steps, remasking=options.remasking, **common)
     return Completion(sample.answer(eos_id), sample.model_calls)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lldiff import objectives
-from lldiff.checkpoint import read_checkpoint_meta, read_model_weights
+from lldiff.checkpoint import TOKENIZER_KEY, check_tokenizer, read_checkpoint_meta, read_model_weights
 from lldiff.config import SIZES, ModelConfig
 from lldiff.flops import step_flops_per_token
 from lldiff.modules import AutoregressiveLM, LMBase, MaskedDiffusionLM
@@ -73,8 +73,15 @@ class _SFTMixin:
     """What both fine-tuning modules share: start from ``init_from``, score responses only."""
 
     def _load_pretrained(self: Any, init_from: str | None, state: dict[str, Any] | None) -> None:
+        self._pretrained_tokenizer, self._init_from = None, init_from
         if init_from is not None and state is not None:
             self.model.load_state_dict(read_model_weights(init_from, state, self.model))
+            self._pretrained_tokenizer = state["lldiff"].get(TOKENIZER_KEY)
+
+    def setup(self: Any, stage: str) -> None:
+        super().setup(stage)  # type: ignore[misc]
+        if stage == "fit":  # before any step: the SFT data must be encoded as the pre-training was
+            check_tokenizer(self._pretrained_tokenizer, self._data_tokenizer(), f"init_from {self._init_from!r}")
 
     def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:  # pragma: no cover
         raise NotImplementedError

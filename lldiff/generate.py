@@ -6,6 +6,11 @@
 
 Several prompts are batched with left padding. Everything from the first EOS on is dropped.
 Prints each completion, then the number of model calls and tokens/s.
+
+Every option value is used exactly as given or refused (exit code 2) before the checkpoint
+is loaded: out-of-range values, MDM lengths that are not whole blocks, and options that
+have no effect in the chosen mode (--threshold without --remasking threshold, --top-k /
+--top-p / --seed at --temperature 0, --steps with --remasking threshold).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import NoReturn
 
 import torch
 
@@ -30,36 +36,114 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: stdin lines)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's run directory)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy / argmax (default)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="RNG seed for sampling (default 0; needs --temperature > 0 "
+                        "or --remasking random)")
     parser.add_argument("--device", default="cpu")
     mdm = parser.add_argument_group("MDM (LLaDA reverse process)")
     mdm.add_argument("--gen-length", type=int, help="answer length (default 64)")
-    mdm.add_argument("--steps", type=int, help="model calls for the whole answer (default: gen_length)")
-    mdm.add_argument("--block-length", type=int, help="semi-autoregressive block length (default 32)")
+    mdm.add_argument("--steps", type=int, help="model calls for the whole answer, a multiple of the number of blocks "
+                     "(default: gen_length)")
+    mdm.add_argument("--block-length", type=int, help="semi-autoregressive block length, dividing --gen-length "
+                     "(default: min(32, gen_length))")
     mdm.add_argument("--remasking", choices=["low_confidence", "random", "threshold"],
                      help="low_confidence (default), random (Alg. 4), threshold (Fast-dLLM parallel decoding)")
-    mdm.add_argument("--threshold", type=float, help="confidence threshold for --remasking threshold (default 0.9)")
+    mdm.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] for --remasking threshold (default 0.9)")
     mdm.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale w (default 0: off)")
     mdm.add_argument("--forbid-eos", action="store_true", default=None, help="never generate EOS")
     ar = parser.add_argument_group("AR")
     ar.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 64)")
-    ar.add_argument("--top-k", type=int)
-    ar.add_argument("--top-p", type=float)
+    ar.add_argument("--top-k", type=int, help="sample among the k most likely tokens (needs --temperature > 0)")
+    ar.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (needs --temperature > 0)")
     ar.add_argument("--no-cache", action="store_true", default=None, help="re-encode every step (slow; for checks)")
     return parser
 
 
-def _refuse_foreign_options(args: argparse.Namespace, objective: str, parser: argparse.ArgumentParser) -> None:
-    foreign = AR_ONLY if objective == "mdm" else MDM_ONLY
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Exit with code 2 and ONE line ``<prog>: error: <message>`` on stderr (as ``parser.error``,
+    without the usage block): how option values are refused."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def refuse_foreign_options(args: argparse.Namespace, objective: str, parser: argparse.ArgumentParser,
+                           foreign: tuple[str, ...]) -> None:
+    """Refuse the options in ``foreign`` that were given: they do not apply to this ``objective``."""
     given = [name for name in foreign if getattr(args, name) is not None]
     if given:
-        options = ", ".join("--" + name.replace("_", "-") for name in given)
-        parser.error(f"{options} do(es) not apply to an {objective.upper()} checkpoint ({args.ckpt})")
+        options = ", ".join(flag(name) for name in given)
+        refuse(parser, f"{options} do(es) not apply to an {objective.upper()} checkpoint ({args.ckpt})")
+
+
+def _refuse_foreign_options(args: argparse.Namespace, objective: str, parser: argparse.ArgumentParser) -> None:
+    refuse_foreign_options(args, objective, parser, AR_ONLY if objective == "mdm" else MDM_ONLY)
+
+
+def check_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse (``refuse``: exit code 2, one line) every value that decoding would otherwise
+    replace, round or ignore. Needs no checkpoint; shared by ``lldiff generate`` and ``lldiff chat``
+    (options a parser does not define are skipped)."""
+
+    def value(name: str):
+        return getattr(args, name, None)
+
+    for name in ("gen_length", "max_new_tokens", "length", "steps", "block_length", "top_k"):
+        if value(name) is not None and value(name) < 1:
+            refuse(parser, f"{flag(name)} must be >= 1, got {value(name)}")
+    if not args.temperature >= 0:  # also NaN
+        refuse(parser, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if value("cfg_scale") is not None and not value("cfg_scale") >= 0:
+        refuse(parser, f"--cfg-scale must be >= 0 (0 = off), got {value('cfg_scale')}")
+    for name in ("threshold", "top_p"):
+        if value(name) is not None and not 0.0 < value(name) <= 1.0:
+            refuse(parser, f"{flag(name)} must be in (0, 1], got {value(name)}")
+    remasking = "low_confidence" if value("remasking") is None else value("remasking")
+    if value("threshold") is not None and remasking != "threshold":
+        refuse(parser, f"--threshold {value('threshold')} needs --remasking threshold "
+                     f"(--remasking {remasking} ignores it)")
+    if value("steps") is not None and remasking == "threshold":
+        refuse(parser, f"--steps {value('steps')} has no effect with --remasking threshold (it calls the model until "
+                     "each block is full); drop --steps or use --remasking low_confidence or random")
+    if args.temperature == 0:
+        for name in ("top_k", "top_p"):
+            if value(name) is not None:
+                refuse(parser, f"{flag(name)} {value(name)} needs --temperature > 0 "
+                             "(decoding at --temperature 0 is greedy and ignores it)")
+        if value("seed") is not None and remasking != "random":
+            refuse(parser, f"--seed {value('seed')} needs --temperature > 0 or --remasking random "
+                         "(decoding at --temperature 0 is deterministic and ignores it)")
+
+
+def check_blocks(parser: argparse.ArgumentParser, length: int, length_flag: str, block_length: int | None,
+                 steps: int | None) -> int:
+    """The MDM block length for an answer of ``length`` (``block_length``, default ``min(32, length)``);
+    refuses, naming the allowed values, a length that is not whole blocks or ``steps`` that do not
+    split evenly over the blocks. Never rounds."""
+    block = min(32, length) if block_length is None else block_length
+    if length % block:
+        lower, upper = length // block * block, (length // block + 1) * block
+        use = f"{lower} or {upper}" if lower else f"{upper}"
+        default = " the default" if block_length is None else ""
+        refuse(parser, f"{length_flag} {length} is not a multiple of{default} --block-length {block}; "
+                     f"use {length_flag} {use}, or a --block-length that divides {length}")
+    blocks = length // block
+    if steps is not None and steps % blocks:
+        lower, upper = steps // blocks * blocks, (steps // blocks + 1) * blocks
+        use = f"{lower} or {upper}" if lower else f"{upper}"
+        refuse(parser, f"--steps {steps} is not a multiple of the number of blocks {blocks} ({length_flag} {length} / "
+                     f"--block-length {block}); use --steps {use}")
+    return block
 
 
 def main(argv: list[str]) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_values(args, parser)
+    if any(getattr(args, name) is not None for name in ("gen_length", "block_length", "steps")):  # MDM-only
+        check_blocks(parser, 64 if args.gen_length is None else args.gen_length, "--gen-length", args.block_length,
+                     args.steps)
     loaded = load_model(args.ckpt, tokenizer=args.tokenizer, device=args.device)
     if loaded.tokenizer is None:
         parser.error(f"no tokenizer.json beside {args.ckpt}; pass --tokenizer PATH")
@@ -68,15 +152,23 @@ def main(argv: list[str]) -> None:
     if not prompts:
         parser.error("no prompt: give --prompt TEXT or lines on stdin")
     tokenizer = loaded.tokenizer
+    length = args.gen_length if loaded.objective == "mdm" else args.max_new_tokens
     options = DecodeOptions(
-        length=(args.gen_length if loaded.objective == "mdm" else args.max_new_tokens) or 64,
+        length=64 if length is None else length,
         temperature=args.temperature, steps=args.steps, block_length=args.block_length,
-        remasking=args.remasking or "low_confidence", threshold=args.threshold or 0.9,
-        cfg_scale=args.cfg_scale or 0.0, forbid_eos=bool(args.forbid_eos), top_k=args.top_k, top_p=args.top_p,
-        use_cache=not args.no_cache,
+        remasking="low_confidence" if args.remasking is None else args.remasking,
+        threshold=args.threshold,  # None: DecodeOptions' default (0.9) under --remasking threshold
+        cfg_scale=0.0 if args.cfg_scale is None else args.cfg_scale, forbid_eos=bool(args.forbid_eos),
+        top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
     )
-    encoded = [tokenizer.encode(p) or [tokenizer.bos_id] for p in prompts]  # an empty prompt becomes BOS
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    encoded = []
+    for number, prompt in enumerate(prompts, 1):
+        ids = tokenizer.encode(prompt)
+        if not ids:  # the model needs one token to continue from: start the answer after BOS
+            print(f"lldiff generate: prompt {number} is empty; decoding from BOS", file=sys.stderr)
+            ids = [tokenizer.bos_id]
+        encoded.append(ids)
+    generator = torch.Generator(device=args.device).manual_seed(0 if args.seed is None else args.seed)
     start = time.perf_counter()
     try:
         out = complete(loaded.model, encoded, options, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,

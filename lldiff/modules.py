@@ -22,6 +22,7 @@ from torch.utils.tensorboard.summary import hparams as tb_hparams
 from torchmetrics import SumMetric
 
 from lldiff import objectives
+from lldiff.checkpoint import TOKENIZER_KEY, check_tokenizer
 from lldiff.config import ModelConfig
 from lldiff.flops import ThroughputWindow, device_peak_flops, mfu, scaling_flops, step_flops_per_token
 from lldiff.model import Transformer
@@ -283,6 +284,9 @@ class LMBase(L.LightningModule):
         }
         checkpoint["lldiff"] = {"tokens_seen": self.tokens_seen, "matmul_flops_seen": self.matmul_flops_seen,
                                 "model_config": dict(self.config.__dict__), **rng}
+        tokenizer = self._data_tokenizer()
+        if tokenizer is not None:  # which tokenizer the weights belong to (refused elsewhere)
+            checkpoint["lldiff"][TOKENIZER_KEY] = tokenizer.fingerprint
         if self._trainer is not None and self.trainer.world_size > 1:
             # every rank calls this hook (and only rank 0's dict is written): gather each rank's stream
             gathered: list[Any] = [None] * self.trainer.world_size
@@ -299,11 +303,13 @@ class LMBase(L.LightningModule):
                     f"the checkpoint holds {kind(saved['causal'])} model but {type(self).__name__} is "
                     f"{kind(self.config.causal)} model; use the matching model.class_path"
                 )
-            if saved["vocab_size"] != self.config.vocab_size or saved["d_model"] != self.config.d_model:
-                raise ValueError(
-                    f"the checkpoint's model (vocab_size={saved['vocab_size']}, d_model={saved['d_model']}) does not "
-                    f"match this one (vocab_size={self.config.vocab_size}, d_model={self.config.d_model})"
-                )
+            mine = dict(self.config.__dict__)
+            differs = [k for k in saved if k not in SETTINGS_NOT_SHAPE and k in mine and saved[k] != mine[k]]
+            if differs:
+                pairs = ", ".join(f"{k}={mine[k]!r} (checkpoint: {saved[k]!r})" for k in differs)
+                raise ValueError(f"the checkpoint's model differs from this one: {pairs}; "
+                                 "resume with the run's own model settings (its config.yaml)")
+        check_tokenizer(state.get(TOKENIZER_KEY), self._data_tokenizer(), "the checkpoint")
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.matmul_flops_seen = float(state.get("matmul_flops_seen", 0.0))
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
@@ -317,6 +323,16 @@ class LMBase(L.LightningModule):
         if world > 1 and rank > 0 and (by_rank is None or len(by_rank) != world):
             # a checkpoint of another world size: keep the ranks' draws apart
             torch.manual_seed(_rank_seed(int(torch.randint(0, 2**62, (1,))), rank))
+
+    def _data_tokenizer(self) -> Any:
+        """The tokenizer of the trainer's datamodule, if there is one."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "tokenizer", None) if datamodule is not None else None
+
+
+SETTINGS_NOT_SHAPE = ("name", "attn_backend", "max_seq_len", "rope_base", "norm_eps")
+"""ModelConfig fields a resumed run may differ in without a word: the name and what fine-tuning may override
+(lldiff.finetune.ADJUSTABLE_FIELDS); every other field is the weights' shape or meaning."""
 
 
 def _rank_seed(seed: int, rank: int) -> int:

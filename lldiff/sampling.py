@@ -66,7 +66,7 @@ def add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Genera
     the log of LLaDA's ``exp(logits) / (-log u)^τ`` up to the factor ``1/τ`` (same argmax)
     without ever exponentiating the logits. ``-inf`` logits stay ``-inf``.
     """
-    if temperature < 0:
+    if not temperature >= 0:  # also NaN
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits
@@ -182,9 +182,9 @@ class _Stepper:
             raise ValueError(f"prompt must be an integer tensor of shape (B, P), got {getattr(prompt, 'shape', prompt)}")
         if gen_length < 1:
             raise ValueError(f"gen_length must be >= 1, got {gen_length}")
-        if temperature < 0:
+        if not temperature >= 0:  # also NaN
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if cfg_scale < 0:
+        if not cfg_scale >= 0:
             raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {cfg_scale}")
         if (prompt == mask_id).any():
             raise ValueError(

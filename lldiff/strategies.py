@@ -20,12 +20,15 @@ before any work, as it names an unknown strategy with the allowed ones.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy, StrategyRegistry
 from torch import nn
 
+from lldiff.checkpoint_io import check_sharded_metadata, publish_directory, recover_directory, staging_path
 from lldiff.model import Block, Transformer
 
 PRESETS: dict[str, str] = {
@@ -87,6 +90,35 @@ class FSDP2Strategy(ModelParallelStrategy):
         # every process is a data-parallel rank (ModelParallelStrategy's "auto" means num_nodes)
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """A sharded checkpoint is written whole into a staging directory beside the target
+        (every rank its shards, rank 0 ``meta.pt``), then swapped in by rank 0: the previous
+        checkpoint stays loadable until the new one is complete. (Lightning writes the shards
+        into the existing directory in place.) A full checkpoint goes through the strategy's
+        ``checkpoint_io`` (:class:`lldiff.checkpoint_io.AtomicCheckpointIO` under the CLI)."""
+        if not self._save_distributed_checkpoint or storage_options is not None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        target = Path(self.broadcast(filepath))
+        staging = staging_path(target)
+        if self.global_rank == 0:
+            recover_directory(target)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.barrier("lldiff_checkpoint_staged")
+        super().save_checkpoint(checkpoint, staging)
+        self.barrier("lldiff_checkpoint_written")
+        if self.global_rank == 0:
+            publish_directory(staging, target)
+        self.barrier("lldiff_checkpoint_published")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Resume from a full file or a sharded directory; a directory's ``.metadata`` index is
+        first read with the restricted unpickler (PyTorch's reader uses plain pickle)."""
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            check_sharded_metadata(path)
+        return super().load_checkpoint(path, weights_only=True if weights_only is None else weights_only)
 
 
 def shard_transformer(

@@ -37,7 +37,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -252,14 +251,12 @@ def infill_directions(objective: str) -> tuple[str, ...]:
 
 def fit(config: dict[str, Any], path: Path) -> Path:
     """Run (or resume, or skip if finished) one ``lldiff fit``; returns its last checkpoint."""
-    from lldiff.cli import lightning_cli
+    from lldiff.cli import lightning_cli, resume_args
 
     write_text(path, yaml.safe_dump(config, sort_keys=False))
     logger = config["trainer"]["logger"]["init_args"]
-    last = Path(logger["save_dir"]) / logger["name"] / "checkpoints" / "last.ckpt"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*there is no last checkpoint available.*")
-        lightning_cli(["fit", "--config", str(path), "--ckpt_path", "last"])
+    last = Path(logger["save_dir"]) / logger["name"] / str(logger.get("version") or "") / "checkpoints" / "last.ckpt"
+    lightning_cli(["fit", "--config", str(path), *resume_args(config)])
     return last
 
 

@@ -129,7 +129,7 @@ def test_checkpoint_of_the_other_objective_is_named(toy_corpus, cache_dir, tmp_p
 def test_fresh_fit_refuses_an_existing_run_and_resume_continues(toy_corpus, cache_dir, tmp_path):
     lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path))
     run = tmp_path / "ar-tiny"
-    with pytest.raises(RuntimeError, match="already holds a run.*--ckpt_path last"):
+    with pytest.raises(ValueError, match="already holds a run.*--ckpt_path last"):
         lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path))
     lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path, "--trainer.max_steps", "20", "--ckpt_path", "last"))
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)

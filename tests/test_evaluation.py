@@ -334,7 +334,7 @@ def test_cli_end_to_end(tmp_path, tokenizer, task_file, capsys, causal):
 
 def test_cli_builtin_task_on_files_corpus(tmp_path, tokenizer, capsys):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(t.replace("\n\n", " ") for t in TEXTS * 4))
+    corpus.write_text("\n\n".join(TEXTS))  # 18 distinct paragraphs = documents (choices need 4 documents)
     ckpt = save_checkpoint(tiny(tokenizer, True), tokenizer, tmp_path / "run")
     res = main(["--ckpt", str(ckpt), "--task", "heldout-continuation", "--corpus", "files", "--paths", str(corpus),
                 "--val-fraction", "0.5", "--n-examples", "3", "--context-chars", "60", "--continuation-chars", "20"])

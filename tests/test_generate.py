@@ -38,10 +38,10 @@ def test_mdm_threshold_decoding_reports_its_calls(tiny_runs, capsys):
 
 @pytest.mark.parametrize(
     "objective,option,message",
-    [("mdm", ("--top-k", "5"), "--top-k do\\(es\\) not apply to an MDM checkpoint"),
+    [("mdm", ("--top-k", "5", "--temperature", "1"), "--top-k do\\(es\\) not apply to an MDM checkpoint"),
      ("ar", ("--cfg-scale", "2"), "--cfg-scale do\\(es\\) not apply to an AR checkpoint"),
      ("ar", ("--max-new-tokens", "5000"), "exceeds the model's context max_seq_len=1024"),
-     ("mdm", ("--gen-length", "20", "--block-length", "8"), "gen_length")],
+     ("mdm", ("--gen-length", "20", "--block-length", "8"), "--gen-length 20 is not a multiple of --block-length 8")],
 )
 def test_bad_options_are_refused(tiny_runs, capsys, objective, option, message):
     with pytest.raises((SystemExit, ValueError)) as info:

@@ -302,18 +302,21 @@ def test_sweep_killed_mid_run_resumes_and_records_each_run_once(toy_corpus, cach
     plan = make_plan(spec)
     cmd = [sys.executable, "-m", "lldiff.cli", "sweep", "run", str(spec_file), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    second_ckpt = out / "tb" / plan[1].run_id / "checkpoints" / "last.ckpt"
+    def unfinished_with_checkpoint() -> list[str]:  # runs may finish in any order (parallel workers)
+        recorded = {r["run_id"] for r in read_rows(out / "results.csv")} if (out / "results.csv").exists() else set()
+        return [r.run_id for r in plan
+                if r.run_id not in recorded and (out / "tb" / r.run_id / "checkpoints" / "last.ckpt").exists()]
+
     deadline = time.time() + 240
-    try:  # kill once the first run is recorded and the second has written a checkpoint
-        while not (second_ckpt.exists() and (out / "results.csv").exists()) and time.time() < deadline:
+    try:  # kill once one run is recorded and another has written a checkpoint
+        while not ((out / "results.csv").exists() and unfinished_with_checkpoint()) and time.time() < deadline:
             assert proc.poll() is None, "sweep ended before it could be killed"
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    assert second_ckpt.exists(), "sweep never reached the second run"
     recorded_before = {r["run_id"] for r in read_rows(out / "results.csv")}
-    assert plan[0].run_id in recorded_before and len(recorded_before) < len(plan)
+    assert recorded_before and len(recorded_before) < len(plan), "not killed between runs"
 
     subprocess.run(cmd, check=True, timeout=600, capture_output=True)
     rows = read_rows(out / "results.csv")

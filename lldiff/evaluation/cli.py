@@ -14,10 +14,19 @@ from lldiff.atomic import write_text
 from .tasks import (
     BUILTIN_TASKS,
     HELDOUT_TASK,
+    RunData,
+    RunDataUnavailable,
+    UnigramScorer,
     build_heldout_task,
+    find_run_config,
     heldout_texts,
     load_jsonl_task,
+    read_run_data,
+    run_heldout_texts,
+    unigram_baseline,
 )
+
+DEFAULT_VAL_FRACTION = 0.05
 
 DESCRIPTION = """\
 Zero-shot multiple-choice evaluation: every choice is scored by log p(choice | context)
@@ -31,9 +40,18 @@ TASK is a .jsonl file, one JSON object per line:
 Context and choice are tokenised separately: put the separating space in the CHOICE.
 
 Or the built-in offline task 'heldout-continuation': contexts are the starts of paragraphs of
-the corpus's validation documents (same split rule as training), the true continuation is
-the next --continuation-chars characters, distractors are segments of other documents.
-Use --val-fraction <= the training run's (default 0.05) so all of it was held out.
+validation documents, the true continuation is the next --continuation-chars characters, and
+the other choices are the continuations of paragraphs of other documents, cut the same way
+(the truth is a random one of them, so a context-free guess is right 1/--n-choices of the
+time). The text is the checkpoint's own run's validation split, read from the run's
+config.yaml (<run>/config.yaml beside <run>/checkpoints/): its corpus, max_bytes and
+val_fraction (a fine-tuning run: the responses of its validation turns). --corpus/--paths
+choose other text (a note says when it differs from the run's); without a run config the
+default is the stdlib corpus at --val-fraction 0.05 (a note says so).
+
+Beside the model's accuracy the output shows a context-free baseline on the same examples:
+the accuracy of a unigram model (characters, and the checkpoint's tokens; counts from the
+held-out text, or from the contexts of a JSONL task) that scores each choice alone.
 """
 
 
@@ -57,11 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-boundary-token", action="store_true",
                    help="do not put the EOS document boundary before each context")
     g = p.add_argument_group(f"built-in task '{HELDOUT_TASK}'")
-    g.add_argument("--corpus", choices=("stdlib", "files"), default="stdlib", help="text source (default stdlib)")
-    g.add_argument("--paths", nargs="+", default=None, help="files/globs/directories for --corpus files")
+    g.add_argument("--corpus", choices=("stdlib", "files"), default=None,
+                   help="text source (default: the run's data from its config.yaml, else stdlib)")
+    g.add_argument("--paths", nargs="+", default=None, help="files/globs/directories for --corpus files "
+                   "(implies --corpus files)")
     g.add_argument("--max-bytes", type=int, default=None,
-                   help="corpus cap in bytes (default 4,000,000 for stdlib, like training, none for files)")
-    g.add_argument("--val-fraction", type=float, default=0.05, help="validation fraction of the split (default 0.05)")
+                   help="corpus cap in bytes (default: the run's; without a run config 4,000,000 for stdlib, "
+                   "like training, none for files)")
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="validation fraction of the split (default: the run's; without a run config 0.05)")
     g.add_argument("--n-examples", type=int, default=100, help="examples to build (default 100)")
     g.add_argument("--context-chars", type=int, default=200, help="context length in characters (default 200)")
     g.add_argument("--continuation-chars", type=int, default=50, help="continuation length in characters (default 50)")
@@ -70,23 +92,114 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _note(message: str) -> None:
+    print(f"lldiff eval: note: {message}", file=sys.stderr)
+
+
+def _same_paths(a: list[str] | None, b: list[str] | None) -> bool:
+    from lldiff.data.corpora import resolve_paths
+
+    try:
+        return resolve_paths(a or []) == resolve_paths(b or [])
+    except (OSError, ValueError):
+        return sorted(str(Path(p).absolute()) for p in a or []) == sorted(str(Path(p).absolute()) for p in b or [])
+
+
+def _flags_match_run(corpus: str, paths: list[str] | None, run: RunData) -> bool:
+    return run.kind == "pretrain" and run.args["source"] == corpus and (
+        corpus != "files" or _same_paths(paths, run.args["paths"]))
+
+
+def _heldout_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, Any]]:
+    """The built-in task's documents: the run's validation split by default (see DESCRIPTION),
+    and what they are (``task_args``). Notes go to stderr, one line each."""
+    corpus = args.corpus or ("files" if args.paths else None)
+    if args.paths and corpus != "files":
+        parser.error(f"--paths needs --corpus files (got --corpus {corpus})")
+    if corpus == "files" and not args.paths:
+        parser.error("--corpus files needs --paths")
+    if args.max_bytes is not None and args.max_bytes < 1:
+        parser.error(f"--max-bytes must be >= 1, got {args.max_bytes}")
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        parser.error(f"--val-fraction must be strictly between 0 and 1, got {args.val_fraction}")
+    if args.n_choices < 2:
+        parser.error(f"--n-choices must be >= 2, got {args.n_choices}")
+    config = find_run_config(args.ckpt)
+    run: RunData | None = None
+    why = f"no run config (config.yaml) beside {args.ckpt} or in its run directory"
+    if config is not None:
+        try:
+            run = read_run_data(config)
+        except RunDataUnavailable as e:
+            why = str(e)
+        except ValueError as e:
+            parser.error(str(e))
+    info: dict[str, Any] = {"run_config": str(config) if run is not None else None}
+    if run is not None and (corpus is None or _flags_match_run(corpus, args.paths, run)):
+        vf = args.val_fraction if args.val_fraction is not None else run.val_fraction
+        if vf > run.val_fraction:
+            _note(f"--val-fraction {vf} is larger than the run's val_fraction {run.val_fraction} ({config}): "
+                  f"some of the task's documents were training documents")
+        if run.kind == "sft" and args.max_bytes is not None:
+            _note("--max-bytes does not apply to a fine-tuning run's data; ignored")
+        max_bytes = args.max_bytes if args.max_bytes is not None else "run"
+        try:
+            texts = run_heldout_texts(run, max_bytes=max_bytes, val_fraction=vf)
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(f"cannot read the run's data ({run.describe()}, from {config}): {e}; "
+                         f"pass --corpus/--paths to use other text")
+        if run.kind == "sft":
+            info.update(data_from="run config", corpus="sft", paths=run.args["train_files"],
+                        val_files=run.args["val_files"], max_bytes=None, val_fraction=vf)
+        else:
+            info.update(data_from="run config", corpus=run.args["source"], paths=run.args["paths"],
+                        max_bytes=run.args["max_bytes"] if max_bytes == "run" else max_bytes, val_fraction=vf)
+        return texts, info
+    vf = args.val_fraction if args.val_fraction is not None else DEFAULT_VAL_FRACTION
+    source = corpus or "stdlib"
+    shown = f"--corpus {source}" + (f" --paths {' '.join(args.paths)}" if args.paths else "")
+    if run is not None:
+        _note(f"{shown} differs from the data this run trained on ({run.describe()}, from {config}); "
+              f"the task is built from the flags, not from the run's validation split")
+    elif corpus is None:
+        _note(f"{why}; {HELDOUT_TASK} uses the default corpus stdlib (val_fraction {vf})")
+    else:
+        _note(f"{why}; {HELDOUT_TASK} uses {shown} as given (val_fraction {vf}), not checked against the "
+              f"training data")
+    texts = heldout_texts(source, paths=args.paths, max_bytes=args.max_bytes, val_fraction=vf)
+    info.update(data_from="flags" if corpus else "default", corpus=source, paths=args.paths,
+                max_bytes=args.max_bytes, val_fraction=vf)
+    return texts, info
+
+
 def _load_task(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """(examples, texts the unigram baseline counts, what those texts are, task_args or None)."""
     if args.task in BUILTIN_TASKS:
-        if args.paths and args.corpus != "files":
-            parser.error("--paths needs --corpus files")
-        if args.corpus == "files" and not args.paths:
-            parser.error("--corpus files needs --paths")
-        texts = heldout_texts(args.corpus, paths=args.paths, max_bytes=args.max_bytes, val_fraction=args.val_fraction)
-        return build_heldout_task(
+        texts, info = _heldout_data(args, parser)
+        examples = build_heldout_task(
             texts, n_examples=args.n_examples, context_chars=args.context_chars,
             continuation_chars=args.continuation_chars, n_choices=args.n_choices, seed=args.task_seed,
         )
+        info.update({k: getattr(args, k) for k in (
+            "n_examples", "context_chars", "continuation_chars", "n_choices", "task_seed")})
+        return examples, texts, "the held-out documents", info
     path = Path(args.task)
     if path.suffix != ".jsonl":
         parser.error(f"unknown task {args.task!r}: give a .jsonl file or one of: {', '.join(BUILTIN_TASKS)}")
     if not path.is_file():
         parser.error(f"task file {args.task!r} does not exist")
-    return load_jsonl_task(path)
+    examples = load_jsonl_task(path)
+    return examples, [e.context for e in examples], "the task's contexts", None
+
+
+def _unigram_baselines(examples, texts: list[str], counts_from: str, tokenizer: Any) -> dict[str, Any]:
+    """Context-free unigram accuracy on the same examples: characters and the model's tokens."""
+    out: dict[str, Any] = {"counts_from": counts_from}
+    for name, unit in (("char", "char"), ("token", tokenizer.encode)):
+        out[name] = unigram_baseline(examples, UnigramScorer(texts, unit=unit))
+        out[name].pop("chance")
+        out[name].pop("n_examples")
+    return out
 
 
 def _run_harness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -152,7 +265,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     if loaded.tokenizer is None:
         parser.error(f"no tokenizer.json next to {args.ckpt} (or its parent); pass --tokenizer PATH")
     try:
-        examples = _load_task(args, parser)
+        examples, count_texts, counts_from, task_args = _load_task(args, parser)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     if args.limit is not None:
@@ -171,16 +284,19 @@ def main(argv: list[str]) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 3),
         **results,
     }
-    if args.task in BUILTIN_TASKS:
-        results["task_args"] = {k: getattr(args, k) for k in (
-            "corpus", "paths", "max_bytes", "val_fraction", "n_examples", "context_chars",
-            "continuation_chars", "n_choices", "task_seed")}
+    results["unigram_baseline"] = _unigram_baselines(examples, count_texts, counts_from, loaded.tokenizer)
+    if task_args is not None:
+        results["task_args"] = task_args
     n_mc = "exact" if results["objective"] == "ar" else str(results["n_mc"])
     print(f"task: {results['task']}  checkpoint: {args.ckpt}")
     print(f"objective: {results['objective']}  n_mc: {n_mc}  cfg_scale: {results['cfg_scale']}  "
           f"examples: {results['n_examples']}  truncated choices: {results['n_truncated']}")
     print(f"accuracy: {results['accuracy']:.4f}  accuracy_norm (per byte): {results['accuracy_norm']:.4f}  "
           f"chance: {results['chance']:.4f}  ({results['seconds']:.1f}s)")
+    uni = results["unigram_baseline"]
+    print(f"context-free unigram baseline, same examples (counts: {uni['counts_from']}): "
+          f"chars accuracy: {uni['char']['accuracy']:.4f} accuracy_norm: {uni['char']['accuracy_norm']:.4f}  "
+          f"model tokens accuracy: {uni['token']['accuracy']:.4f} accuracy_norm: {uni['token']['accuracy_norm']:.4f}")
     if args.out:
         write_text(args.out, json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.out}")

@@ -109,14 +109,15 @@ class LLDiffLM(LM):
             context, kwargs = request.args
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            new = int(kwargs.get("max_gen_toks", self.gen_length))
+            requested = new = int(kwargs.get("max_gen_toks", self.gen_length))
             block = min(self.block_length, new)
             if self.loaded.objective == "mdm":
-                new = -(-new // block) * block  # round up to whole blocks
+                # the canvas is whole blocks; the answer is cut back to the harness's max_gen_toks below
+                new = -(-new // block) * block
             prompt = self._fit(self._ids(context), new)
             options = DecodeOptions(length=new, steps=self.steps, block_length=block, cfg_scale=self.cfg_scale)
             answer = complete(self.model, [prompt.tolist()], options, eos_id=self.tok.eos_id,
-                              pad_id=self.tok.pad_id).answers[0]
+                              pad_id=self.tok.pad_id).answers[0][:requested]
             text = self.tok.decode(answer)
             for stop in until:
                 if stop and stop in text:

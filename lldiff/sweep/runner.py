@@ -13,7 +13,6 @@ import multiprocessing as mp
 import os
 import sys
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -74,12 +73,11 @@ def write_run_configs(spec: SweepSpec, out: Path, plan: list[RunPlan]) -> None:
 
 def execute_run(spec: SweepSpec, out: Path, run: RunPlan, table: ResultsTable) -> dict | None:
     """Fit (resuming if a checkpoint exists), validate with the final K, record the row."""
-    from lldiff.cli import lightning_cli  # heavy import, only when a run really executes
+    from lldiff.cli import lightning_cli, resume_args  # heavy import, only when a run really executes
 
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*there is no last checkpoint available.*")  # a fresh run: expected
-        cli = lightning_cli(["fit", "--config", str(config_path(out, run)), "--ckpt_path", "last"])
+    path = config_path(out, run)
+    cli = lightning_cli(["fit", "--config", str(path), *resume_args(yaml.safe_load(path.read_text()))])
     model, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     monte_carlo = "eval_mc_samples" in model.hparams  # a Monte-Carlo validation loss (an ELBO), whatever its name
     if monte_carlo:

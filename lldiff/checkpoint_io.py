@@ -1,0 +1,238 @@
+"""How checkpoints reach the disk and come back: never half-written, never running code.
+
+Writing. Lightning's ``TorchCheckpointIO`` stages a checkpoint in ``$TMPDIR`` and moves it
+onto ``last.ckpt``; when ``$TMPDIR`` is another filesystem (tmpfs, a node-local ``/tmp``)
+that move is a copy, and a kill or a full disk during it leaves a truncated ``last.ckpt``
+with the previous one already gone. Here every checkpoint is written *beside* its target,
+flushed and fsynced, then renamed onto it, so the old checkpoint stays valid until the new
+one is complete:
+
+* :func:`write_file_atomically` does it for full ``.ckpt`` files (single device, DDP,
+  ``fsdp2_full``), through :class:`lldiff.callbacks.AtomicCheckpointIO`, which the CLI
+  installs on every trainer's strategy;
+* :func:`replace_directory` does it for sharded (DCP) checkpoint directories: every rank
+  writes into one staging directory, then it is exchanged with the target in one rename
+  (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere two renames, with the previous
+  checkpoint kept beside the target until the new one is in place).
+
+Reading. A full checkpoint is read with ``torch.load(weights_only=True)``. A sharded
+directory's ``.metadata`` index is a plain pickle, which PyTorch's own reader loads with
+``pickle.load`` (a crafted one runs code); :func:`check_sharded_metadata` and
+:class:`SafeFileSystemReader` read it with an unpickler that only builds the classes a DCP
+index is made of (its dataclasses, dtypes, ``torch.Size``, paths) and refuses anything else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import io
+import os
+import pickle
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STAGING_SUFFIX = ".partial"  # never matches Lightning's `last*.ckpt` lookup: names start with "."
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint asks to build an object that loading a checkpoint never needs."""
+
+
+def is_local(path: str | os.PathLike) -> bool:
+    text = str(path)
+    return "://" not in text or text.startswith("file://")
+
+
+def _local(path: str | os.PathLike) -> Path:
+    text = str(path)
+    return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename inside ``path`` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def staging_path(target: Path, tag: str = "") -> Path:
+    """A hidden name beside ``target`` on the same filesystem (``tag`` makes it unique)."""
+    return target.parent / f".{target.name}{'.' + tag if tag else ''}{STAGING_SUFFIX}"
+
+
+def write_file_atomically(target: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Call ``write(handle)`` on a staging file beside ``target``, fsync it, rename it onto
+    ``target``. On any failure (a full disk, an exception) the staging file is removed and
+    ``target`` is untouched; a kill leaves at most a hidden staging file behind."""
+    target = _local(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_path(target, uuid.uuid4().hex[:8])
+    try:
+        with open(staging, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    fsync_directory(target.parent)
+    return target
+
+
+# -- sharded directories ---------------------------------------------------------------------
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    return False  # EINVAL/ENOSYS (filesystem or kernel without it): fall back
+
+
+def recover_directory(target: Path) -> None:
+    """Finish a swap that a kill interrupted in the two-rename fallback: if ``target`` is
+    missing but the previous checkpoint was set aside, put it back."""
+    previous = staging_path(target, "previous")
+    if not target.exists() and previous.is_dir():
+        os.replace(previous, target)
+
+
+def publish_directory(staging: Path, target: Path) -> None:
+    """Make the complete directory ``staging`` become ``target`` (replacing an old one)."""
+    for file in staging.rglob("*"):
+        if file.is_file():  # DCP syncs its shards; meta.pt and the index are plain writes
+            _fsync_file(file)
+    fsync_directory(staging)
+    if target.is_file():
+        target.unlink()
+    if not target.exists():
+        os.replace(staging, target)
+    elif _exchange(staging, target):
+        shutil.rmtree(staging)  # now holds the previous checkpoint
+    else:
+        previous = staging_path(target, "previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(target, previous)
+        os.replace(staging, target)
+        shutil.rmtree(previous)
+    fsync_directory(target.parent)
+
+
+@contextmanager
+def replace_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Single-process form: yield an empty staging directory beside ``target``; when the
+    block ends without error it replaces ``target``. Multi-process writers use
+    :func:`staging_path` (the same name on every rank) and :func:`publish_directory` on one
+    rank after a barrier."""
+    target = _local(target)
+    recover_directory(target)
+    staging = staging_path(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_directory(staging, target)
+
+
+# -- safe reading of a DCP index ---------------------------------------------------------------
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_PATH_CLASSES = {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"}
+_SERIALIZATION_HELPERS = {"_get_layout", "_MEM_FORMAT_ENCODING"}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Builds only what a DCP ``.metadata`` index holds; anything else is refused."""
+
+    def __init__(self, file: Any, source: Path) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _DCP_MODULES:
+            import importlib
+
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and obj.__module__ == module:
+                return obj
+        elif module == "torch":
+            obj = getattr(torch, name, None)
+            if name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                return obj
+        elif module == "torch.serialization" and name in _SERIALIZATION_HELPERS:
+            return getattr(torch.serialization, name)
+        elif module == "pathlib" and name in _PATH_CLASSES:
+            import pathlib
+
+            return getattr(pathlib, name)
+        elif module == "collections" and name == "OrderedDict":
+            from collections import OrderedDict
+
+            return OrderedDict
+        raise UnsafeCheckpointError(
+            f"refusing to load {self.source}: it asks to build {module}.{name}, which a checkpoint index never "
+            "holds (a pickle that names it can run code). Only load sharded checkpoints written by lldiff fit."
+        )
+
+
+def load_sharded_metadata(directory: str | os.PathLike) -> Any:
+    """The ``.metadata`` index of a DCP directory, read without running code."""
+    path = _local(directory) / ".metadata"
+    with open(path, "rb") as handle:
+        try:
+            return _IndexUnpickler(handle, path).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as error:  # truncated or not a pickle at all
+            raise ValueError(f"{path} is not a readable checkpoint index ({type(error).__name__}: {error})") from None
+
+
+def check_sharded_metadata(directory: str | os.PathLike) -> None:
+    """Raise :class:`UnsafeCheckpointError` unless the directory's index is a plain DCP index."""
+    load_sharded_metadata(directory)
+
+
+def safe_filesystem_reader(directory: str | os.PathLike) -> Any:
+    """A DCP ``FileSystemReader`` whose ``read_metadata`` uses the restricted unpickler."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = load_sharded_metadata(directory)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader(_local(directory))
