@@ -85,7 +85,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, key_padding_mask: Tensor | None, cache: LayerKVCache | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        key_padding_mask: Tensor | None,
+        cache: LayerKVCache | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
         hd, h, kvh = self.cfg.head_dim, self.cfg.n_heads, self.cfg.kv_heads
@@ -97,7 +103,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         attend = BACKENDS[self.cfg.attn_backend]
-        y = attend(q, k, v, causal=self.cfg.causal, key_padding_mask=key_padding_mask)
+        if attn_mask is None:
+            y = attend(q, k, v, causal=self.cfg.causal, key_padding_mask=key_padding_mask)
+        else:
+            y = attend(q, k, v, causal=self.cfg.causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
         return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
 
 
@@ -121,9 +130,15 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, key_padding_mask: Tensor | None, cache: LayerKVCache | None = None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        key_padding_mask: Tensor | None,
+        cache: LayerKVCache | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, key_padding_mask, cache)
+        x = x + self.attn(self.attn_norm(x), cos, sin, key_padding_mask, cache, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -161,24 +176,39 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         positions: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         """Args:
             input_ids: (B, T) token ids in ``[0, embedding_rows)``.
             attention_mask: optional (B, S) with S = cached + T positions, True/1 for real
                 tokens, False/0 for padding keys.
             positions: optional (T,) or (B, T) RoPE positions; default ``cached..cached+T-1``.
+                Without a KV cache, explicit positions lift the length check: the input may
+                be longer than ``max_seq_len`` (block diffusion's ``[x_t ⊕ x_0]``, SPEC §9)
+                as long as every position is in ``[0, max_seq_len)``.
             kv_cache: causal models only: keys/values of earlier calls are reused and this
                 call's are appended (incremental decoding).
+            attn_mask: optional boolean (T, S) or (B|1, 1, T, S), True where a query may
+                attend a key; when given it replaces the causal/bidirectional choice of
+                ``config.causal`` (and is ANDed with ``attention_mask``).
         """
         t = input_ids.shape[1]
         past = 0
+        explicit_positions = positions is not None and kv_cache is None
         if kv_cache is not None:
             if not self.cfg.causal:
                 raise ValueError("a KV cache needs a causal model: a bidirectional model's earlier states change")
             past = kv_cache.length
             if positions is None:
                 positions = torch.arange(past, past + t, device=input_ids.device)
-        if past + t > self.cfg.max_seq_len:
+        if explicit_positions:  # the positions, not the input length, must fit the RoPE tables
+            low, high = int(positions.min()), int(positions.max())
+            if low < 0 or high >= self.cfg.max_seq_len:
+                raise ValueError(
+                    f"RoPE positions span [{low}, {high}] but max_seq_len={self.cfg.max_seq_len} "
+                    f"covers [0, {self.cfg.max_seq_len - 1}]; shorten the input or raise max_seq_len"
+                )
+        elif past + t > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {past + t} exceeds max_seq_len={self.cfg.max_seq_len}; "
                 "shorten the input or raise max_seq_len"
@@ -191,5 +221,5 @@ class Transformer(nn.Module):
                 cos, sin = cos[:, None], sin[:, None]
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, attention_mask, None if kv_cache is None else kv_cache.layers[i])
+            x = block(x, cos, sin, attention_mask, None if kv_cache is None else kv_cache.layers[i], attn_mask)
         return self.head(self.norm(x))
