@@ -1,11 +1,12 @@
 """GPU check of the scale-out paths: strategies x precision x attention backend, with MFU.
 
-Trains the real LightningModules (MDM and AR) for a few dozen steps on fixed random token
+Trains the real LightningModules (MDM, AR and BD3, each from its objective's registry entry)
+for a few dozen steps on fixed random token
 rows through ``lightning.Trainer`` with TensorBoard logging, once per case, and reports
 what ``perf/tokens_per_s``, ``perf/flops_per_s`` and ``perf/mfu`` logged (median over the
 logging windows after the first, which holds start-up). Before that it compares the
 attention backends (sdpa, xformers) against the float32 reference, and the whole
-backbone's logits under each backend. After the FSDP2 run it loads the sharded checkpoint
+backbone's logits under each backend for every objective's attention kind. After the FSDP2 run it loads the sharded checkpoint
 it wrote with ``lldiff.checkpoint.load_model`` on the CPU and compares logits.
 
     python benchmarks/scaleout_gpu.py --out OUT                     # H100: smdm-113M, 16 x 1024
@@ -30,14 +31,16 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, Dataset
 
+from lightning.pytorch.cli import instantiate_class
+
+from lldiff import registry
 from lldiff.attention import BACKENDS
 from lldiff.callbacks import RunCheckpoint
 from lldiff.checkpoint import is_sharded_checkpoint, load_model
 from lldiff.config import ModelConfig
 from lldiff.model import Transformer
-from lldiff.modules import AutoregressiveLM, MaskedDiffusionLM
 
-OBJECTIVES = {"mdm": MaskedDiffusionLM, "ar": AutoregressiveLM}
+OBJECTIVES = ("mdm", "ar", "bd3-16")  # registry names; one backbone check and at least one training case each
 
 
 class RandomRows(Dataset):
@@ -75,23 +78,25 @@ def backend_agreement(device: str) -> dict[str, Any]:
                     result[key] = (out - ref).abs().max().item()
                 except Exception as err:  # e.g. xformers without kernels for this build or dtype
                     result[key] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-    cfg = ModelConfig.from_name("smdm-19M", vocab_size=4096)
-    torch.manual_seed(0)
-    model = Transformer(cfg).to(device)
     ids = torch.randint(0, 4096, (2, 512), device=device)
-    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        logits = {}
-        for name in backends:
-            model.cfg = cfg.replace(attn_backend=name)
-            for block in model.blocks:
-                block.attn.cfg = model.cfg
-            try:
-                logits[name] = model(ids).float()
-            except Exception as err:
-                result[f"backbone_logits/{name}"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-    if "xformers" in logits:
-        result["backbone_logits/bf16-autocast/sdpa_vs_xformers"] = (logits["sdpa"] - logits["xformers"]).abs().max().item()
-        result["backbone_logits/scale"] = logits["sdpa"].abs().max().item()
+    for objective in OBJECTIVES:
+        cfg = ModelConfig.from_name("smdm-19M", vocab_size=4096, **registry.get(objective).model_fields(4096))
+        torch.manual_seed(0)
+        model = Transformer(cfg).to(device)
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = {}
+            for name in backends:
+                model.cfg = cfg.replace(attn_backend=name)
+                for block in model.blocks:
+                    block.attn.cfg = model.cfg
+                try:
+                    logits[name] = model(ids).float()
+                except Exception as err:
+                    result[f"backbone_logits/{objective}/{name}"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        if "xformers" in logits:
+            result[f"backbone_logits/{objective}/bf16-autocast/sdpa_vs_xformers"] = (
+                logits["sdpa"] - logits["xformers"]).abs().max().item()
+            result[f"backbone_logits/{objective}/scale"] = logits["sdpa"].abs().max().item()
     return result
 
 
@@ -104,8 +109,10 @@ def scalars(logdir: Path) -> dict[str, list[float]]:
 def run_case(name: str, args: argparse.Namespace, *, objective: str, strategy: Any, precision: str,
              backend: str = "sdpa", ckpt: bool = False) -> dict[str, Any]:
     L.seed_everything(0, verbose=False)
-    module = OBJECTIVES[objective](size=args.size, vocab_size=args.vocab, attn_backend=backend, lr=3e-4,
-                                   warmup_steps=2, random_length_prob=0.0)
+    spec = registry.get(objective).module_config()
+    module = instantiate_class((), {**spec, "init_args": {**spec["init_args"], "size": args.size, "vocab_size": args.vocab,
+                                                          "attn_backend": backend, "lr": 3e-4, "warmup_steps": 2,
+                                                          "random_length_prob": 0.0}})
     loader = DataLoader(RandomRows(args.vocab, args.seq_len, args.batch * 8), batch_size=args.batch, shuffle=True,
                         drop_last=True, generator=torch.Generator().manual_seed(0))
     logdir = args.out / "tb" / name
@@ -173,6 +180,8 @@ def main() -> None:
         "fsdp2-ar": dict(objective="ar", strategy="fsdp2", precision=mixed),
         "fsdp2_ac-mdm": dict(objective="mdm", strategy="fsdp2_ac", precision=mixed),
         "fsdp2_full-mdm": dict(objective="mdm", strategy="fsdp2_full", precision=mixed, ckpt=True),
+        "single-bd3-16": dict(objective="bd3-16", strategy="auto", precision=mixed),
+        "fsdp2-bd3-16": dict(objective="bd3-16", strategy="fsdp2", precision=mixed, ckpt=True),
     }
     if args.device == "cuda":
         cases["fsdp2-mdm-xformers"] = dict(objective="mdm", strategy="fsdp2", precision=mixed, backend="xformers")

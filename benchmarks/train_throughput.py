@@ -1,5 +1,6 @@
-"""Training-step throughput: Lightning vs a bare PyTorch loop, MDM and AR, in one run, and
-where a step's time goes.
+"""Training-step throughput: Lightning vs a bare PyTorch loop, for each objective (MDM, AR,
+BD3 block diffusion; any registry names with --objectives) in one run, and where a step's
+time goes.
 
 Both loops train the same LightningModule (same backbone, objective, AdamW, schedule and
 gradient clipping) on the same fixed batch. Each timed iteration covers everything a step
@@ -9,6 +10,8 @@ in the machine hits both alike; the median step time of each is reported.
 
     python benchmarks/train_throughput.py                      # smdm-6M (d=256), L=256, B=8
     python benchmarks/train_throughput.py --size tiny-1M --steps 20
+    python benchmarks/train_throughput.py --quick              # a minute: tiny-1M, 8 x 64 tokens, 2 rounds
+    python benchmarks/train_throughput.py --objectives mdm,bd3-4,bd3-16
     python benchmarks/train_throughput.py --breakdown          # the demo sweep's smallest model, 1 thread
 
 ``--breakdown`` splits one step into its phases (the demo sweep's shape by default:
@@ -19,9 +22,12 @@ metrics handed over every ``log_every_n_steps`` (10, as sweeps do) and every ste
 step cost before lldiff logged only on Lightning's logging steps). "Lightning and hooks" is the
 Lightning step minus the bare phases.
 
-Achieved GFLOP/s counts the matmul work of a step (``lldiff.flops.step_flops_per_token``:
-6 x (non-embedding + head) parameters + attention), compared with this machine's fp32
-matmul throughput measured at the start.
+Achieved GFLOP/s counts the matmul work of a step per training token, from the objective
+registry (``Objective.matmul_flops_per_token``: 6 x (non-embedding + head) parameters +
+attention at length L; BD3 runs its backbone on [x_t, x_0], twice the work at length 2L),
+compared with this machine's fp32 matmul throughput measured at the start. tokens/s counts
+training tokens (L per row) for every objective, so BD3's tokens/s is comparable with the
+others' while its GFLOP/s says how busy the machine was.
 """
 
 from __future__ import annotations
@@ -37,9 +43,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lldiff.flops import step_flops_per_token
+from lightning.pytorch.cli import instantiate_class
+
+from lldiff import registry
+from lldiff.modules import LMBase
 from lldiff.optim import build_optimizer
-from lldiff.modules import AutoregressiveLM, LMBase, MaskedDiffusionLM
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -62,9 +70,13 @@ class RepeatBatch(Dataset):
         return {"input_ids": self.rows[i % len(self.rows)]}
 
 
-def make_module(cls: type[LMBase], args: argparse.Namespace) -> LMBase:
+def make_module(objective: str, args: argparse.Namespace) -> LMBase:
+    """The objective's pre-training module (from the registry), as LightningCLI builds it."""
     torch.manual_seed(0)
-    return cls(size=args.size, vocab_size=args.vocab, random_length_prob=0.0, warmup_steps=1, lr=3e-4)
+    spec = registry.get(objective).module_config()
+    init_args = {**spec["init_args"], "size": args.size, "vocab_size": args.vocab, "random_length_prob": 0.0,
+                 "warmup_steps": 1, "lr": 3e-4}
+    return instantiate_class((), {**spec, "init_args": init_args})
 
 
 def bare_step_times(module: LMBase, loader: DataLoader, steps: int) -> list[float]:
@@ -143,7 +155,7 @@ def phase_times(module: LMBase, loader: DataLoader, steps: int) -> dict[str, lis
 
 
 def breakdown(args: argparse.Namespace) -> None:
-    """Where a tiny model's step goes, MDM and AR, medians over alternating rounds."""
+    """Where a tiny model's step goes, per objective, medians over alternating rounds."""
     from lldiff.data import PretrainDataModule
 
     torch.set_num_threads(args.threads)
@@ -157,25 +169,27 @@ def breakdown(args: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); model {args.size}, batch {args.batch} x "
           f"{args.seq_len} tokens, vocabulary {args.vocab}; medians over {args.rounds} rounds of {args.steps} steps")
     with tempfile.TemporaryDirectory() as logdir:
-        for name, cls in (("mdm", MaskedDiffusionLM), ("ar", AutoregressiveLM)):
+        for name in args.objectives:
             phases: dict[str, list[float]] = {}
             lightning: dict[int, list[float]] = {10: [], 1: []}
             for _ in range(args.rounds):
-                for phase, values in phase_times(make_module(cls, args), loader, steps).items():
+                for phase, values in phase_times(make_module(name, args), loader, steps).items():
                     phases.setdefault(phase, []).extend(values[args.warmup:])
                 for every in lightning:
-                    lightning[every] += lightning_step_times(make_module(cls, args), loader, steps + 1, logdir,
+                    lightning[every] += lightning_step_times(make_module(name, args), loader, steps + 1, logdir,
                                                              log_every_n_steps=every)[args.warmup:]
             median = {phase: statistics.median(v) for phase, v in phases.items()}
             step = statistics.median(lightning[10])
             rows = [*median.items(), ("Lightning loop, hooks, logging", step - sum(median.values()))]
-            print(f"\n{name.upper()}: Lightning step {step * 1e3:.2f} ms (metrics every 10 steps); "
+            print(f"\n{registry.get(name).label}: Lightning step {step * 1e3:.2f} ms (metrics every 10 steps); "
                   f"{statistics.median(lightning[1]) * 1e3:.2f} ms when every step hands its metrics to Lightning")
             for phase, seconds in rows:
                 print(f"  {phase:<32} {seconds * 1e3:>7.2f} ms  {seconds / step:>6.1%}")
 
 
 THROUGHPUT_DEFAULTS = {"size": "smdm-6M", "vocab": 4096, "seq_len": 256, "batch": 8, "steps": 12}
+QUICK_DEFAULTS = {"size": "tiny-1M", "vocab": 512, "seq_len": 64, "batch": 8, "steps": 6, "rounds": 2}
+"""``--quick``: a look at the table in about a minute on two CPU cores (noisier medians)."""
 BREAKDOWN_DEFAULTS = {"size": "tiny-0.004M", "vocab": 512, "seq_len": 64, "batch": 16, "steps": 100}
 """``--breakdown`` defaults to the demo sweep's smallest model, as one of its runs sees it."""
 
@@ -187,18 +201,30 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, help="tokens per row (default 256; with --breakdown 64)")
     parser.add_argument("--batch", type=int, help="rows per batch (default 8; with --breakdown 16)")
     parser.add_argument("--steps", type=int, help="timed steps per round (default 12; with --breakdown 100)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds, alternating which loop runs first")
+    parser.add_argument("--objectives", default="mdm,ar,bd3-16",
+                        help="comma-separated registry names (default mdm,ar,bd3-16; allowed: "
+                        f"{registry.ALLOWED})")
+    parser.add_argument("--rounds", type=int, help="rounds, alternating which loop runs first (default 4; "
+                        "with --quick 2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
+    parser.add_argument("--quick", action="store_true",
+                        help="small and short: tiny-1M, vocab 512, 8 x 64 tokens, 6 steps x 2 rounds")
     parser.add_argument("--breakdown", action="store_true",
                         help="split a step into phases (defaults: tiny-0.004M, vocab 512, 16 x 64, 1 thread)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for --breakdown")
     args = parser.parse_args()
+    args.objectives = [name.strip() for name in args.objectives.split(",") if name.strip()]
+    for name in args.objectives:
+        if not registry.is_known(name):
+            parser.error(f"--objectives: unknown objective {name!r}; allowed: {registry.ALLOWED}")
+    if args.quick and args.breakdown:
+        parser.error("--quick and --breakdown are two modes; choose one")
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric"):  # no per-fit banners between the tables
         logging.getLogger(name).setLevel(logging.WARNING)
     L.seed_everything(0, verbose=False)
-    defaults = BREAKDOWN_DEFAULTS if args.breakdown else THROUGHPUT_DEFAULTS
-    for key, value in defaults.items():  # what was not given
+    defaults = BREAKDOWN_DEFAULTS if args.breakdown else QUICK_DEFAULTS if args.quick else THROUGHPUT_DEFAULTS
+    for key, value in {"rounds": 4, **defaults}.items():  # what was not given
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.breakdown:
@@ -210,20 +236,22 @@ def main() -> None:
     rows = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1))
     loader = DataLoader(RepeatBatch(rows, args.steps + args.warmup + 2), batch_size=args.batch)
     tokens_per_step = args.batch * args.seq_len
-    header = (f"{'objective':<5} {'loop':<10} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'of matmul':>10}"
+    width = max(9, *(len(name) for name in args.objectives))
+    header = (f"{'objective':<{width}} {'loop':<10} {'ms/step':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'of matmul':>10}"
               "   [ms/step quartiles]")
     results = {}
     with tempfile.TemporaryDirectory() as logdir:
-        for name, cls in (("mdm", MaskedDiffusionLM), ("ar", AutoregressiveLM)):
-            flops_per_token = step_flops_per_token(make_module(cls, args).config, args.seq_len)
+        for name in args.objectives:
+            flops_per_token = registry.get(name).matmul_flops_per_token(make_module(name, args).config, args.seq_len)
             times = {"bare": [], "lightning": []}
             for round_ in range(args.rounds):
                 order = ("bare", "lightning") if round_ % 2 == 0 else ("lightning", "bare")  # no order bias
                 for loop in order:
                     if loop == "bare":
-                        steps = bare_step_times(make_module(cls, args), loader, args.steps + args.warmup)
+                        steps = bare_step_times(make_module(name, args), loader, args.steps + args.warmup)
                     else:
-                        steps = lightning_step_times(make_module(cls, args), loader, args.steps + args.warmup + 1, logdir)
+                        steps = lightning_step_times(make_module(name, args), loader, args.steps + args.warmup + 1,
+                                                     logdir)
                     times[loop] += steps[args.warmup :]
             for loop, values in times.items():
                 quartiles = statistics.quantiles(values, n=4)
@@ -232,16 +260,16 @@ def main() -> None:
             results[name, "flops_per_token"] = flops_per_token
         print(f"\nmodel {args.size}, batch {args.batch} x {args.seq_len} tokens, vocab {args.vocab}, "
               f"median of {args.rounds * args.steps} steps per loop\n{header}")
-        for name in ("mdm", "ar"):
+        for name in args.objectives:
             for loop in ("bare", "lightning"):
                 step = results[name, loop]
                 tps = tokens_per_step / step
                 gflops = tps * results[name, "flops_per_token"] / 1e9
                 lo, hi = results[name, loop, "iqr"]
-                print(f"{name:<5} {loop:<10} {step * 1e3:>9.1f} {tps:>10.0f} {gflops:>9.1f} {gflops / peak:>9.0%}"
+                print(f"{name:<{width}} {loop:<10} {step * 1e3:>9.1f} {tps:>10.0f} {gflops:>9.1f} {gflops / peak:>9.0%}"
                       f"   [{lo * 1e3:.0f}-{hi * 1e3:.0f}]")
         print()
-        for name in ("mdm", "ar"):
+        for name in args.objectives:
             ratio = results[name, "bare"] / results[name, "lightning"]
             print(f"{name}: Lightning throughput / bare PyTorch = {ratio:.3f}x")
 

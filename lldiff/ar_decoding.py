@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lldiff import registry
 from lldiff.model import KVCache, Transformer
 
 
@@ -51,8 +52,9 @@ def next_token(
 
 def _check(model: Transformer, prompt: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
            top_p: float | None) -> None:
-    if not isinstance(model, Transformer) or not model.cfg.causal:
-        raise ValueError("AR decoding needs a causal lldiff Transformer (an AutoregressiveLM's .model)")
+    if not isinstance(model, Transformer) or registry.of_model(model).attention != "causal":
+        raise ValueError("AR decoding needs a causal lldiff Transformer (an AutoregressiveLM's .model); "
+                         f"got {type(model).__name__}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:  # also NaN

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
@@ -24,6 +25,36 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._trainer = trainer  # its ckpt_path is known when the states are restored, not yet here
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A run directory that moved (copied to another machine, renamed) resumes like one
+        that did not. Lightning restores the checkpoint paths only in the directory they were
+        written in; elsewhere it forgets that ``last.ckpt`` is its own and writes the next one
+        as ``last-v1.ckpt`` beside the stale one. When the checkpoint resumed lies in this
+        callback's directory (the run moved with its checkpoints), paths inside the old
+        checkpoint directory are read as the same files in this one; a checkpoint brought in
+        from another run keeps Lightning's behaviour."""
+        stored = state_dict.get("dirpath")
+        trainer = getattr(self, "_trainer", None)
+        resumed = None if trainer is None else trainer.ckpt_path
+        in_here = (self.dirpath is not None and isinstance(resumed, str)
+                   and os.path.realpath(os.path.dirname(resumed)) == os.path.realpath(self.dirpath))
+        if in_here and stored is not None and stored != self.dirpath:
+            here = self.dirpath
+
+            def moved(path: Any) -> Any:
+                inside = isinstance(path, str) and path and os.path.dirname(path) == stored
+                return os.path.join(here, os.path.basename(path)) if inside else path
+
+            state_dict = {**state_dict, "dirpath": here,
+                          "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+                          **{key: moved(state_dict[key]) for key in ("last_model_path", "best_model_path",
+                                                                     "kth_best_model_path") if key in state_dict}}
+        super().load_state_dict(state_dict)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,4 +1,4 @@
-"""`lldiff chat`: talk to a fine-tuned MDM or AR checkpoint, using its chat template.
+"""`lldiff chat`: talk to a fine-tuned checkpoint (AR, MDM or BD3), using its chat template.
 
     lldiff chat --ckpt runs/sft-mdm-tiny/checkpoints/last.ckpt                      # interactive (a terminal)
     lldiff chat --ckpt X --message "next line after: import os"                     # one-shot
@@ -10,11 +10,13 @@ the run's ``config.yaml``), or ``--template FILE.yaml``, or the default. Each tu
 is the whole conversation so far (oldest turns are dropped when it outgrows the context).
 The MDM answers with the LLaDA reverse process in semi-autoregressive blocks
 (``--block-length``, default ``min(32, --length)``; ``--length`` must be whole blocks) with
-low-confidence remasking; the AR decodes with a KV cache. Answers end at the first EOS. In
+low-confidence remasking; the BD3 block by block in its own blocks (``--steps-per-block``),
+``--length`` a budget; the AR decodes with a KV cache. Answers end at the first EOS. In
 a terminal, ``/reset`` starts over and ``/quit`` (or Ctrl-D) leaves.
 
 Option values are used exactly as given or refused (exit code 2), before the checkpoint is
-loaded where they do not depend on it; MDM options are refused for an AR checkpoint.
+loaded where they do not depend on it; options of another objective's decoder (the registry's
+``decode_options``) are refused once the checkpoint is loaded.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ from lldiff.checkpoint import LoadedModel, load_model
 from lldiff.completion import REMASKING, DecodeOptions, check_context, complete
 from lldiff.data.chat import ChatTemplate, Message
 from lldiff.generate import check_blocks, check_values, refuse_foreign_options
-
-MDM_ONLY = ("block_length", "steps", "remasking", "threshold", "cfg_scale")
 
 
 class ChatSession:
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--system", help="a system message opening the conversation")
     parser.add_argument("--template", help="YAML {system, user, assistant} patterns (default: the run's)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's run directory)")
-    parser.add_argument("--length", type=int, default=64, help="answer tokens: MDM canvas / AR budget (default 64)")
+    parser.add_argument("--length", type=int, default=64,
+                        help="answer tokens: MDM canvas / AR and BD3 budget (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--seed", type=int, help="RNG seed for sampling (default 0; needs --temperature > 0 "
                         "or --remasking random)")
@@ -99,10 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="semi-autoregressive block, dividing --length (default: min(32, --length))")
     mdm.add_argument("--steps", type=int,
                      help="model calls per answer, a multiple of the number of blocks (default: --length)")
-    mdm.add_argument("--remasking", choices=REMASKING, help="default low_confidence")
-    mdm.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] for --remasking threshold "
-                     "(default 0.9)")
-    mdm.add_argument("--cfg-scale", type=float, help="classifier-free guidance w (default 0: off)")
+    bd3 = parser.add_argument_group("BD3")
+    bd3.add_argument("--steps-per-block", type=int, help="model calls per block (default: the block size)")
+    diffusion = parser.add_argument_group("diffusion (MDM and BD3)")
+    diffusion.add_argument("--remasking", choices=REMASKING, help="default low_confidence")
+    diffusion.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] for --remasking "
+                           "threshold (default 0.9)")
+    diffusion.add_argument("--cfg-scale", type=float, help="classifier-free guidance w (default 0: off)")
     return parser
 
 
@@ -116,15 +120,15 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
     seed = 0 if args.seed is None else args.seed
     try:
         loaded = load_model(args.ckpt, tokenizer=args.tokenizer, device=args.device)
-        if loaded.objective == "mdm":
+        objective = loaded.objective
+        refuse_foreign_options(args, objective, parser)
+        block = None
+        if "block_length" in objective.decode_options:  # a canvas in blocks: --length must be whole blocks
             block = check_blocks(parser, args.length, "--length", args.block_length, args.steps)
-            options = DecodeOptions(
-                length=args.length, temperature=args.temperature, steps=args.steps, block_length=block,
-                remasking="low_confidence" if args.remasking is None else args.remasking, threshold=args.threshold,
-                cfg_scale=0.0 if args.cfg_scale is None else args.cfg_scale)
-        else:
-            refuse_foreign_options(args, loaded.objective, parser, MDM_ONLY)
-            options = DecodeOptions(length=args.length, temperature=args.temperature)
+        options = DecodeOptions.for_objective(  # every option given applies (refused above otherwise)
+            objective, length=args.length, temperature=args.temperature, steps=args.steps, block_length=block,
+            remasking=args.remasking, threshold=args.threshold, cfg_scale=args.cfg_scale,
+            steps_per_block=args.steps_per_block)
         pattern = yaml.safe_load(Path(args.template).read_text()) if args.template else run_template(Path(args.ckpt))
         template = ChatTemplate.from_config(pattern)
         session = ChatSession(loaded, template, options, system=args.system, seed=seed)
@@ -138,7 +142,7 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
         for text in turns:
             print(session.reply(text), file=stdout, flush=True)
         return
-    print(f"lldiff chat: {loaded.objective.upper()} {loaded.config.name} ({args.ckpt}); /reset, /quit", file=stdout)
+    print(f"lldiff chat: {loaded.objective.label} {loaded.config.name} ({args.ckpt}); /reset, /quit", file=stdout)
     while True:
         try:
             text = _read_turn(stdin, stdout).strip()

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 from lldiff.checkpoint_io import check_sharded_metadata, safe_filesystem_reader
+from lldiff import registry
 from lldiff.config import ModelConfig
+from lldiff.registry import Objective
 from lldiff.data.tokenizer import Tokenizer
 from lldiff.model import Transformer
 
@@ -34,7 +36,7 @@ from lldiff.model import Transformer
 @dataclass
 class LoadedModel:
     model: Transformer
-    objective: str  # "mdm" or "ar"
+    objective: Objective  # the registry entry (its .name: "ar", "mdm", "bd3-16", ...)
     tokenizer: Tokenizer | None
     path: Path
 
@@ -118,7 +120,7 @@ def consolidate_checkpoint(path: str | Path, out: str | Path) -> Path:
     state = read_checkpoint_meta(path)
     if "lldiff" not in state or "model_config" not in state["lldiff"]:
         raise ValueError(f"{path} is not an lldiff checkpoint (no model config inside)")
-    model = Transformer(ModelConfig(**state["lldiff"]["model_config"]))
+    model = Transformer(ModelConfig.from_dict(state["lldiff"]["model_config"]))
     weights = read_model_weights(path, state, model)
     state["state_dict"] = {f"model.{k}": v for k, v in weights.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,7 @@ def load_model(
     """The backbone of an lldiff checkpoint (eval mode) with its tokenizer.
 
     ``path`` is a full ``.ckpt`` file or a sharded checkpoint directory (``fsdp2``).
-    ``expect="mdm"`` / ``"ar"`` refuses a checkpoint of the other objective with a clear
+    ``expect`` (an objective name) refuses a checkpoint of another objective with a clear
     message; the tokenizer comes from ``tokenizer`` or the checkpoint's run directory.
     """
     path = Path(path)
@@ -148,10 +150,12 @@ def load_model(
     state = read_checkpoint_meta(path)
     if "lldiff" not in state or "model_config" not in state["lldiff"]:
         raise ValueError(f"{path} is not an lldiff checkpoint (no model config inside)")
-    config = ModelConfig(**state["lldiff"]["model_config"])
-    objective = "ar" if config.causal else "mdm"
-    if expect is not None and objective != expect:
-        raise ValueError(f"{path} holds an {objective.upper()} model; this needs an {expect.upper()} checkpoint")
+    config = ModelConfig.from_dict(state["lldiff"]["model_config"])  # also checkpoints from before `attention`
+    objective = registry.of_config(config)
+    if expect is not None and objective.name != expect:
+        wanted = registry.get(expect).label
+        raise ValueError(f"{path} holds {registry.article(objective.label)} {objective.label} model; this needs "
+                         f"{registry.article(wanted)} {wanted} checkpoint")
     model = Transformer(config)
     model.load_state_dict(read_model_weights(path, state, model))
     model.to(device).eval()

@@ -1,19 +1,28 @@
-"""Answer a batch of prompts with either kind of model: one entry point over the MDM
-reverse process (``sampling``) and AR decoding (``ar_decoding``).
+"""Answer a batch of prompts with any model: one entry point, :func:`complete`, over the
+objectives' decoders (the registry's ``decoder``): AR decoding (``ar_decoding``), the MDM
+reverse process (``sampling``) and block diffusion decoding (``block_decoding``).
 
-Used by ``lldiff generate``, ``lldiff chat`` and the studies. Prompts are token-id lists of
-any lengths (left-padded into one batch); answers are cut before their first EOS.
+Used by ``lldiff generate``, ``lldiff chat``, evaluation and the studies. Prompts are token-id
+lists of any lengths (left-padded into one batch); answers are cut before their first EOS.
+Which :class:`DecodeOptions` fields a decoder uses is the registry's ``decode_options``;
+:func:`complete` refuses the others (except those in ``decode_ignores``, which a recipe shared
+by several objectives may carry, e.g. the MDM's ``block_length`` passed to an AR model).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
+from torch import Tensor
 
+from lldiff import registry
 from lldiff.ar_decoding import ar_generate
+from lldiff.block_decoding import block_generate
 from lldiff.model import Transformer
+from lldiff.registry import Objective, article
 from lldiff.sampling import generate, generate_threshold, strip_after_eos
 
 REMASKING = ("low_confidence", "random", "threshold")
@@ -21,16 +30,19 @@ REMASKING = ("low_confidence", "random", "threshold")
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How to decode. ``length`` is the MDM's answer canvas and the AR's new-token budget.
+    """How to decode. ``length`` is the MDM's answer canvas and the AR's and BD3's new-token
+    budget (``registry``'s ``length_is_budget``).
 
     MDM: ``steps`` model calls in all (default ``length``), semi-autoregressive blocks of
     ``block_length`` (default ``min(32, length)``; ``length`` = one block), ``remasking``
     ``low_confidence`` (LLaDA's default), ``random`` (Alg. 4) or ``threshold`` (parallel
     decoding above ``threshold`` confidence, default 0.9), ``cfg_scale`` > 0 for
-    classifier-free guidance. AR: greedy at ``temperature`` 0, else sampling with optional
+    classifier-free guidance. BD3: the model's own blocks, ``steps_per_block`` model calls per
+    block (default: the block size), ``remasking`` / ``threshold`` / ``cfg_scale`` /
+    ``forbid_eos`` as the MDM. AR: greedy at ``temperature`` 0, else sampling with optional
     ``top_k`` / ``top_p``. Values that would be ignored or replaced are refused (ValueError):
-    ``threshold`` without ``remasking="threshold"``, ``steps`` with it, ``top_k`` / ``top_p`` at
-    ``temperature`` 0, zero ``steps`` / ``block_length``.
+    ``threshold`` without ``remasking="threshold"``, ``steps`` / ``steps_per_block`` with it,
+    ``top_k`` / ``top_p`` at ``temperature`` 0, zero ``steps`` / ``block_length``.
     """
 
     length: int = 64
@@ -44,13 +56,14 @@ class DecodeOptions:
     top_k: int | None = None
     top_p: float | None = None
     use_cache: bool = True
+    steps_per_block: int | None = None  # BD3 (None: the block size)
 
     def __post_init__(self) -> None:
         if self.length < 1:
             raise ValueError(f"length must be >= 1, got {self.length}")
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking={self.remasking!r}; allowed: {', '.join(REMASKING)}")
-        for name in ("steps", "block_length", "top_k"):
+        for name in ("steps", "block_length", "top_k", "steps_per_block"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -65,9 +78,10 @@ class DecodeOptions:
         if self.threshold is not None and self.remasking != "threshold":
             raise ValueError(f"threshold={self.threshold} needs remasking='threshold' "
                              f"(remasking={self.remasking!r} ignores it)")
-        if self.steps is not None and self.remasking == "threshold":
-            raise ValueError(f"steps={self.steps} has no effect with remasking='threshold' (it calls the model "
-                             "until each block is full)")
+        for name in ("steps", "steps_per_block"):
+            if getattr(self, name) is not None and self.remasking == "threshold":
+                raise ValueError(f"{name}={getattr(self, name)} has no effect with remasking='threshold' (it calls "
+                                 "the model until each block is full)")
         if self.temperature == 0:
             for name in ("top_k", "top_p"):
                 if getattr(self, name) is not None:
@@ -77,6 +91,43 @@ class DecodeOptions:
     @property
     def block(self) -> int:
         return min(32, self.length) if self.block_length is None else self.block_length
+
+    def given(self) -> dict[str, Any]:
+        """The objective-specific fields that differ from their defaults (length and
+        temperature apply to every decoder and are left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in COMMON and getattr(self, f.name) != f.default}
+
+    @classmethod
+    def for_objective(cls, objective: Objective, **values: Any) -> "DecodeOptions":
+        """Options for ``objective`` from a recipe of ``values`` for several objectives: the
+        fields its decoder does not use (registry ``decode_options``) and None values are
+        dropped, so they take their defaults."""
+        keep = set(COMMON) | set(objective.decode_options)
+        return cls(**{k: v for k, v in values.items() if k in keep and v is not None})
+
+
+COMMON = ("length", "temperature")
+
+
+def check_options(options: DecodeOptions, objective: Objective, *, strict: bool = False) -> None:
+    """Refuse (ValueError) the fields of ``options`` given for another objective's decoder:
+    those not in the registry's ``decode_options`` of ``objective`` (with ``strict=False``
+    also tolerating its ``decode_ignores``), naming the objectives they apply to."""
+    allowed = set(objective.decode_options) | (set() if strict else set(objective.decode_ignores))
+    for name, value in options.given().items():
+        if name not in allowed:
+            raise ValueError(f"{name}={value} applies to {option_owners(name)} models only; "
+                             f"this is {article(objective.label)} {objective.label} model")
+
+
+def option_owners(name: str, kind: str = "decode_options") -> str:
+    """The labels of the objective families whose ``kind`` (``decode_options`` or
+    ``score_options``) include ``name``: "AR", "MDM and BD3", ..."""
+    labels = [family.label for family in registry.FAMILIES.values() if name in getattr(family, kind)]
+    return " and ".join(labels) if labels else "no"
+
+
 
 
 @dataclass
@@ -114,26 +165,51 @@ def complete(
     pad_id: int,
     generator: torch.Generator | None = None,
 ) -> Completion:
-    """Answer every prompt (token ids) with ``model`` (an MDM or an AR backbone)."""
-    if not model.cfg.causal:
-        for name in ("top_k", "top_p"):
-            if getattr(options, name) is not None:
-                raise ValueError(f"{name}={getattr(options, name)} applies to AR models only; this is an MDM")
+    """Answer every prompt (token ids) with ``model`` (any objective's backbone), using the
+    decoder the registry names for its objective."""
+    objective = registry.of_model(model)
+    check_options(options, objective)
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     check_context(ids.shape[1], options.length, model.cfg.max_seq_len)
-    if model.cfg.causal:
-        out = ar_generate(model, ids, max_new_tokens=options.length, temperature=options.temperature,
-                          top_k=options.top_k, top_p=options.top_p, attention_mask=mask, eos_id=eos_id,
-                          use_cache=options.use_cache, generator=generator)
-        return Completion(strip_after_eos(out.tokens[:, ids.shape[1]:], eos_id), out.model_calls)
+    return objective.decoder()(model, ids, mask, options, eos_id=eos_id, generator=generator)
+
+
+# -- the registry's decoders: (model, ids (B, P) left-padded, mask (B, P), options) -> Completion ----------
+
+
+def ar_complete(model: Transformer, ids: Tensor, mask: Tensor, options: DecodeOptions, *, eos_id: int,
+                generator: torch.Generator | None = None) -> Completion:
+    """AR decoding with a KV cache (``use_cache``), greedy or sampled with ``top_k`` / ``top_p``."""
+    out = ar_generate(model, ids, max_new_tokens=options.length, temperature=options.temperature,
+                      top_k=options.top_k, top_p=options.top_p, attention_mask=mask, eos_id=eos_id,
+                      use_cache=options.use_cache, generator=generator)
+    return Completion(strip_after_eos(out.tokens[:, ids.shape[1]:], eos_id), out.model_calls)
+
+
+def diffusion_complete(model: Transformer, ids: Tensor, mask: Tensor, options: DecodeOptions, *, eos_id: int,
+                       generator: torch.Generator | None = None) -> Completion:
+    """The LLaDA reverse process over a ``length`` canvas in semi-autoregressive blocks, or
+    threshold decoding."""
     common = {"gen_length": options.length, "block_length": options.block, "mask_id": model.cfg.mask_id,
-                  "temperature": options.temperature, "cfg_scale": options.cfg_scale, "attention_mask": mask,
-                  "eos_id": eos_id, "forbid_eos": options.forbid_eos, "generator": generator}
+              "temperature": options.temperature, "cfg_scale": options.cfg_scale, "attention_mask": mask,
+              "eos_id": eos_id, "forbid_eos": options.forbid_eos, "generator": generator}
     if options.remasking == "threshold":
         threshold = 0.9 if options.threshold is None else options.threshold
         sample = generate_threshold(model, ids, threshold=threshold, **common)
     else:
         steps = options.length if options.steps is None else options.steps
         sample = generate(model, ids, steps=steps, remasking=options.remasking, **common)
+    return Completion(sample.answer(eos_id), sample.model_calls)
+
+
+def block_diffusion_complete(model: Transformer, ids: Tensor, mask: Tensor, options: DecodeOptions, *,
+                             eos_id: int, generator: torch.Generator | None = None) -> Completion:
+    """Block diffusion decoding in the model's own blocks (``lldiff.block_decoding``)."""
+    sample = block_generate(
+        model, ids, gen_length=options.length, block_size=model.cfg.block_size, mask_id=model.cfg.mask_id,
+        steps_per_block=options.steps_per_block, remasking=options.remasking, threshold=options.threshold,
+        temperature=options.temperature, cfg_scale=options.cfg_scale, attention_mask=mask, eos_id=eos_id,
+        forbid_eos=options.forbid_eos, generator=generator,
+    )
     return Completion(sample.answer(eos_id), sample.model_calls)

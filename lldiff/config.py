@@ -1,8 +1,11 @@
 """Model shapes: the `ModelConfig` dataclass and a registry of named sizes.
 
-One backbone serves both objectives; ``causal`` is the only architectural switch
-(SPEC §1). The masked diffusion model (``causal=False``) gets one extra embedding row
-for the mask token ``M = vocab_size``; the LM head always has ``vocab_size`` outputs.
+One backbone serves every objective; what differs is the attention kind (SPEC §1, §9):
+``causal`` (AR), ``bidirectional`` (MDM) or ``block`` (BD3: block-causal over blocks of
+``block_size`` tokens), and the mask token. A model with a mask token embeds ``mask_id``:
+by default a new row ``M = vocab_size`` (lldiff's own MDM and BD3), or an id inside the
+vocabulary (an imported LLaDA checkpoint). The LM head always has ``vocab_size`` outputs.
+Which objective sets which fields is :mod:`lldiff.registry`'s business, not this module's.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ATTENTION_BACKENDS = ("sdpa", "xformers", "reference")
+ATTENTION_KINDS = ("causal", "bidirectional", "block")
 
 
 @dataclass(frozen=True)
@@ -25,11 +29,16 @@ class ModelConfig:
         n_heads: query heads.
         n_kv_heads: key/value heads (GQA); ``None`` means ``n_heads`` (MHA).
         d_ff: SwiGLU hidden width.
-        vocab_size: real vocabulary size V (the LM head's outputs). The mask id is V.
+        vocab_size: real vocabulary size V (the LM head's outputs).
         max_seq_len: longest sequence the RoPE tables cover.
         rope_base: RoPE frequency base (SMDM 1e4, LLaDA 5e5).
         norm_eps: RMSNorm epsilon.
-        causal: True for the autoregressive baseline, False for the masked diffusion model.
+        attention: ``causal``, ``bidirectional`` or ``block`` (block-causal: a token attends
+            every token of its own block and of earlier blocks).
+        block_size: tokens per block for ``attention="block"`` (None otherwise).
+        mask_id: the mask token's id; None for a causal model (no mask token). For the
+            other kinds None means ``vocab_size`` (an extra embedding row); an id below
+            ``vocab_size`` reuses a vocabulary row (LLaDA's 126336).
         attn_backend: one of ``sdpa`` (default), ``xformers`` (CUDA only), ``reference``.
     """
 
@@ -43,10 +52,26 @@ class ModelConfig:
     max_seq_len: int = 2048
     rope_base: float = 10_000.0
     norm_eps: float = 1e-5
-    causal: bool = False
+    attention: str = "bidirectional"
+    block_size: int | None = None
+    mask_id: int | None = None
     attn_backend: str = "sdpa"
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention={self.attention!r} is unknown; allowed: {', '.join(ATTENTION_KINDS)}")
+        if self.attention == "block":
+            if not isinstance(self.block_size, int) or self.block_size < 1:
+                raise ValueError(f"attention='block' needs block_size >= 1, got {self.block_size!r}")
+        elif self.block_size is not None:
+            raise ValueError(f"block_size={self.block_size} applies to attention='block' only, not {self.attention!r}")
+        if self.attention == "causal":
+            if self.mask_id is not None:
+                raise ValueError(f"mask_id={self.mask_id}: a causal model has no mask token")
+        elif self.mask_id is None:
+            object.__setattr__(self, "mask_id", self.vocab_size)
+        elif not isinstance(self.mask_id, int) or not 0 <= self.mask_id <= self.vocab_size:
+            raise ValueError(f"mask_id={self.mask_id!r} must be in [0, vocab_size={self.vocab_size}]")
         for field in ("n_layer", "d_model", "n_heads", "d_ff", "vocab_size", "max_seq_len"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
@@ -79,13 +104,30 @@ class ModelConfig:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
-    def mask_id(self) -> int | None:
-        """Id of the reserved mask token (the extra embedding row), None for AR."""
-        return None if self.causal else self.vocab_size
+    def embedding_rows(self) -> int:
+        """Vocabulary rows plus the mask token's own row when it is outside the vocabulary."""
+        return self.vocab_size + (1 if self.mask_id == self.vocab_size else 0)
 
     @property
-    def embedding_rows(self) -> int:
-        return self.vocab_size + (0 if self.causal else 1)
+    def earlier_states_fixed(self) -> bool:
+        """Whether a token's keys/values never depend on later tokens (causal and block
+        attention), so they can be cached across decoding calls."""
+        return self.attention != "bidirectional"
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "ModelConfig":
+        """A config from a checkpoint's stored dict; dicts written before the attention kind
+        existed carry ``causal`` (True: AR; False: MDM with the mask token ``vocab_size``)."""
+        fields = dict(fields)
+        if "causal" in fields:
+            causal = fields.pop("causal")
+            fields.setdefault("attention", "causal" if causal else "bidirectional")
+        return cls(**fields)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        if "mask_id" not in changes and self.mask_id in (None, self.vocab_size):
+            changes["mask_id"] = None  # the default follows the vocabulary and the attention kind
+        return dataclasses.replace(self, **changes)
 
     def non_embedding_params(self) -> int:
         """Parameters excluding the token embedding and the LM head (SMDM's N).
@@ -103,19 +145,16 @@ class ModelConfig:
         """All parameters: non-embedding + embedding (incl. mask row) + untied head."""
         return self.non_embedding_params() + self.embedding_rows * self.d_model + self.vocab_size * self.d_model
 
-    def replace(self, **changes: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
-        """A registered size, with any field overridden (e.g. ``vocab_size``, ``causal``)."""
+        """A registered size, with any field overridden (e.g. ``vocab_size``, ``attention``)."""
         if name not in SIZES:
             raise ValueError(f"unknown model size {name!r}; known sizes: {', '.join(SIZES)}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             allowed = ", ".join(f.name for f in dataclasses.fields(cls))
             raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}; allowed: {allowed}")
-        return dataclasses.replace(SIZES[name], **overrides)
+        return SIZES[name].replace(**overrides)
 
 
 def _smdm(name: str, n_layer: int, d_model: int, n_heads: int) -> ModelConfig:

@@ -1,10 +1,11 @@
-"""Supervised fine-tuning modules (LLaDA Alg. 2 and its AR counterpart), thin over
-``objectives.mdm_sft_loss`` / ``objectives.ar_sft_loss``.
+"""Supervised fine-tuning modules, one per objective (:mod:`lldiff.registry`'s ``sft_module``):
+LLaDA's Alg. 2 for the MDM (``objectives.mdm_sft_loss``), its AR counterpart
+(``objectives.ar_sft_loss``) and its block-diffusion counterpart (:func:`bd3_sft_loss`).
 
-Both start from a pre-trained ``lldiff fit`` checkpoint (``init_from``), whose model shape
-they take, and train on :class:`lldiff.data.SFTDataModule` batches. Both log
+All start from a pre-trained ``lldiff fit`` checkpoint (``init_from``) of their objective, whose
+model shape they take, and train on :class:`lldiff.data.SFTDataModule` batches. All log
 ``train/loss`` and ``val/nll_per_token``: nats per response token (EOS padding included)
-given the prompt, exact for AR and a Monte-Carlo ELBO bound for the MDM.
+given the prompt, exact for AR and a Monte-Carlo negative-ELBO bound for the diffusion ones.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lldiff import objectives
+from lldiff import block_diffusion, objectives, registry
 from lldiff.checkpoint import TOKENIZER_KEY, check_tokenizer, read_checkpoint_meta, read_model_weights
 from lldiff.config import SIZES, ModelConfig
-from lldiff.flops import step_flops_per_token
-from lldiff.modules import AutoregressiveLM, LMBase, MaskedDiffusionLM
+from lldiff.modules import AutoregressiveLM, BlockDiffusionLM, MaskedDiffusionLM
+from lldiff.registry import Objective
 
 # fields a fine-tuning run may change without invalidating the pre-trained weights
 ADJUSTABLE_FIELDS = ("max_seq_len", "rope_base", "attn_backend", "norm_eps")
@@ -36,36 +37,53 @@ def read_pretrained(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def _a(label: str) -> str:
+    """``label`` with its indefinite article as spoken: "an AR", "an MDM", "a BD3-4"."""
+    return f"{'an' if label[:1] in 'AEFHILMNORSX' else 'a'} {label}"
+
+
+#: ModelConfig fields the objective fixes (``Objective.model_fields``), not the checkpoint's shape
+OBJECTIVE_FIELDS = ("attention", "block_size", "mask_id", "causal")
+
+
 def pretrained_shape(
-    init_from: str, saved: dict[str, Any], causal: bool, vocab_size: int | None, size: str | None,
+    init_from: str, saved: dict[str, Any], objective: Objective, vocab_size: int | None, size: str | None,
     overrides: dict[str, Any] | None,
 ) -> tuple[str, dict[str, Any]]:
     """``(size, model_overrides)`` that rebuild the shape ``saved`` (the checkpoint's model
-    config) exactly, after checking its objective, its vocabulary against the data's
-    tokenizer and ``size`` if given."""
-    kind = lambda c: "an AR (causal)" if c else "an MDM (bidirectional)"
-    if saved["causal"] != causal:
-        raise ValueError(f"init_from {init_from!r} holds {kind(saved['causal'])} model; this fine-tuning module "
-                         f"needs {kind(causal)} one (use the matching model.class_path)")
-    if vocab_size is not None and saved["vocab_size"] != vocab_size:
+    config, also one written before the attention kind existed) exactly, after checking that
+    it is a model of ``objective`` (the registry's reading of its attention kind and block
+    size), its vocabulary against the data's tokenizer and ``size`` if given."""
+    config = ModelConfig.from_dict(saved)
+    theirs = registry.of_config(config)
+    if theirs != objective:
+        raise ValueError(f"init_from {init_from!r} holds {_a(theirs.label)} model ({theirs.attention} attention); "
+                         f"this fine-tuning module needs {_a(objective.label)} one ({objective.attention} attention; "
+                         "use the matching model.class_path)")
+    if vocab_size is not None and config.vocab_size != vocab_size:
         raise ValueError(
-            f"init_from {init_from!r} was trained with vocab_size={saved['vocab_size']} but the tokenizer has "
+            f"init_from {init_from!r} was trained with vocab_size={config.vocab_size} but the tokenizer has "
             f"{vocab_size} real tokens; fine-tune with the pre-training run's tokenizer.json "
             "(data.init_args.tokenizer_path: the run directory or the checkpoint)"
         )
+    mask_id = objective.model_fields(config.vocab_size)["mask_id"]
+    if config.mask_id != mask_id:
+        raise ValueError(f"init_from {init_from!r} has its mask token at id {config.mask_id}, not at {mask_id} where "
+                         f"the {objective.label} objective puts it; fine-tuning it is not supported")
     overrides = dict(overrides or {})
     changed = sorted(set(overrides) - set(ADJUSTABLE_FIELDS))
     if changed:
         raise ValueError(f"model_overrides {changed} would change the pre-trained shape; a fine-tuning run may "
                          f"only override {', '.join(ADJUSTABLE_FIELDS)}")
-    shape = {k: v for k, v in saved.items() if k not in ("name", "vocab_size", "causal", "attn_backend")}
+    shape = {k: v for k, v in config.__dict__.items()
+             if k not in ("name", "vocab_size", "attn_backend", *OBJECTIVE_FIELDS)}
     if size is not None:
         registered = ModelConfig.from_name(size)
         differs = [f for f in shape if f not in ADJUSTABLE_FIELDS and getattr(registered, f) != shape[f]]
         if differs:
             raise ValueError(f"size={size!r} does not match the init_from checkpoint (differs in {differs}); "
-                             f"leave size unset to take the checkpoint's shape ({saved['name']})")
-    name = saved["name"] if saved["name"] in SIZES else next(iter(SIZES))
+                             f"leave size unset to take the checkpoint's shape ({config.name})")
+    name = config.name if config.name in SIZES else next(iter(SIZES))
     return size or name, {**shape, **overrides}
 
 
@@ -100,7 +118,8 @@ class _SFTMixin:
         loss = self.sft_loss(tokens, response)
         processed = tokens.numel() * self.trainer.world_size
         self.tokens_seen += processed
-        self._log_progress(loss, processed, processed * step_flops_per_token(self.config, tokens.shape[1]))
+        self._log_progress(loss, processed,
+                           processed * self.objective.matmul_flops_per_token(self.config, tokens.shape[1]))
         return loss
 
     def validation_step(self: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -109,17 +128,26 @@ class _SFTMixin:
         self.val_tokens.update(response.sum())
 
 
-def _resolve_shape(cls: type[LMBase], kwargs: dict[str, Any], init_from: str | None) -> dict[str, Any] | None:
-    """Set ``size``/``model_overrides`` from ``init_from``; returns the checkpoint, read once."""
+def _resolve_shape(objective: Objective, kwargs: dict[str, Any], init_from: str | None,
+                   state: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Set ``size``/``model_overrides`` from ``init_from`` (a checkpoint of ``objective``);
+    returns the checkpoint, read once (``state``: already read)."""
     if init_from is None:
         if kwargs.get("size") is None:
             raise ValueError("give model.init_args.init_from (a pre-trained checkpoint) or a size to fine-tune from scratch")
         return None
-    state = read_pretrained(init_from)
+    state = state or read_pretrained(init_from)
     kwargs["size"], kwargs["model_overrides"] = pretrained_shape(
-        init_from, state["lldiff"]["model_config"], cls.causal, kwargs.get("vocab_size"), kwargs.get("size"),
+        init_from, state["lldiff"]["model_config"], objective, kwargs.get("vocab_size"), kwargs.get("size"),
         kwargs.get("model_overrides"))
     return state
+
+
+def _check_sft_options(normalisation: str, prompt_dropout: float) -> None:
+    if normalisation not in objectives.SFT_NORMALISATIONS:
+        raise ValueError(f"normalisation={normalisation!r}; allowed: {', '.join(objectives.SFT_NORMALISATIONS)}")
+    if not 0.0 <= prompt_dropout < 1.0:
+        raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout}")
 
 
 class MaskedDiffusionSFT(_SFTMixin, MaskedDiffusionLM):
@@ -142,12 +170,9 @@ class MaskedDiffusionSFT(_SFTMixin, MaskedDiffusionLM):
         prompt_dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        if normalisation not in objectives.SFT_NORMALISATIONS:
-            raise ValueError(f"normalisation={normalisation!r}; allowed: {', '.join(objectives.SFT_NORMALISATIONS)}")
-        if not 0.0 <= prompt_dropout < 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout}")
+        _check_sft_options(normalisation, prompt_dropout)
         kwargs["size"] = size
-        pretrained = _resolve_shape(type(self), kwargs, init_from)
+        pretrained = _resolve_shape(registry.get(self.objective_name), kwargs, init_from)
         super().__init__(*args, **kwargs)
         self._load_pretrained(init_from, pretrained)
 
@@ -173,7 +198,7 @@ class AutoregressiveSFT(_SFTMixin, AutoregressiveLM):
 
     def __init__(self, *args: Any, init_from: str | None = None, size: str | None = None, **kwargs: Any) -> None:
         kwargs["size"] = size
-        pretrained = _resolve_shape(type(self), kwargs, init_from)
+        pretrained = _resolve_shape(registry.get(self.objective_name), kwargs, init_from)
         super().__init__(*args, **kwargs)
         self._load_pretrained(init_from, pretrained)
 
@@ -183,3 +208,109 @@ class AutoregressiveSFT(_SFTMixin, AutoregressiveLM):
     def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:
         return (objectives.ar_nll(self, tokens) * response[:, 1:]).sum(dim=1)
 
+
+
+def bd3_sft_loss(
+    model: Any,
+    tokens: Tensor,
+    response: Tensor,
+    mask_id: int,
+    block_size: int,
+    *,
+    normalisation: str = "response_length",
+    eps: float = 1e-3,
+    prompt_dropout: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """SFT loss of the block diffusion model (SPEC §9) on ``prompt + response`` rows.
+
+    Blocks are those of pre-training (position ``i`` in block ``i // block_size``, from the
+    row's start), so a block may hold the prompt's end and the response's start. One ratio
+    ``t_b ~ U[eps, 1]`` per (row, block); only ``response`` positions (EOS padding included)
+    are ever masked, the prompt stays clean in ``x_t`` and is the clean context in ``x_0``.
+    One forward on ``[x_t ⊕ x_0]`` (:func:`lldiff.block_diffusion.bd3_logits`); the
+    per-example sum of ``CE / t_b`` over masked tokens is normalised as
+    :func:`lldiff.objectives.mdm_sft_loss` does (``response_length``: per example by its
+    response length, then the batch mean; ``token``: by all response tokens).
+    ``prompt_dropout`` replaces a whole prompt by mask tokens in both halves (the clean half
+    is the context a sampler conditions on), for classifier-free guidance.
+
+    With one block (``block_size >= L``) the random draws, the masks and the loss are those
+    of :func:`lldiff.objectives.mdm_sft_loss` with the same generator."""
+    if normalisation not in objectives.SFT_NORMALISATIONS:
+        raise ValueError(f"normalisation={normalisation!r}; allowed: {', '.join(objectives.SFT_NORMALISATIONS)}")
+    if tokens.shape != response.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and response {tuple(response.shape)} must have the same shape")
+    lengths = response.sum(dim=1)
+    if bool((lengths == 0).any()):
+        raise ValueError("every example needs at least one response token")
+    batch, seq_len = tokens.shape
+    t = block_diffusion.sample_block_mask_ratios(batch, block_diffusion.num_blocks(seq_len, block_size), eps,
+                                                 generator=generator, device=tokens.device)
+    xt, masked, t_tok = block_diffusion.block_forward_mask(tokens, t, mask_id, block_size, maskable=response,
+                                                           generator=generator)
+    # one draw per row (as in mdm_sft_loss); a dropped prompt is masked in both halves
+    both = objectives.drop_prompts(torch.cat([xt, tokens], dim=1), torch.cat([response, response], dim=1), mask_id,
+                                   prompt_dropout, generator=generator)
+    logits = block_diffusion.bd3_logits(model, both[:, :seq_len], both[:, seq_len:], block_size)
+    per_example = block_diffusion.bd3_weighted_ce(logits, tokens, masked, t_tok)
+    if normalisation == "response_length":
+        return (per_example / lengths).mean()
+    return per_example.sum() / lengths.sum()
+
+
+class BlockDiffusionSFT(_SFTMixin, BlockDiffusionLM):
+    """BD3 supervised fine-tuning: the prompt stays clean, the response's blocks are diffused
+    (:func:`bd3_sft_loss`); validation is the response's NELBO given the prompt
+    (:func:`lldiff.block_diffusion.bd3_nelbo_nats` with ``maskable`` = the response).
+
+    Args (beyond BlockDiffusionLM's; ``random_length_prob`` does not apply):
+        init_from: pre-trained BD3 checkpoint; its shape and block size are used.
+        block_size: None takes the checkpoint's (16 without ``init_from``); another value
+            than the checkpoint's is refused.
+        normalisation: ``response_length`` (LLaDA) or ``token`` (SMDM), as for the MDM.
+        prompt_dropout: probability that an example's prompt is replaced by mask tokens
+            (classifier-free guidance training).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        init_from: str | None = None,
+        size: str | None = None,
+        block_size: int | None = None,
+        normalisation: str = "response_length",
+        prompt_dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        _check_sft_options(normalisation, prompt_dropout)
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size < 1):
+            raise ValueError(f"block_size must be a positive integer or null (the checkpoint's), got {block_size!r}")
+        kwargs["size"] = size
+        state = read_pretrained(init_from) if init_from is not None else None
+        if state is not None:
+            theirs = registry.of_config(ModelConfig.from_dict(state["lldiff"]["model_config"]))
+            saved_block = theirs.module_args().get("block_size")
+            if saved_block is not None and block_size is not None and block_size != saved_block:
+                raise ValueError(f"block_size={block_size} but init_from {init_from!r} holds {_a(theirs.label)} model "
+                                 f"(block_size={saved_block}); leave block_size unset to take the checkpoint's")
+            if block_size is None:
+                block_size = saved_block  # None for a checkpoint of another objective: refused just below
+        if block_size is None:
+            block_size = 16
+        pretrained = _resolve_shape(registry.get(f"bd3-{block_size}"), kwargs, init_from, state)
+        super().__init__(*args, block_size=block_size, **kwargs)
+        self._load_pretrained(init_from, pretrained)
+
+    def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
+        return bd3_sft_loss(self, tokens, response, self.mask_id, self.config.block_size,
+                            normalisation=self.hparams.normalisation, eps=self.hparams.mask_eps,
+                            prompt_dropout=self.hparams.prompt_dropout)
+
+    def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:
+        generator = torch.Generator(device=tokens.device).manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        draws = self.hparams.val_mc_samples if fitting else self.hparams.eval_mc_samples
+        return block_diffusion.bd3_nelbo_nats(self, tokens, self.mask_id, self.config.block_size, num_samples=draws,
+                                              eps=self.hparams.mask_eps, maskable=response, generator=generator)

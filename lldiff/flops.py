@@ -8,7 +8,13 @@ Two counts, used for different things:
   + backward = 3x forward): ``6 * (N_nonemb + d * V)`` for the linear layers and the LM
   head, plus ``12 * n_layer * T * d`` for attention scores and values (PaLM appendix B;
   the full ``T x T`` score matrix is counted for the causal model too, as PaLM does).
-  Throughput (achieved FLOP/s, MFU) uses it.
+  Throughput (achieved FLOP/s, MFU) uses it. It is per token of the backbone's input: an
+  objective whose training forward runs on more than the sequence asks the registry
+  (``lldiff.registry.Objective.matmul_flops_per_token``): BD3 runs the backbone on
+  ``[x_t ⊕ x_0]``, ``2L`` tokens with attention over ``2L`` keys, so its training costs
+  ``2 * step_flops_per_token(cfg, 2L)`` per sequence token, about twice the MDM's. Sweeps
+  plan their ``matmul`` axis with the registry's count, their ``6nd`` axis with ``6 N D``
+  for every objective.
 
 MFU is ``achieved FLOP/s / (peak FLOP/s per device * devices)``. The peak comes from
 ``PEAK_TFLOPS`` (dense tensor-core figures from NVIDIA's datasheets, no 2:4 sparsity) for

@@ -1,7 +1,8 @@
-"""`lldiff generate`: sample from a trained MDM or AR checkpoint.
+"""`lldiff generate`: sample from a trained checkpoint (AR, MDM or BD3).
 
     lldiff generate --ckpt runs/mdm-tiny/checkpoints/last.ckpt --prompt "def main(" --gen-length 64
     lldiff generate --ckpt runs/ar-tiny/checkpoints/last.ckpt --prompt "import os" --max-new-tokens 64 --temperature 0.8 --top-p 0.9
+    lldiff generate --ckpt runs/bd3-tiny/checkpoints/last.ckpt --prompt "import os" --max-new-tokens 64 --steps-per-block 4
     echo "class Foo" | lldiff generate --ckpt ...        # prompts from stdin, one per line
 
 Several prompts are batched with left padding. Everything from the first EOS on is dropped.
@@ -10,7 +11,10 @@ Prints each completion, then the number of model calls and tokens/s.
 Every option value is used exactly as given or refused (exit code 2) before the checkpoint
 is loaded: out-of-range values, MDM lengths that are not whole blocks, and options that
 have no effect in the chosen mode (--threshold without --remasking threshold, --top-k /
---top-p / --seed at --temperature 0, --steps with --remasking threshold).
+--top-p / --seed at --temperature 0, --steps / --steps-per-block with --remasking threshold).
+Options of another objective's decoder are refused once the checkpoint says which objective
+it holds (the registry's ``decode_options``; the answer length is --gen-length for a fixed
+canvas, the MDM's, and --max-new-tokens for a budget, the AR's and BD3's).
 """
 
 from __future__ import annotations
@@ -23,35 +27,47 @@ from typing import NoReturn
 import torch
 
 from lldiff.checkpoint import load_model
-from lldiff.completion import DecodeOptions, complete
+from lldiff.completion import DecodeOptions, article, complete
+from lldiff.registry import Objective
 
-MDM_ONLY = ("gen_length", "steps", "block_length", "remasking", "threshold", "cfg_scale", "forbid_eos")
-AR_ONLY = ("max_new_tokens", "top_k", "top_p", "no_cache")
+# the DecodeOptions field each decoding flag sets; which fields apply to an objective is the registry's
+FLAG_FIELDS = {"steps": "steps", "block_length": "block_length", "remasking": "remasking", "threshold": "threshold",
+               "cfg_scale": "cfg_scale", "forbid_eos": "forbid_eos", "top_k": "top_k", "top_p": "top_p",
+               "no_cache": "use_cache", "steps_per_block": "steps_per_block"}
+# the answer-length flag by the registry's length_is_budget: a fixed canvas or a budget
+LENGTH_FLAGS = {False: "gen_length", True: "max_new_tokens"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lldiff generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by lldiff fit (MDM or AR)")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by lldiff fit (AR, MDM or BD3)")
     parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: stdin lines)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's run directory)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy / argmax (default)")
     parser.add_argument("--seed", type=int, help="RNG seed for sampling (default 0; needs --temperature > 0 "
                         "or --remasking random)")
     parser.add_argument("--device", default="cpu")
-    mdm = parser.add_argument_group("MDM (LLaDA reverse process)")
+    diffusion = parser.add_argument_group("diffusion (MDM and BD3)")
+    diffusion.add_argument("--remasking", choices=["low_confidence", "random", "threshold"],
+                           help="low_confidence (default), random (Alg. 4), threshold (Fast-dLLM parallel decoding)")
+    diffusion.add_argument("--threshold", type=float,
+                           help="confidence threshold in (0, 1] for --remasking threshold (default 0.9)")
+    diffusion.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale w (default 0: off)")
+    diffusion.add_argument("--forbid-eos", action="store_true", default=None, help="never generate EOS")
+    mdm = parser.add_argument_group("MDM (LLaDA reverse process over a fixed canvas)")
     mdm.add_argument("--gen-length", type=int, help="answer length (default 64)")
     mdm.add_argument("--steps", type=int, help="model calls for the whole answer, a multiple of the number of blocks "
                      "(default: gen_length)")
     mdm.add_argument("--block-length", type=int, help="semi-autoregressive block length, dividing --gen-length "
                      "(default: min(32, gen_length))")
-    mdm.add_argument("--remasking", choices=["low_confidence", "random", "threshold"],
-                     help="low_confidence (default), random (Alg. 4), threshold (Fast-dLLM parallel decoding)")
-    mdm.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] for --remasking threshold (default 0.9)")
-    mdm.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale w (default 0: off)")
-    mdm.add_argument("--forbid-eos", action="store_true", default=None, help="never generate EOS")
+    bd3 = parser.add_argument_group("BD3 (block diffusion in the model's own blocks)")
+    bd3.add_argument("--steps-per-block", type=int, help="model calls per block (default: the block size, one "
+                     "token per call)")
+    budget = parser.add_argument_group("AR and BD3")
+    budget.add_argument("--max-new-tokens", type=int, help="tokens to generate, a budget: decoding stops once every "
+                        "answer has ended (default 64)")
     ar = parser.add_argument_group("AR")
-    ar.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 64)")
     ar.add_argument("--top-k", type=int, help="sample among the k most likely tokens (needs --temperature > 0)")
     ar.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (needs --temperature > 0)")
     ar.add_argument("--no-cache", action="store_true", default=None, help="re-encode every step (slow; for checks)")
@@ -68,17 +84,23 @@ def refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
-def refuse_foreign_options(args: argparse.Namespace, objective: str, parser: argparse.ArgumentParser,
-                           foreign: tuple[str, ...]) -> None:
-    """Refuse the options in ``foreign`` that were given: they do not apply to this ``objective``."""
-    given = [name for name in foreign if getattr(args, name) is not None]
+def applies(name: str, objective: Objective) -> bool:
+    """Whether the decoding flag ``name`` (its dest) applies to ``objective`` (the registry's
+    ``decode_options`` and ``length_is_budget``)."""
+    if name in LENGTH_FLAGS.values():
+        return LENGTH_FLAGS[objective.length_is_budget] == name
+    return FLAG_FIELDS[name] in objective.decode_options
+
+
+def refuse_foreign_options(args: argparse.Namespace, objective: Objective, parser: argparse.ArgumentParser) -> None:
+    """Refuse the decoding options given that do not apply to this ``objective``'s decoder
+    (options a parser does not define are skipped)."""
+    flags = [*FLAG_FIELDS, *LENGTH_FLAGS.values()]
+    given = [name for name in flags if getattr(args, name, None) is not None and not applies(name, objective)]
     if given:
         options = ", ".join(flag(name) for name in given)
-        refuse(parser, f"{options} do(es) not apply to an {objective.upper()} checkpoint ({args.ckpt})")
-
-
-def _refuse_foreign_options(args: argparse.Namespace, objective: str, parser: argparse.ArgumentParser) -> None:
-    refuse_foreign_options(args, objective, parser, AR_ONLY if objective == "mdm" else MDM_ONLY)
+        refuse(parser, f"{options} do(es) not apply to {article(objective.label)} {objective.label} checkpoint "
+                       f"({args.ckpt})")
 
 
 def check_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -89,7 +111,7 @@ def check_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     def value(name: str):
         return getattr(args, name, None)
 
-    for name in ("gen_length", "max_new_tokens", "length", "steps", "block_length", "top_k"):
+    for name in ("gen_length", "max_new_tokens", "length", "steps", "block_length", "top_k", "steps_per_block"):
         if value(name) is not None and value(name) < 1:
             refuse(parser, f"{flag(name)} must be >= 1, got {value(name)}")
     if not args.temperature >= 0:  # also NaN
@@ -103,9 +125,10 @@ def check_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     if value("threshold") is not None and remasking != "threshold":
         refuse(parser, f"--threshold {value('threshold')} needs --remasking threshold "
                      f"(--remasking {remasking} ignores it)")
-    if value("steps") is not None and remasking == "threshold":
-        refuse(parser, f"--steps {value('steps')} has no effect with --remasking threshold (it calls the model until "
-                     "each block is full); drop --steps or use --remasking low_confidence or random")
+    for name in ("steps", "steps_per_block"):
+        if value(name) is not None and remasking == "threshold":
+            refuse(parser, f"{flag(name)} {value(name)} has no effect with --remasking threshold (it calls the model "
+                           f"until each block is full); drop {flag(name)} or use --remasking low_confidence or random")
     if args.temperature == 0:
         for name in ("top_k", "top_p"):
             if value(name) is not None:
@@ -147,19 +170,19 @@ def main(argv: list[str]) -> None:
     loaded = load_model(args.ckpt, tokenizer=args.tokenizer, device=args.device)
     if loaded.tokenizer is None:
         parser.error(f"no tokenizer.json beside {args.ckpt}; pass --tokenizer PATH")
-    _refuse_foreign_options(args, loaded.objective, parser)
+    objective = loaded.objective
+    refuse_foreign_options(args, objective, parser)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         parser.error("no prompt: give --prompt TEXT or lines on stdin")
     tokenizer = loaded.tokenizer
-    length = args.gen_length if loaded.objective == "mdm" else args.max_new_tokens
-    options = DecodeOptions(
-        length=64 if length is None else length,
-        temperature=args.temperature, steps=args.steps, block_length=args.block_length,
-        remasking="low_confidence" if args.remasking is None else args.remasking,
+    length = getattr(args, LENGTH_FLAGS[objective.length_is_budget])
+    options = DecodeOptions.for_objective(  # every option given applies (refused above otherwise); None: defaults
+        objective, length=64 if length is None else length, temperature=args.temperature, steps=args.steps,
+        block_length=args.block_length, remasking=args.remasking,
         threshold=args.threshold,  # None: DecodeOptions' default (0.9) under --remasking threshold
-        cfg_scale=0.0 if args.cfg_scale is None else args.cfg_scale, forbid_eos=bool(args.forbid_eos),
-        top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
+        cfg_scale=args.cfg_scale, forbid_eos=args.forbid_eos, top_k=args.top_k, top_p=args.top_p,
+        use_cache=None if args.no_cache is None else not args.no_cache, steps_per_block=args.steps_per_block,
     )
     encoded = []
     for number, prompt in enumerate(prompts, 1):
@@ -179,5 +202,5 @@ def main(argv: list[str]) -> None:
     for prompt, answer in zip(prompts, out.answers):
         print(prompt + tokenizer.decode(answer))
         print("-" * 40)
-    print(f"{loaded.objective.upper()} {loaded.config.name}: {len(prompts)} prompt(s), {out.model_calls} model calls, "
+    print(f"{objective.label} {loaded.config.name}: {len(prompts)} prompt(s), {out.model_calls} model calls, "
           f"{len(prompts) * options.length / seconds:.0f} tokens/s ({seconds:.2f} s)")

@@ -28,6 +28,24 @@ Masked diffusion (MDM)
 Autoregressive (AR)
     :func:`ar_loglik` is the exact chain rule ``sum_i log p(answer_i | prompt, answer_<i)``.
 
+Block diffusion (BD3, SPEC §9)
+    :func:`bd3_conditional_loglik` is the BD3 lower bound on ``log p(answer | prompt)``:
+    the sum over blocks of the MDM bound of each block given the clean earlier blocks, in the
+    l-form above applied per block (each block ``b`` with ``m_b`` answer positions draws
+    ``l_b ~ U{1..m_b}`` and masks exactly ``l_b`` of them; weight ``m_b / l_b``). Blocks are
+    aligned to positions ``0, 1, ...`` of ``prompt + answer``; prompt positions are never
+    masked. One ``[x_t ⊕ x_0]`` forward (:func:`lldiff.block_diffusion.bd3_logits`) scores all
+    blocks of a draw at once. Its expectation equals ``-E[block_diffusion.bd3_nelbo_nats]``
+    with ``maskable`` = the answer at ``eps = 0`` (the enumeration argument above, per block),
+    with bounded weights instead of the t-form's ``1/t`` (whose variance is infinite at
+    ``eps = 0``). With at most one answer position per block (``block_size = 1``) every draw
+    is the same exact value, the chain rule of the network with the mask token as the query.
+
+Greedy checks (lm-eval's ``is_greedy``): :func:`ar_is_greedy`, :func:`mdm_is_greedy`,
+:func:`bd3_is_greedy` say whether the answer is the argmax of the predictions that see none of
+it (AR: its prefix; MDM: the prompt with the whole answer masked; BD3: each block masked, the
+earlier blocks clean).
+
 Ragged batches: every function accepts either equal-length tensors ``(B, P)`` / ``(B, L)``
 or lists of 1-D tensors of different lengths; lists are evaluated one example at a time
 (no padding, so nothing depends on how the model treats padding). Equal-length tensors
@@ -45,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lldiff.block_diffusion import bd3_logits, block_ids
 from lldiff.objectives import ar_nll
 from lldiff.sampling import cfg_logits
 
@@ -357,3 +376,131 @@ def _ar_group(model: Model, prompt: Tensor, answer: Tensor, pmask: Tensor | None
             tokens.shape[0], -1
         )
     return -nll[:, p - 1 :].double().sum(dim=1).float()
+
+
+# ----------------------------------------------------------------------------- BD3
+
+
+def _bd3_one(
+    model: Model, prompt: Tensor, answer: Tensor, *, mask_id: int, block_size: int, n_mc: int, batch_size: int,
+    generator: torch.Generator | None, stratified: bool,
+) -> Tensor:
+    """One example: prompt (P,), answer (L,) -> scalar mean estimate (float64)."""
+    p, length = prompt.numel(), answer.numel()
+    device = answer.device
+    x0 = torch.cat([prompt.to(answer.dtype), answer])[None]  # (1, T)
+    total_len = p + length
+    ids = block_ids(total_len, block_size, device)  # (T,)
+    n_blocks = int(ids[-1]) + 1
+    maskable = torch.arange(total_len, device=device) >= p
+    m = torch.zeros(n_blocks, dtype=torch.long, device=device).index_add_(0, ids, maskable.long())  # (n_blocks,)
+    if int(m.max()) <= 1:
+        n_mc = 1  # every block has at most one answer position: l = 1, one subset, the exact value
+    # l for every (draw, block): U{1..m_b}, stratified over the draws with one offset per block
+    if stratified:
+        u = torch.rand(1, n_blocks, device=device, generator=generator, dtype=torch.float64)
+        grid = (u + torch.arange(n_mc, device=device, dtype=torch.float64)[:, None] / n_mc) % 1.0
+    else:
+        grid = torch.rand(n_mc, n_blocks, device=device, generator=generator, dtype=torch.float64)
+    counts = torch.minimum(1 + (grid * m).floor().long(), m)  # (n_mc, n_blocks); 0 where m_b = 0
+    weight = m.double() / counts.clamp(min=1)  # (n_mc, n_blocks): m_b / l_b
+    # sort key: block first, then the maskable positions in random order, then the prompt positions
+    order_base = ids.double() * 4.0 + torch.where(maskable, 0.0, 2.0).double()
+    block_start = ids * block_size
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, n_mc, batch_size):
+        l = counts[start:start + batch_size]  # (r, n_blocks)
+        r = l.shape[0]
+        key = order_base + torch.rand(r, total_len, device=device, generator=generator, dtype=torch.float64)
+        rank_in_block = key.argsort(dim=1).argsort(dim=1) - block_start  # maskable positions first in their block
+        masked = (rank_in_block < l[:, ids]) & maskable
+        target = x0.expand(r, -1)
+        xt = torch.where(masked, torch.full_like(target, mask_id), target)
+        logits = bd3_logits(model, xt, target, block_size).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(r, total_len)
+        total += (ce.double() * masked * weight[start:start + batch_size][:, ids]).sum()
+    return -total / n_mc
+
+
+@torch.no_grad()
+def bd3_conditional_loglik(
+    model: Model,
+    prompt: TokenBatch,
+    answer: TokenBatch,
+    *,
+    mask_id: int,
+    block_size: int,
+    n_mc: int = 128,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    stratified: bool = True,
+) -> Tensor:
+    """Per-example Monte-Carlo lower bound on ``log p(answer | prompt)`` in nats under block
+    diffusion with blocks of ``block_size`` (see the module docstring), shape (B,).
+
+    Args:
+        model: ``model(ids (N, 2T), positions=(2T,), attn_mask=...) -> logits``: a
+            block-attention :class:`lldiff.model.Transformer` (any model that takes the
+            ``[x_t ⊕ x_0]`` mask of :func:`lldiff.block_diffusion.bd3_logits`).
+        prompt: (B, P) tensor (P may be 0) or a list of 1-D tensors; no padding (the blocks
+            are aligned to the first position).
+        answer: (B, L) tensor with L >= 1 or a list of non-empty 1-D tensors, without ``mask_id``.
+        mask_id, block_size: the model's mask token and block size.
+        n_mc: Monte-Carlo draws per example (one draw when no block holds two answer
+            positions: the value is then exact).
+        batch_size: draws per forward pass (each a sequence of 2 (P + L) tokens).
+        generator: RNG of the l values and the masks.
+        stratified: stratify each block's l over the draws (both settings are unbiased).
+    """
+    _check_count("n_mc", n_mc)
+    _check_count("batch_size", batch_size)
+    _check_count("block_size", block_size)
+    is_list, prompts, answers = _as_pairs(prompt, answer, "bd3_conditional_loglik")
+    if not is_list:
+        prompts, answers = list(prompts[0].unbind(0)), list(answers[0].unbind(0))
+    out = []
+    for p, a in zip(prompts, answers):
+        _check_answer_ids(a, mask_id)
+        out.append(_bd3_one(model, p, a, mask_id=mask_id, block_size=block_size, n_mc=n_mc, batch_size=batch_size,
+                            generator=generator, stratified=stratified))
+    return torch.stack(out).float()
+
+
+# ----------------------------------------------------------------------------- greedy checks
+
+
+def _joined(prompt: Tensor, answer: Tensor) -> Tensor:
+    return torch.cat([prompt.to(answer.dtype), answer])[None]
+
+
+@torch.no_grad()
+def ar_is_greedy(model: Model, prompt: Tensor, answer: Tensor, *, mask_id: int | None = None) -> bool:
+    """Whether every answer token is the argmax given the prompt and the answer before it."""
+    logits = model(_joined(prompt, answer))
+    logits = getattr(logits, "logits", logits)[0, prompt.numel() - 1: -1]
+    return bool((logits.argmax(-1) == answer).all())
+
+
+@torch.no_grad()
+def mdm_is_greedy(model: Model, prompt: Tensor, answer: Tensor, *, mask_id: int) -> bool:
+    """Whether one forward over the prompt and the fully masked answer predicts the answer by argmax."""
+    masked = _joined(prompt, torch.full_like(answer, mask_id))
+    logits = model(masked)
+    logits = getattr(logits, "logits", logits)[0, prompt.numel():]
+    if mask_id < logits.shape[-1]:
+        logits = logits.clone()
+        logits[..., mask_id] = float("-inf")
+    return bool((logits.argmax(-1) == answer).all())
+
+
+@torch.no_grad()
+def bd3_is_greedy(model: Model, prompt: Tensor, answer: Tensor, *, mask_id: int, block_size: int) -> bool:
+    """Whether each block's answer positions, all masked with the earlier blocks clean, are
+    predicted by argmax (one ``[x_t ⊕ x_0]`` forward)."""
+    x0 = _joined(prompt, answer)
+    xt = _joined(prompt, torch.full_like(answer, mask_id))
+    logits = bd3_logits(model, xt, x0, block_size)[0, prompt.numel():]
+    if mask_id < logits.shape[-1]:
+        logits = logits.clone()
+        logits[..., mask_id] = float("-inf")
+    return bool((logits.argmax(-1) == answer).all())

@@ -1,8 +1,10 @@
-"""The one backbone: a LLaMA-style decoder whose only switch is ``config.causal``.
+"""The one backbone: a LLaMA-style decoder whose only switch is ``config.attention``.
 
-RoPE, RMSNorm (pre-norm), SwiGLU, no biases, untied LM head, MHA or GQA. The masked
-diffusion model (bidirectional) embeds one extra row, the mask token ``M = vocab_size``;
-the head always outputs the ``vocab_size`` real tokens, so ``M`` is never predicted.
+RoPE, RMSNorm (pre-norm), SwiGLU, no biases, untied LM head, MHA or GQA. Attention is
+``causal`` (AR), ``bidirectional`` (MDM) or ``block`` (BD3: a token sees its own block and
+every earlier block; blocks of ``block_size`` positions counted from position 0). A model
+with a mask token embeds ``mask_id`` (by default one extra row ``M = vocab_size``); the head
+always outputs the ``vocab_size`` real tokens, so an extra-row ``M`` is never predicted.
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ class KVCache:
         return self.layers[0].length
 
 
+def block_causal_mask(query_positions: Tensor, key_positions: Tensor, block_size: int) -> Tensor:
+    """True where a query may attend a key under block attention: the key's block (position
+    // block_size) is the query's or an earlier one. (T,) and (S,) -> (T, S); (B, T) and
+    (B, S) -> (B, 1, T, S)."""
+    q_block, k_block = query_positions // block_size, key_positions // block_size
+    allowed = q_block[..., :, None] >= k_block[..., None, :]
+    return allowed[:, None] if allowed.dim() == 3 else allowed
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -103,10 +114,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
         attend = BACKENDS[self.cfg.attn_backend]
+        causal = self.cfg.attention == "causal"
         if attn_mask is None:
-            y = attend(q, k, v, causal=self.cfg.causal, key_padding_mask=key_padding_mask)
+            y = attend(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
         else:
-            y = attend(q, k, v, causal=self.cfg.causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+            y = attend(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
         return self.proj(y.transpose(1, 2).reshape(b, t, h * hd))
 
 
@@ -186,18 +198,19 @@ class Transformer(nn.Module):
                 Without a KV cache, explicit positions lift the length check: the input may
                 be longer than ``max_seq_len`` (block diffusion's ``[x_t ⊕ x_0]``, SPEC §9)
                 as long as every position is in ``[0, max_seq_len)``.
-            kv_cache: causal models only: keys/values of earlier calls are reused and this
-                call's are appended (incremental decoding).
+            kv_cache: causal and block models only (earlier tokens' states never change):
+                keys/values of earlier calls are reused and this call's are appended.
             attn_mask: optional boolean (T, S) or (B|1, 1, T, S), True where a query may
-                attend a key; when given it replaces the causal/bidirectional choice of
-                ``config.causal`` (and is ANDed with ``attention_mask``).
+                attend a key; when given it replaces the mask of ``config.attention``
+                (and is ANDed with ``attention_mask``).
         """
         t = input_ids.shape[1]
         past = 0
         explicit_positions = positions is not None and kv_cache is None
         if kv_cache is not None:
-            if not self.cfg.causal:
-                raise ValueError("a KV cache needs a causal model: a bidirectional model's earlier states change")
+            if not self.cfg.earlier_states_fixed:
+                raise ValueError("a KV cache needs causal or block attention: a bidirectional model's earlier "
+                                 "states change")
             past = kv_cache.length
             if positions is None:
                 positions = torch.arange(past, past + t, device=input_ids.device)
@@ -219,6 +232,10 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             if cos.dim() == 3:  # (B, T, hd) -> broadcast over heads
                 cos, sin = cos[:, None], sin[:, None]
+        if attn_mask is None and self.cfg.attention == "block":
+            query_pos = positions if positions is not None else torch.arange(past, past + t, device=input_ids.device)
+            key_pos = torch.arange(past + t, device=input_ids.device) if kv_cache is not None else query_pos
+            attn_mask = block_causal_mask(query_pos, key_pos, self.cfg.block_size)
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, attention_mask, None if kv_cache is None else kv_cache.layers[i], attn_mask)

@@ -21,12 +21,13 @@ from torch import Tensor
 from torch.utils.tensorboard.summary import hparams as tb_hparams
 from torchmetrics import SumMetric
 
-from lldiff import objectives
+from lldiff import block_diffusion, objectives, registry
 from lldiff.checkpoint import TOKENIZER_KEY, check_tokenizer
 from lldiff.config import ModelConfig
-from lldiff.flops import ThroughputWindow, device_peak_flops, mfu, scaling_flops, step_flops_per_token
+from lldiff.flops import ThroughputWindow, device_peak_flops, mfu, scaling_flops
 from lldiff.model import Transformer
 from lldiff.optim import build_optimizer
+from lldiff.registry import Objective
 from lldiff.strategies import shard_transformer  # also registers the fsdp2 strategy names
 
 
@@ -64,7 +65,7 @@ class LMBase(L.LightningModule):
             on a CPU, measures an fp32 matmul once per process.
     """
 
-    causal: bool
+    objective_name: str  # the registry name (lldiff.registry); BlockDiffusionLM sets it from block_size
 
     def __init__(
         self,
@@ -94,7 +95,7 @@ class LMBase(L.LightningModule):
         if lr <= 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"need lr > 0 and min_lr_ratio in [0, 1], got lr={lr}, min_lr_ratio={min_lr_ratio}")
         self.config = ModelConfig.from_name(
-            size, **{**(model_overrides or {}), "vocab_size": vocab_size, "causal": self.causal,
+            size, **{**(model_overrides or {}), "vocab_size": vocab_size, **self.objective.model_fields(vocab_size),
                      "attn_backend": attn_backend}
         )
         self.model = Transformer(self.config)
@@ -107,6 +108,11 @@ class LMBase(L.LightningModule):
         self.val_nats, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
         self.register_buffer("token_bytes", torch.zeros(0, dtype=torch.long), persistent=False)
 
+    @property
+    def objective(self) -> Objective:
+        """This module's entry in the objective registry."""
+        return registry.get(self.objective_name)
+
     # -- objective hooks -----------------------------------------------------------------
     def loss(self, rows: Tensor) -> Tensor:
         """Training loss on packed rows (B, L+1)."""
@@ -117,8 +123,9 @@ class LMBase(L.LightningModule):
         raise NotImplementedError
 
     # -- Lightning ------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        return self.model(input_ids, attention_mask)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+        """The backbone's logits; ``kwargs`` (``positions``, ``attn_mask``) go to it unchanged."""
+        return self.model(input_ids, attention_mask, **kwargs)
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None and self.trainer.global_rank > 0:
@@ -188,7 +195,7 @@ class LMBase(L.LightningModule):
         loss = self.loss(rows)
         tokens = rows.shape[0] * length * self.trainer.world_size
         self.tokens_seen += tokens
-        self._log_progress(loss, tokens, tokens * step_flops_per_token(self.config, length))
+        self._log_progress(loss, tokens, tokens * self.objective.matmul_flops_per_token(self.config, length))
         return loss
 
     def _length_generator(self) -> torch.Generator:
@@ -297,11 +304,13 @@ class LMBase(L.LightningModule):
         state = checkpoint.get("lldiff", {})
         saved = state.get("model_config")
         if saved is not None:  # a clear message before load_state_dict reports shape mismatches
-            kind = lambda causal: "an AR (causal)" if causal else "an MDM (bidirectional)"  # noqa: E731
-            if saved["causal"] != self.config.causal:
+            saved = dict(ModelConfig.from_dict(saved).__dict__)  # checkpoints from before the attention kind
+            theirs = registry.of_config(ModelConfig.from_dict(saved))
+            if theirs != self.objective:
                 raise ValueError(
-                    f"the checkpoint holds {kind(saved['causal'])} model but {type(self).__name__} is "
-                    f"{kind(self.config.causal)} model; use the matching model.class_path"
+                    f"the checkpoint holds {registry.article(theirs.label)} {theirs.label} model ({theirs.attention} "
+                    f"attention) but {type(self).__name__} is {registry.article(self.objective.label)} "
+                    f"{self.objective.label} model; use the matching model.class_path"
                 )
             mine = dict(self.config.__dict__)
             differs = [k for k in saved if k not in SETTINGS_NOT_SHAPE and k in mine and saved[k] != mine[k]]
@@ -354,7 +363,7 @@ class MaskedDiffusionLM(LMBase):
             uses the same (t, mask) draws (common random numbers).
     """
 
-    causal = False
+    objective_name = "mdm"
 
     def __init__(
         self,
@@ -396,10 +405,42 @@ class MaskedDiffusionLM(LMBase):
 class AutoregressiveLM(LMBase):
     """Autoregressive baseline: the same backbone, causal, next-token cross-entropy."""
 
-    causal = True
+    objective_name = "ar"
 
     def loss(self, rows: Tensor) -> Tensor:
         return objectives.ar_loss(self, rows)
 
     def validation_nats(self, rows: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
         return objectives.ar_nll(self, rows).sum(dim=1), rows[:, 1:]
+
+
+class BlockDiffusionLM(MaskedDiffusionLM):
+    """BD3-LM block diffusion (SPEC §9): blocks of ``block_size`` tokens left to right, masked
+    diffusion inside each block; ``block_size = L`` is the MDM, ``1`` next-token prediction.
+
+    Training runs the backbone once on ``[x_t ⊕ x_0]`` (2L tokens) with the three-part mask,
+    one masking ratio per block; validation reports the NELBO per token on the same tokens
+    and under the same metric names as the AR and the MDM (a bound, like the MDM's).
+
+    Args (beyond MaskedDiffusionLM's, whose masking and validation options apply per block):
+        block_size: tokens per block (``bd3-B`` in sweep specs).
+    """
+
+    def __init__(self, *args: Any, block_size: int = 16, **kwargs: Any) -> None:
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        self.objective_name = f"bd3-{block_size}"  # before LMBase builds the backbone from it
+        super().__init__(*args, **kwargs)
+
+    def loss(self, rows: Tensor) -> Tensor:
+        return block_diffusion.bd3_loss(self, rows[:, 1:], self.mask_id, self.config.block_size,
+                                        eps=self.hparams.mask_eps, stratified=self.hparams.stratified_t)
+
+    def validation_nats(self, rows: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
+        x0 = rows[:, 1:]
+        generator = torch.Generator(device=x0.device).manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        draws = self.hparams.val_mc_samples if fitting else self.hparams.eval_mc_samples
+        nats = block_diffusion.bd3_nelbo_nats(self, x0, self.mask_id, self.config.block_size, num_samples=draws,
+                                              eps=self.hparams.mask_eps, generator=generator)
+        return nats, x0

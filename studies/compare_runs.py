@@ -5,7 +5,7 @@
 
 For each run directory: objective, model size, last logged validation metrics
 (``val/nll_per_token``: exact NLL for AR, Monte-Carlo negative ELBO, an upper bound on the
-NLL, for the MDM; ``val/bpb``), tokens and SMDM FLOPs (6 N D) trained on, and the best
+NLL, for the diffusion objectives (MDM, BD3); ``val/bpb``), tokens and SMDM FLOPs (6 N D) trained on, and the best
 validation seen. Writes a markdown table to stdout (and atomically to ``--out``).
 """
 
@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 import yaml
+from lldiff import registry
 from lldiff.atomic import write_text
 from lldiff.sweep.figures import read_scalars as read_event_scalars
-
-OBJECTIVES = {"MaskedDiffusionLM": "MDM", "AutoregressiveLM": "AR"}
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -30,17 +29,39 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points.items()) for tag, points in series.items()}
 
 
+def objective_of(run_dir: Path, model: dict) -> registry.Objective | None:
+    """The run's objective: from its config's model class and init args, else from its last
+    checkpoint's model config (an SFT run whose block size comes from the checkpoint)."""
+    try:
+        return registry.of_module(str(model.get("class_path", "")), model.get("init_args") or {})
+    except (ValueError, ImportError, AttributeError):
+        pass
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt.exists():
+        from lldiff.checkpoint import read_checkpoint_meta
+        from lldiff.config import ModelConfig
+
+        try:
+            saved = read_checkpoint_meta(ckpt)["lldiff"]["model_config"]
+            return registry.of_config(ModelConfig.from_dict(saved))
+        except (KeyError, ValueError, OSError):
+            pass
+    return None
+
+
 def describe(run_dir: Path) -> dict[str, object]:
     config_path = run_dir / "config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     model = config.get("model", {})
     scalars = read_scalars(run_dir)
+    objective = objective_of(run_dir, model)
     nll = scalars.get("val/nll_per_token", [])
     bpb = scalars.get("val/bpb", [])
     last = lambda tag: scalars[tag][-1][1] if scalars.get(tag) else float("nan")  # noqa: E731
     return {
         "run": run_dir.name,
-        "objective": OBJECTIVES.get(str(model.get("class_path", "")).rsplit(".", 1)[-1], "?"),
+        "objective": objective.label if objective else "?",
+        "exact": objective.exact_likelihood if objective else None,
         "size": model.get("init_args", {}).get("size", "?"),
         "step": nll[-1][0] + 1 if nll else 0,
         "tokens": last("trainer/tokens"),
@@ -62,7 +83,12 @@ def markdown(rows: list[dict[str, object]]) -> str:
             f"| {r['val_nll']:.4f} | {r['val_bpb']:.4f} | {r['best_nll']:.4f} |"
         )
     lines.append("")
-    lines.append("MDM: Monte-Carlo negative ELBO per token (an upper bound on its NLL); AR: exact NLL per token.")
+    bounds = sorted({str(r["objective"]) for r in rows if r.get("exact") is False})
+    exact = sorted({str(r["objective"]) for r in rows if r.get("exact") is True})
+    if bounds:
+        lines.append(f"{', '.join(bounds)}: Monte-Carlo negative ELBO per token (an upper bound on the NLL).")
+    if exact:
+        lines.append(f"{', '.join(exact)}: exact NLL per token.")
     return "\n".join(lines)
 
 

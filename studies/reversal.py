@@ -12,11 +12,13 @@ Two tasks, one protocol:
 * **lines** (``lldiff.data.line_tasks``, LLaDA's poem task): distinct lines of a text in
   forward order; forward asks for the next line, reversal for the previous one.
 
-1. **Pre-train** every objective (AR, MDM) of the same size on the same text, same batches
+1. **Pre-train** every objective (AR, MDM by default; ``--objectives ar,mdm,bd3-8`` adds
+   others from ``lldiff.registry``) of the same size on the same text, same batches
    and steps (same tokens, same compute). An ``ExactMatchProbe`` measures, every
    ``probe_every`` steps, recall of the held-out items by **infilling** their own
-   pre-training text: the answer's tokens masked, a diffusion model sees both sides, an AR
-   model its left context only (so AR backward infilling is not defined). The study reports
+   pre-training text: the answer's tokens masked, a model that sees the right context
+   (registry: ``infill_sees_right_context``, the MDM) both sides, the others (AR, BD3) their
+   left context only (so their backward infilling is not defined). The study reports
    the step at which forward recall plateaus: under-trained is told apart from cannot-reverse.
 2. **Fine-tune** every objective on the question format (``lldiff.finetune``) with one
    share of the items, both directions, same steps; the probe follows the held-out
@@ -44,6 +46,7 @@ from typing import Any
 import torch
 import yaml
 
+from lldiff import registry
 from lldiff.atomic import write_text
 from lldiff.checkpoint import load_model
 from lldiff.completion import DecodeOptions
@@ -54,12 +57,8 @@ from lldiff.data.line_tasks import corpus_text, distinct_lines, line_tasks, writ
 from lldiff.data.split import split_score
 from lldiff.evaluation.exact_match import accuracy, answers_for, expected_text, read_items
 
-MODULES = {
-    "pretrain": {"ar": "lldiff.modules.AutoregressiveLM", "mdm": "lldiff.modules.MaskedDiffusionLM"},
-    "sft": {"ar": "lldiff.finetune.AutoregressiveSFT", "mdm": "lldiff.finetune.MaskedDiffusionSFT"},
-}
-OBJECTIVES = tuple(MODULES["pretrain"])
-LABELS = {"ar": "AR", "mdm": "MDM (LLaDA objective)"}
+OBJECTIVES = ("ar", "mdm")  # the default; any names of lldiff.registry (--objectives)
+NOTES = {"mdm": "LLaDA objective"}  # presentation only: a word after an objective's label in the table
 # the question ends the prompt, right before the answer, as in pre-training ("X\nY")
 STUDY_TEMPLATE = ChatTemplate(system="{content}\n", user="{content}\n", assistant="{content}\n")
 PAPER_ROWS = [("GPT-4o (paper)", 82.7, 34.3), ("Qwen2.5-7B Instruct (paper)", 75.9, 38.0),
@@ -205,15 +204,22 @@ def probe_callback(p: Preset, items: dict[str, Path], every: int, **extra: Any) 
         "max_items": p.probe_items, **extra}}
 
 
+def table_label(objective: str) -> str:
+    """The objective's name in the table: the registry's label, with a note for some."""
+    text = registry.get(objective).label
+    return f"{text} ({NOTES[objective]})" if objective in NOTES else text
+
+
 def pretrain_config(p: Preset, out: Path, objective: str, data: TaskData, gpu: bool) -> dict[str, Any]:
-    model = {"size": p.size, "lr": p.lr, "warmup_steps": max(1, p.pretrain_steps // 20), "weight_decay": 0.0,
-             "random_length_prob": 0.0}
-    if objective == "mdm":
+    module = registry.get(objective).module_config()
+    model = {**module["init_args"], "size": p.size, "lr": p.lr, "warmup_steps": max(1, p.pretrain_steps // 20),
+             "weight_decay": 0.0, "random_length_prob": 0.0}
+    if not registry.get(objective).exact_likelihood:  # a Monte-Carlo bound: fewer draws during training
         model["val_mc_samples"] = 4
     probes = {f"infill_{d}": data.files[f"probe-{d}"] for d in infill_directions(objective)}
     return {
         "seed_everything": 1234,
-        "model": {"class_path": MODULES["pretrain"][objective], "init_args": model},
+        "model": {"class_path": module["class_path"], "init_args": model},
         "data": {"class_path": "lldiff.data.PretrainDataModule", "init_args": {
             "source": "files", "paths": [str(data.files["pretrain"])], "txt_unit": "paragraph",
             "vocab_size": p.vocab_size, "seq_len": p.seq_len, "batch_size": p.batch_size,
@@ -226,10 +232,11 @@ def pretrain_config(p: Preset, out: Path, objective: str, data: TaskData, gpu: b
 def sft_config(p: Preset, out: Path, objective: str, data: TaskData, gpu: bool) -> dict[str, Any]:
     run = out / "tb" / f"pretrain-{objective}"
     probes = {f"instruction_{d}": data.files[f"eval-{d}"] for d in DIRECTIONS}
+    module = registry.get(objective).module_config(sft=True)
     return {
         "seed_everything": 1234,
-        "model": {"class_path": MODULES["sft"][objective], "init_args": {
-            "init_from": str(run / "checkpoints" / "last.ckpt"), "lr": p.sft_lr,
+        "model": {"class_path": module["class_path"], "init_args": {
+            **module["init_args"], "init_from": str(run / "checkpoints" / "last.ckpt"), "lr": p.sft_lr,
             "warmup_steps": max(1, p.sft_steps // 20), "weight_decay": 0.0}},
         "data": {"class_path": "lldiff.data.SFTDataModule", "init_args": {
             "train_files": [str(data.files["train"])], "tokenizer_path": str(run), "val_fraction": 0.1,
@@ -242,16 +249,14 @@ def sft_config(p: Preset, out: Path, objective: str, data: TaskData, gpu: bool) 
 
 
 def infill_directions(objective: str) -> tuple[str, ...]:
-    """A causal model sees only the left context: it cannot infill a span that text follows."""
-    import importlib
-
-    module, name = MODULES["pretrain"][objective].rsplit(".", 1)
-    return ("forward",) if getattr(importlib.import_module(module), name).causal else DIRECTIONS
+    """A model whose infilling sees only the left context (AR, BD3) cannot infill a span that
+    text follows: forward only."""
+    return DIRECTIONS if registry.get(objective).infill_sees_right_context else ("forward",)
 
 
 def fit(config: dict[str, Any], path: Path) -> Path:
     """Run (or resume, or skip if finished) one ``lldiff fit``; returns its last checkpoint."""
-    from lldiff.cli import lightning_cli, resume_args
+    from lldiff.launch import lightning_cli, resume_args
 
     write_text(path, yaml.safe_dump(config, sort_keys=False))
     logger = config["trainer"]["logger"]["init_args"]
@@ -308,37 +313,35 @@ def table(task: str, results: dict[str, Any], p: Preset, data: TaskData) -> str:
               f"{p.batch_size}x{p.seq_len} tokens (same data, same tokens, same compute), then {p.sft_steps} "
               "fine-tuning steps on the question format. Exact match (%) on the held-out items."), "",
              f"| model | {fwd} | {bwd} |", "|---|---:|---:|"]
-    for objective in OBJECTIVES:
-        if objective not in results:
-            continue
+    for objective in results:
         for kind, how in KINDS.items():
             values = results[objective][kind]
             back = f"{100 * values['backward']:.1f}" if "backward" in values else "n/a (left context only)"
-            lines.append(f"| {LABELS[objective]}, {p.size}, {how} (this run) | {100 * values['forward']:.1f} | "
+            lines.append(f"| {table_label(objective)}, {p.size}, {how} (this run) | {100 * values['forward']:.1f} | "
                          f"{back} |")
     lines += [f"| {name} | {f} | {b} |" for name, f, b in PAPER_ROWS]
     lines += ["", ("Paper rows: poem completion at scale (LLaDA, Nie et al. 2025, Table 3), for the shape of the "
               "result only; the numbers are not comparable with this run's."), "",
               "## Pre-training recall plateau (infilling, forward)", "",
               "| model | plateau step | best | final | plateaued |", "|---|---:|---:|---:|---|"]
-    for objective in OBJECTIVES:
-        if objective in results:
+    for objective in results:
+        if "plateau" in results[objective]:
             q = results[objective]["plateau"]
             if q["step"] is None:
-                lines.append(f"| {LABELS[objective]} | n/a | n/a | n/a | no probe |")
+                lines.append(f"| {table_label(objective)} | n/a | n/a | n/a | no probe |")
                 continue
-            lines.append(f"| {LABELS[objective]} | {q['step']} | {100 * q['best']:.1f} | {100 * q['final']:.1f} | "
+            lines.append(f"| {table_label(objective)} | {q['step']} | {100 * q['best']:.1f} | {100 * q['final']:.1f} | "
                          f"{'yes' if q['reached'] else 'no: train longer'} |")
     lines += ["", (f"Plateau step: the first probe from which forward infilling recall stays within "
                    f"{100 * PLATEAU_TOLERANCE:.0f} points of its best; 'plateaued' when that leaves at least the "
                    "last quarter of pre-training flat.")]
     lines += ["", "## How the answers went (held-out items)", "",
               "| model | query | correct | other direction's answer | empty | other |", "|---|---|---:|---:|---:|---:|"]
-    for objective in OBJECTIVES:
-        for name, c in results.get(objective, {}).get("answers", {}).items():
+    for objective in results:
+        for name, c in results[objective].get("answers", {}).items():
             kind, direction = name.rsplit("_", 1)
             query = f"{kind.replace('_', ' ')} {fwd if direction == 'forward' else bwd}"
-            lines.append(f"| {LABELS[objective]} | {query} | {c['correct']} | {_count(c['other direction'])} | {c['empty']} | "
+            lines.append(f"| {table_label(objective)} | {query} | {c['correct']} | {_count(c['other direction'])} | {c['empty']} | "
                          f"{c['other']} |")
     if data.missing:
         lines += ["", f"{data.missing} held-out items have all their pre-training text in the validation split."]
@@ -349,36 +352,37 @@ def _count(value: int | None) -> str:
     return "n/a" if value is None else str(value)
 
 
-def curves(out: Path) -> dict[str, dict[str, dict[int, float]]]:
+def curves(out: Path, objectives: tuple[str, ...] = OBJECTIVES) -> dict[str, dict[str, dict[int, float]]]:
     from lldiff.sweep.figures import read_scalars
 
     found = {}
     for stage in ("pretrain", "sft"):
-        for objective in OBJECTIVES:
+        for objective in objectives:
             scalars = read_scalars(out / "tb" / f"{stage}-{objective}")
             found[f"{stage}-{objective}"] = {k.split("/", 1)[1]: v for k, v in scalars.items() if k.startswith("probe/")}
     return found
 
 
-def draw(out: Path, series: dict[str, dict[str, dict[int, float]]], labels: tuple[str, str]) -> list[Path]:
+def draw(out: Path, series: dict[str, dict[str, dict[int, float]]], labels: tuple[str, str],
+         objectives: tuple[str, ...] = OBJECTIVES) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lldiff.sweep.objective_facts import objective_styles
+    from lldiff.sweep.objective_facts import objective_name, objective_styles
 
-    styles = objective_styles(list(OBJECTIVES))
+    styles = objective_styles(list(objectives))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, stage, kind, title in ((axes[0], "pretrain", "infill", "pre-training: infilling recall"),
                                    (axes[1], "sft", "instruction", "fine-tuning: held-out questions")):
-        for objective in OBJECTIVES:
+        for objective in objectives:
             for direction, label, dash in zip(DIRECTIONS, labels, ("-", "--")):
                 curve = series.get(f"{stage}-{objective}", {}).get(f"{kind}_{direction}")
                 if curve:
                     steps = sorted(curve)
                     ax.plot(steps, [100 * curve[s] for s in steps], dash, marker="o", ms=3,
-                            color=styles[objective].color, label=f"{objective.upper()} {label}")
+                            color=styles[objective].color, label=f"{objective_name(objective)} {label}")
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -409,12 +413,14 @@ def prepare(task: str, preset: Preset, out: Path, text: str | None = None) -> Ta
 
 
 def run_study(task: str, preset: Preset, out: Path, text: str | None = None, log=print,
-              data: TaskData | None = None) -> dict[str, Any]:
+              data: TaskData | None = None, objectives: tuple[str, ...] = OBJECTIVES) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
     data = data or prepare(task, preset, out, text)
     results: dict[str, Any] = {}
-    for objective in OBJECTIVES:
+    for objective in objectives:
+        registry.get(objective)  # a clear error for an unknown name, before any training
+    for objective in objectives:
         start = time.perf_counter()
         pretrained = fit(pretrain_config(preset, out, objective, data, gpu), out / "configs" / f"pretrain-{objective}.yaml")
         tuned = fit(sft_config(preset, out, objective, data, gpu), out / "configs" / f"sft-{objective}.yaml")
@@ -431,10 +437,10 @@ def run_study(task: str, preset: Preset, out: Path, text: str | None = None, log
         r["answers"] = {name: wrong_answers(examples) for name, examples in answers.items()}
         results[objective] = r
         write_text(out / f"answers-{objective}.json", json.dumps(answers, indent=1, ensure_ascii=False))
-        log(f"{objective.upper()}: " + "; ".join(
+        log(f"{registry.get(objective).label}: " + "; ".join(
             f"{kind.replace('_', ' ')} " + " / ".join(f"{d} {100 * v:.1f}%" for d, v in r[kind].items())
             for kind in KINDS) + f" ({time.perf_counter() - start:.0f} s)")
-    series = curves(out)
+    series = curves(out, tuple(objectives))
     for objective in results:
         results[objective]["plateau"] = plateau(series[f"pretrain-{objective}"].get("infill_forward", {}),
                                                 preset.pretrain_steps)
@@ -442,7 +448,7 @@ def run_study(task: str, preset: Preset, out: Path, text: str | None = None, log
     write_text(out / "reversal.md", markdown)
     write_text(out / "results.json", json.dumps({"task": task, "preset": asdict(preset), "text": text,
                                                  "results": results, "curves": series}, indent=1))
-    draw(out, series, data.direction_labels)
+    draw(out, series, data.direction_labels, tuple(objectives))
     log_tensorboard(out, results, markdown)
     return results
 
@@ -456,7 +462,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", help="override the preset's model size")
     parser.add_argument("--pretrain-steps", type=int, help="override the preset's pre-training steps")
     parser.add_argument("--sft-steps", type=int, help="override the preset's fine-tuning steps")
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES),
+                        help=f"comma-separated objectives (default {','.join(OBJECTIVES)}; allowed: {registry.ALLOWED})")
     args = parser.parse_args(argv)
+    objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
+    for objective in objectives:
+        try:
+            registry.get(objective)
+        except ValueError as error:
+            parser.error(f"--objectives: {error}")
+    if not objectives or len(set(objectives)) != len(objectives):
+        parser.error(f"--objectives must name distinct objectives, got {args.objectives!r}")
     presets = PRESETS[args.task]
     if args.preset not in presets:
         parser.error(f"--preset {args.preset!r} does not exist for --task {args.task}; allowed: {', '.join(presets)}")
@@ -474,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
         data = prepare(args.task, preset, Path(args.out), args.text)
     except ValueError as error:
         parser.error(str(error))
-    run_study(args.task, preset, Path(args.out), args.text, data=data)
+    run_study(args.task, preset, Path(args.out), args.text, data=data, objectives=objectives)
     print((Path(args.out) / "reversal.md").read_text())
 
 

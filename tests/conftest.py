@@ -44,7 +44,7 @@ def _quiet_lightning():
 @pytest.fixture(scope="session")
 def tiny_runs(toy_corpus, cache_dir, tmp_path_factory):
     """Checkpoints of a tiny MDM and AR fitted with `lldiff fit` on the toy corpus (seconds)."""
-    from lldiff.cli import lightning_cli
+    from lldiff.launch import lightning_cli
 
     out = tmp_path_factory.mktemp("runs")
     repo = Path(__file__).resolve().parents[1]
@@ -60,3 +60,24 @@ def tiny_runs(toy_corpus, cache_dir, tmp_path_factory):
             "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(out),
         ])
     return {o: out / f"{o}-tiny" / "checkpoints" / "last.ckpt" for o in ("mdm", "ar")}
+
+
+@pytest.fixture(scope="session")
+def tiny_bd3_run(toy_corpus, cache_dir, tmp_path_factory):
+    """The checkpoint of a tiny BD3 (blocks of 4 tokens: objective bd3-4) fitted like
+    ``tiny_runs`` (a fixture of its own, so tests of the other objectives do not pay for it)."""
+    from lldiff.launch import lightning_cli
+
+    out = tmp_path_factory.mktemp("runs-bd3")
+    repo = Path(__file__).resolve().parents[1]
+    lightning_cli([
+        "fit", "--config", str(repo / "configs" / "bd3-tiny.yaml"),
+        "--model.init_args.size", "tiny-0.1M", "--model.init_args.warmup_steps", "2",
+        "--model.init_args.block_size", "4", "--model.init_args.random_length_prob", "0.0",
+        "--data.init_args.source", "files", "--data.init_args.paths", f"[{toy_corpus}]",
+        "--data.init_args.max_bytes", "null", "--data.init_args.vocab_size", "320",
+        "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "8",
+        "--data.init_args.cache_dir", str(cache_dir), "--trainer.max_steps", "20",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(out),
+    ])
+    return out / "bd3-tiny" / "checkpoints" / "last.ckpt"

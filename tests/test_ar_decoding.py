@@ -13,7 +13,7 @@ from lldiff.model import KVCache, Transformer
 def tiny_causal(seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = ModelConfig(n_layer=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=23, max_seq_len=64,
-                      causal=True, **overrides)
+                      attention="causal", **overrides)
     return Transformer(cfg).eval()
 
 
@@ -122,5 +122,5 @@ def test_bad_input():
     bidirectional = Transformer(ModelConfig(n_layer=1, d_model=16, n_heads=2, d_ff=32, vocab_size=5))
     with pytest.raises(ValueError, match="needs a causal"):
         ar_generate(bidirectional, prompt[:, :2], max_new_tokens=2)
-    with pytest.raises(ValueError, match="KV cache needs a causal model"):
+    with pytest.raises(ValueError, match="KV cache needs causal or block attention"):
         bidirectional(prompt[:, :2], kv_cache=KVCache(bidirectional.cfg, 1, 4))

@@ -44,9 +44,9 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _model(vocab: int, *, causal: bool = False, backend: str = "sdpa", seed: int = 0, **kw) -> Transformer:
+def _model(vocab: int, *, attention: str = "bidirectional", backend: str = "sdpa", seed: int = 0, **kw) -> Transformer:
     torch.manual_seed(seed)
-    cfg = SIZES["tiny-0.03M"].replace(vocab_size=vocab, causal=causal, attn_backend=backend, **kw)
+    cfg = SIZES["tiny-0.03M"].replace(vocab_size=vocab, attention=attention, attn_backend=backend, **kw)
     return Transformer(cfg).eval()
 
 
@@ -146,6 +146,30 @@ def test_vectorised_forward_equals_blockwise_forward(seq_len, block, backend):
         torch.testing.assert_close(
             bd3_logits(model, xt, x0, block), blockwise_logits(model, x0, xt, block), rtol=0, atol=1e-5
         )
+
+
+@pytest.mark.parametrize("seq_len,block", [(8, 2), (7, 3), (6, 1)])
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_vectorised_forward_equals_block_model_with_a_kv_cache(seq_len, block, backend):
+    """What sampling does (SPEC §9): the clean earlier blocks go through a block-attention
+    backbone once, into a KV cache, and the noisy block is read on top of them. That gives
+    the training forward's logits, block for block (the cache is exact, not an approximation)."""
+    from lldiff.model import KVCache
+
+    model = _model(19, attention="block", block_size=block, backend=backend)
+    assert model.cfg.mask_id == 19  # the mask token is the extra row, as for the MDM
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randint(0, 19, (3, seq_len), generator=g)
+    xt = torch.where(torch.rand(3, seq_len, generator=g) < 0.5, 19, x0)
+    with torch.no_grad():
+        expected = bd3_logits(model, xt, x0, block)
+        for start in range(0, seq_len, block):
+            end = min(start + block, seq_len)
+            cache = KVCache(model.cfg, batch=3, max_len=seq_len)
+            if start:
+                model(x0[:, :start], kv_cache=cache)
+            got = model(xt[:, start:end], kv_cache=cache)
+            torch.testing.assert_close(got, expected[:, start:end], rtol=0, atol=1e-5)
 
 
 # -- block_size = L is the MDM -----------------------------------------------------------------
@@ -349,8 +373,8 @@ def test_nelbo_bounds_exact_nll(block):
 
 # -- backbone plumbing: positions and attn_mask ------------------------------------------------
 def _ar_and_mdm(backend):
-    ar = _model(29, causal=True, backend=backend)
-    mdm = _model(29, causal=False, backend=backend, seed=1)
+    ar = _model(29, attention="causal", backend=backend)
+    mdm = _model(29, attention="bidirectional", backend=backend, seed=1)
     state = ar.state_dict()
     embed = mdm.embed.weight.detach().clone()
     embed[:29] = state.pop("embed.weight")  # same weights except the MDM's mask-token row

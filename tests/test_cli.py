@@ -10,7 +10,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lldiff.cli import lightning_cli, main
+from lldiff.cli import main
+from lldiff.launch import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_METRICS = {"train/loss", "train/lr", "val/nll_per_token", "val/bpb", "trainer/tokens", "trainer/flops", "perf/tokens_per_s"}
@@ -122,7 +123,7 @@ def test_checkpoint_of_the_other_objective_is_named(toy_corpus, cache_dir, tmp_p
     ar_ckpt = tmp_path / "ar-tiny" / "checkpoints" / "last.ckpt"
     mdm = MaskedDiffusionLM(size="tiny-0.1M", vocab_size=cli.model.config.vocab_size)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    with pytest.raises(ValueError, match="holds an AR \\(causal\\) model but MaskedDiffusionLM is an MDM"):
+    with pytest.raises(ValueError, match="holds an AR model \\(causal attention\\) but MaskedDiffusionLM is an MDM model"):
         trainer.validate(mdm, datamodule=cli.datamodule, ckpt_path=str(ar_ckpt))
 
 

@@ -194,7 +194,7 @@ def test_decode_options_defaults_are_unchanged():
 def tiny(causal: bool) -> Transformer:
     torch.manual_seed(0)
     return Transformer(ModelConfig(n_layer=1, d_model=16, n_heads=2, d_ff=32, vocab_size=23, max_seq_len=64,
-                                   causal=causal)).eval()
+                                   attention="causal" if causal else "bidirectional")).eval()
 
 
 def test_ar_generate_refuses_sampling_filters_at_temperature_zero():

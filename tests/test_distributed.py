@@ -17,12 +17,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DistributedSampler
 
 from lldiff import flops
+from lldiff import registry
 from lldiff.checkpoint import consolidate_checkpoint, is_sharded_checkpoint, load_model, read_checkpoint_meta
-from lldiff.cli import lightning_cli
 from lldiff.config import ModelConfig
 from lldiff.data import PretrainDataModule
 from lldiff.data.sampler import DataParallelShuffleSampler, ResumableShuffleSampler
-from lldiff.modules import AutoregressiveLM
+from lldiff.launch import lightning_cli
 from lldiff.strategies import PRESETS, FSDP2Strategy, check_strategy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,12 +99,16 @@ def test_throughput_window_counts_whole_steps():
     assert window.step(15.0, 100, 1e6) == pytest.approx((250 / 5, 2.5e6 / 5))  # step 2 (50 tokens) 1 s
 
 
-def test_perf_metrics_are_logged_consistently(toy_corpus, cache_dir, tmp_path):
+@pytest.mark.parametrize("objective", ["ar", "bd3-4"])
+def test_perf_metrics_are_logged_consistently(objective, toy_corpus, cache_dir, tmp_path):
+    """FLOP/s = tokens/s x the objective's matmul FLOPs per token (BD3: its 2L forward), MFU
+    = FLOP/s over the configured peak."""
     L.seed_everything(0, verbose=False)
     dm = PretrainDataModule(source="files", paths=[str(toy_corpus)], vocab_size=320, seq_len=32, batch_size=8,
                             cache_dir=str(cache_dir))
-    model = AutoregressiveLM(size="tiny-0.03M", vocab_size=dm.vocab_size_real, warmup_steps=1,
-                             random_length_prob=0.0, peak_tflops=0.5)
+    entry = registry.get(objective)
+    model = load_script().build_module(objective, size="tiny-0.03M", vocab_size=dm.vocab_size_real, warmup_steps=1,
+                                       random_length_prob=0.0, peak_tflops=0.5)
     logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="perf", version="")
     L.Trainer(accelerator="cpu", max_steps=12, log_every_n_steps=4, logger=logger, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(model, dm)
@@ -113,7 +117,10 @@ def test_perf_metrics_are_logged_consistently(toy_corpus, cache_dir, tmp_path):
     scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
                for tag in ("perf/tokens_per_s", "perf/flops_per_s", "perf/mfu")}
     assert [s for s, _ in scalars["perf/mfu"]] == [3, 7, 11]
-    per_token = flops.step_flops_per_token(model.config, 32)
+    per_token = entry.matmul_flops_per_token(model.config, 32)
+    by_hand = {"ar": flops.step_flops_per_token(model.config, 32),  # BD3: [x_t, x_0], 2L = 64 tokens a row
+               "bd3-4": 2 * flops.step_flops_per_token(model.config, 64)}
+    assert per_token == by_hand[objective]
     for (_, tps), (_, fps), (_, mfu) in zip(*scalars.values()):
         assert tps > 0
         assert fps == pytest.approx(tps * per_token, rel=1e-5)

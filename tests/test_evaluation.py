@@ -77,7 +77,7 @@ def tokenizer():
 def tiny(tokenizer, causal: bool, max_seq_len: int = 256) -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=1, d_model=32, n_heads=2, d_ff=64, vocab_size=tokenizer.vocab_size,
-                      max_seq_len=max_seq_len, causal=causal)
+                      max_seq_len=max_seq_len, attention="causal" if causal else "bidirectional")
     return Transformer(cfg).eval()
 
 

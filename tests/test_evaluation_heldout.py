@@ -213,7 +213,7 @@ def _tokenizer_and_model(texts):
     tokenizer = train_tokenizer(texts, 300)
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=1, d_model=32, n_heads=2, d_ff=64, vocab_size=tokenizer.vocab_size,
-                      max_seq_len=256, causal=True)
+                      max_seq_len=256, attention="causal")
     return tokenizer, Transformer(cfg).eval()
 
 

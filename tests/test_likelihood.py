@@ -110,7 +110,7 @@ def test_mc_mean_matches_exact_enumeration_tiny_transformer():
     from lldiff.model import Transformer
 
     torch.manual_seed(0)
-    net = Transformer(ModelConfig(n_layer=1, d_model=16, n_heads=2, d_ff=32, vocab_size=V, causal=False))
+    net = Transformer(ModelConfig(n_layer=1, d_model=16, n_heads=2, d_ff=32, vocab_size=V, attention="bidirectional"))
     with torch.no_grad():
         net.head.weight.mul_(20.0)  # make logits far from uniform so masking matters
     net.eval()
@@ -323,7 +323,7 @@ def test_ar_loglik_matches_chain_rule_tiny_transformer_and_left_padding():
     from lldiff.model import Transformer
 
     torch.manual_seed(0)
-    net = Transformer(ModelConfig(n_layer=2, d_model=16, n_heads=2, d_ff=32, vocab_size=V, causal=True))
+    net = Transformer(ModelConfig(n_layer=2, d_model=16, n_heads=2, d_ff=32, vocab_size=V, attention="causal"))
     with torch.no_grad():
         net.head.weight.mul_(10.0)
     net.eval()
@@ -345,7 +345,7 @@ def test_mdm_left_padding_matches_unpadded():
     from lldiff.model import Transformer
 
     torch.manual_seed(1)
-    net = Transformer(ModelConfig(n_layer=1, d_model=16, n_heads=2, d_ff=32, vocab_size=V, causal=False))
+    net = Transformer(ModelConfig(n_layer=1, d_model=16, n_heads=2, d_ff=32, vocab_size=V, attention="bidirectional"))
     net.eval()
     answer = torch.tensor([[2, 0, 1]])
     padded = mdm_conditional_loglik(net, torch.tensor([[0, 0, 1, 3]]), answer, mask_id=M, n_mc=5,

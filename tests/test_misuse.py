@@ -25,7 +25,8 @@ from lldiff.checkpoint_io import (
     staging_path,
     write_file_atomically,
 )
-from lldiff.cli import lightning_cli, main
+from lldiff.cli import main
+from lldiff.launch import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
@@ -258,6 +259,22 @@ def test_a_checkpoint_of_another_objective_or_size_is_refused_not_swapped_in(tin
     with pytest.raises(ValueError, match="size='tiny-0.4M' \\(checkpoint: 'tiny-0.1M'\\)"):
         lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path, "--ckpt_path", ar,
                                 "--model.init_args.size", "tiny-0.4M"))
+
+
+def test_a_checkpoint_of_another_block_size_is_refused_not_swapped_in(tiny_bd3_run, toy_corpus, cache_dir, tmp_path):
+    """bd3-4 and bd3-8 share a class and every weight shape: only the block size tells them
+    apart, so it is part of what the weights are (a setting from the command line must not
+    silently turn one into the other)."""
+    bd3 = str(tiny_bd3_run)
+    with pytest.raises(ValueError, match="block_size=8 \\(checkpoint: 4\\)"):
+        lightning_cli(tiny_args("bd3", toy_corpus, cache_dir, tmp_path, "--ckpt_path", bd3,
+                                "--model.init_args.block_size", "8"))
+    with pytest.raises(ValueError, match="holds a lldiff.modules.BlockDiffusionLM model but the config asks for "
+                                         "lldiff.modules.MaskedDiffusionLM"):
+        lightning_cli(tiny_args("mdm", toy_corpus, cache_dir, tmp_path, "--ckpt_path", bd3))
+    assert load_model(bd3, expect="bd3-4").objective.block_size == 4
+    with pytest.raises(ValueError, match="holds a BD3-4 model; this needs an MDM checkpoint"):
+        load_model(bd3, expect="mdm")
 
 
 def test_settings_given_with_a_checkpoint_win_over_its_hyperparameters(tiny_runs, toy_corpus, cache_dir, tmp_path):

@@ -410,7 +410,7 @@ def test_real_backbone_left_padded_batch():
     from lldiff.model import Transformer
 
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=1, d_model=32, n_heads=2, d_ff=64, vocab_size=11, max_seq_len=64, causal=False)
+    cfg = ModelConfig(n_layer=1, d_model=32, n_heads=2, d_ff=64, vocab_size=11, max_seq_len=64, attention="bidirectional")
     model = Transformer(cfg).eval()
     prompt = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)

@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 
+from lldiff import registry
 from lldiff.chat import ChatSession
 from lldiff.chat import main as chat_main
 from lldiff.checkpoint import LoadedModel, load_model
@@ -68,7 +69,7 @@ def _sft_file(path: Path) -> Path:
 
 @pytest.mark.parametrize("objective", ["mdm", "ar"])
 def test_finetune_from_a_pretrained_checkpoint_with_the_shipped_config(objective, tiny_runs, tmp_path):
-    from lldiff.cli import lightning_cli
+    from lldiff.launch import lightning_cli
 
     pretrained = tiny_runs[objective]
     run_dir = pretrained.parent.parent
@@ -90,7 +91,7 @@ def test_finetune_from_a_pretrained_checkpoint_with_the_shipped_config(objective
     ])
     assert cli.trainer.global_step == 6
     ckpt = tmp_path / f"sft-{objective}-tiny" / "checkpoints" / "last.ckpt"
-    assert load_model(ckpt).objective == objective  # generate / eval / chat read it directly
+    assert load_model(ckpt).objective.name == objective  # generate / eval / chat read it directly
     scalars = read_scalars(ckpt.parent.parent)
     assert scalars["data/train_examples"][0] + scalars["data/val_examples"][0] == 64  # one turn per record
     assert scalars["data/train_truncated"][0] == 0 and "val/nll_per_token" in scalars
@@ -117,8 +118,8 @@ def test_pretrained_mismatches_are_named(tiny_runs):
 
 def test_chat_renders_the_conversation_and_keeps_it_in_context(tmp_path):
     tok = train_tokenizer(["User: hello\nAssistant: hi\n" * 10], 259)
-    cfg = ModelConfig(n_layer=1, d_model=16, n_heads=2, d_ff=32, vocab_size=tok.vocab_size, max_seq_len=192, causal=True)
-    session = ChatSession(LoadedModel(Transformer(cfg).eval(), "ar", tok, tmp_path), ChatTemplate(),
+    cfg = ModelConfig(n_layer=1, d_model=16, n_heads=2, d_ff=32, vocab_size=tok.vocab_size, max_seq_len=192, attention="causal")
+    session = ChatSession(LoadedModel(Transformer(cfg).eval(), registry.get("ar"), tok, tmp_path), ChatTemplate(),
                           DecodeOptions(length=8), system="be kind")
     first = session.reply("hello")
     second = session.reply("again")

@@ -115,7 +115,12 @@ def test_presets_plan():
         (dict(epochs=[1, 2]), "epochs needs data.unique_tokens"),
         (dict(lr_reference_width=0), "lr_reference_width must be a positive integer"),
         (dict(sizes=["tiny-7M"]), "unknown size"),
-        (dict(objectives=["mdm", "gpt"]), "unknown objective"),
+        (dict(objectives=["mdm", "gpt"]), "unknown objective 'gpt'; allowed: ar, mdm, bd3-B"),
+        (dict(objectives=["ar", "bd3-0"]), "objective 'bd3-0': the block size must be >= 1"),
+        (dict(objective_args={"gpt": {"lr": 1e-3}}), "objective_args: unknown objective 'gpt'"),
+        (dict(objectives=["ar", "bd3-4"], objective_args={"bd3-4": {"block_size": 8}}),
+         r"objective_args.bd3-4.block_size is set by the objective's name"),
+        (dict(objectives=["ar", "bd3-4"], model={"block_size": 8}), r"model.block_size \(bd3-4\) is set by the objective"),
         (dict(objective_args={"ar": {"seq_len": 64}}), "must share one data config"),
         (dict(budgets=[]), "budgets is empty"),
         (dict(trainer={"max_steps": 10}), "set per run by the sweep"),
@@ -337,3 +342,75 @@ def test_parallel_sweep_runs_k_at_a_time(toy_corpus, cache_dir, tmp_path):
     rows = read_rows(out / "results.csv")
     assert sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in make_plan(spec))
     assert len(list((out / "logs").glob("*.log"))) == 2  # one worker log per run
+
+
+# --------------------------------------------------------------------------- block diffusion (bd3-B)
+
+
+def by_hand_matmul_per_token(size, vocab, seq_len, copies):
+    """Forward + backward matmul FLOPs per training token on ``copies`` x L input tokens
+    (BD3: [x_t, x_0], 2 copies): copies x (6 (N + d V) + 12 n_layer (copies L) d)."""
+    cfg = SIZES[size]
+    return copies * (6 * (cfg.non_embedding_params() + cfg.d_model * vocab) + 12 * cfg.n_layer * copies * seq_len * cfg.d_model)
+
+
+def test_bd3_objectives_plan_their_module_and_block_size(tmp_path, toy_corpus, cache_dir):
+    spec = toy_spec(toy_corpus, cache_dir, objectives=["ar", "bd3-4", "bd3-16", "mdm"],
+                    objective_args={"mdm": {"val_mc_samples": 2}, "bd3-4": {"val_mc_samples": 3, "lr": 1e-3}})
+    plan = make_plan(spec)
+    assert {r.run_id.split("/")[0] for r in plan} == {"ar", "bd3-4", "bd3-16", "mdm"}
+    steps = {(r.objective, r.size): r.max_steps for r in plan}
+    for size in spec.sizes:  # the 6ND axis costs the same per token for every objective
+        assert len({steps[o, size] for o in spec.objectives}) == 1
+    for run in plan:
+        model = run_config(spec, run, str(tmp_path))["model"]
+        if run.objective.startswith("bd3-"):
+            block = int(run.objective.split("-")[1])
+            assert model["class_path"] == "lldiff.modules.BlockDiffusionLM" and model["init_args"]["block_size"] == block
+        else:
+            assert "block_size" not in model["init_args"]
+    bd3 = next(r for r in plan if r.objective == "bd3-4")
+    assert bd3.model_args["val_mc_samples"] == 3 and bd3.model_args["lr"] == 1e-3
+
+
+def test_matmul_axis_gives_bd3_its_2l_forward_and_the_6nd_axis_does_not(toy_corpus, cache_dir):
+    spec = toy_spec(toy_corpus, cache_dir, objectives=["ar", "bd3-4", "mdm"], compute="matmul", budgets=[2e11])
+    plan = make_plan(spec)
+    for run in plan:
+        copies = 2 if run.objective == "bd3-4" else 1
+        per_token = by_hand_matmul_per_token(run.size, 320, 32, copies)
+        assert run.flops_per_token == pytest.approx(per_token)
+        assert run.max_steps == round(2e11 / (per_token * run.tokens_per_step))
+        assert run.flops == pytest.approx(2e11, rel=1 / run.max_steps)
+    for size in spec.sizes:  # about half the steps: the same real compute
+        ar, bd3 = (next(r for r in plan if r.objective == o and r.size == size) for o in ("ar", "bd3-4"))
+        assert 0.3 < bd3.max_steps / ar.max_steps < 0.5
+    six = make_plan(toy_spec(toy_corpus, cache_dir, objectives=["ar", "bd3-4"], budgets=[2e11]))
+    assert len({r.max_steps for r in six if r.size == "tiny-0.1M"}) == 1
+
+
+def test_a_bd3_sweep_runs_and_its_analysis_draws_and_reports_it(toy_corpus, cache_dir, tmp_path):
+    from lldiff.sweep.analysis import analyze_results
+    from lldiff.sweep.report import analyze, load_results
+
+    spec = toy_spec(toy_corpus, cache_dir, objectives=["ar", "bd3-4"], compute="matmul", budgets=[1e9],
+                    sizes=["tiny-0.002M", "tiny-0.004M", "tiny-0.009M"], objective_args={"bd3-4": {"val_mc_samples": 2}})
+    plan = make_plan(spec)
+    run_sweep(spec, tmp_path, parallel=1, log=lambda _: None)
+    rows = {r["run_id"]: r for r in read_rows(tmp_path / "results.csv")}
+    assert sorted(rows) == sorted(r.run_id for r in plan) and len(rows) == 6
+    for run in plan:
+        row = rows[run.run_id]
+        tokens = float(row["tokens"])
+        copies = 2 if run.objective == "bd3-4" else 1
+        assert int(row["max_steps"]) == run.max_steps and row["objective"] == run.objective
+        assert float(row["flops_matmul"]) == pytest.approx(tokens * by_hand_matmul_per_token(run.size, 320, 32, copies))
+        assert float(row["flops_6nd"]) == pytest.approx(6 * run.n_nonemb * tokens)
+        assert int(row["val_mc_samples"]) == (4 if run.objective == "bd3-4" else 0)  # final_val_mc_samples: a bound
+        assert 0 < float(row["val_nll_per_token"]) < 10
+        assert (tmp_path / "tb" / run.run_id / "checkpoints" / "last.ckpt").is_file()
+    result = analyze_results(load_results(tmp_path, "val_nll_per_token"), bootstrap=0)
+    assert result.objectives == ["ar", "bd3-4"] and result.candidates == ["bd3-4"]
+    report = analyze(tmp_path, bootstrap=0).read_text()
+    assert "### BD3-4 vs AR" in report and "BD3-4: Monte-Carlo negative ELBO" in report and "3 BD3-4" in report
+    assert (tmp_path / "analysis" / "loss_vs_flops.png").is_file()

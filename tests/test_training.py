@@ -1,5 +1,7 @@
-"""Training with Lightning: tiny fits learn, identical batches, exact resume, accounting."""
+"""Training with Lightning: tiny fits learn, identical batches, exact resume, accounting (every
+objective: AR, MDM and BD3 block diffusion)."""
 
+import importlib
 import math
 
 import lightning as L
@@ -7,10 +9,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lldiff import registry
 from lldiff.data import PretrainDataModule
-from lldiff.modules import AutoregressiveLM, MaskedDiffusionLM
+from lldiff.modules import MaskedDiffusionLM
 
-OBJECTIVES = {"ar": AutoregressiveLM, "mdm": MaskedDiffusionLM}
+OBJECTIVES = ("ar", "mdm", "bd3-8")  # seq_len 48: six blocks of 8
 
 
 def make_dm(toy_corpus, cache_dir, **overrides):
@@ -20,10 +23,12 @@ def make_dm(toy_corpus, cache_dir, **overrides):
 
 
 def make_module(name, dm, **overrides):
-    args = dict(size="tiny-0.1M", vocab_size=dm.vocab_size_real, lr=3e-3, warmup_steps=2)
-    if name == "mdm":
+    objective = registry.get(name)
+    module, _, cls = objective.module.rpartition(".")
+    args = dict(size="tiny-0.1M", vocab_size=dm.vocab_size_real, lr=3e-3, warmup_steps=2, **objective.module_args())
+    if not objective.exact_likelihood:  # a Monte-Carlo bound: few draws keep the tests fast
         args.update(val_mc_samples=4, eval_mc_samples=4)
-    return OBJECTIVES[name](**{**args, **overrides})
+    return getattr(importlib.import_module(module), cls)(**{**args, **overrides})
 
 
 def trainer(max_steps, **overrides):
@@ -40,8 +45,10 @@ def unigram_entropy(dm):
     return -(p * p.log()).sum().item()
 
 
-@pytest.mark.parametrize("name,ratio", [("ar", 0.25), ("mdm", 0.5)])
+@pytest.mark.parametrize("name,ratio", [("ar", 0.25), ("mdm", 0.5), ("bd3-8", 0.25)])
 def test_tiny_fit_learns_well_below_unigram_entropy(name, ratio, toy_corpus, cache_dir):
+    """Validation loss (BD3, MDM: a bound on the NLL) far below the data's unigram entropy,
+    computed from the training rows: the model learned the context, not token frequencies."""
     L.seed_everything(0, verbose=False)
     dm = make_dm(toy_corpus, cache_dir)
     model = make_module(name, dm, warmup_steps=20)
@@ -70,7 +77,8 @@ def test_mdm_and_ar_receive_identical_batches(toy_corpus, cache_dir):
         trainer(6, callbacks=[recorder]).fit(make_module(name, dm), dm)
         recorded[name] = recorder.batches
     assert len(recorded["ar"]) == 6
-    assert all(torch.equal(a, m) for a, m in zip(recorded["ar"], recorded["mdm"]))
+    for name in OBJECTIVES:
+        assert len(recorded[name]) == 6 and all(torch.equal(a, m) for a, m in zip(recorded["ar"], recorded[name]))
 
 
 def test_mdm_and_ar_truncate_the_same_steps_to_the_same_lengths(toy_corpus, cache_dir):
@@ -81,7 +89,7 @@ def test_mdm_and_ar_truncate_the_same_steps_to_the_same_lengths(toy_corpus, cach
         model = make_module(name, dm, random_length_prob=0.5)
         trainer(12).fit(model, dm)
         tokens[name] = model.tokens_seen
-    assert tokens["ar"] == tokens["mdm"] < 12 * 16 * 48  # some steps were cut, the same ones
+    assert tokens["ar"] == tokens["mdm"] == tokens["bd3-8"] < 12 * 16 * 48  # some steps were cut, the same ones
 
 
 def test_both_objectives_score_the_same_validation_tokens(toy_corpus, cache_dir):
@@ -90,7 +98,9 @@ def test_both_objectives_score_the_same_validation_tokens(toy_corpus, cache_dir)
     rows = next(iter(dm.val_dataloader()))["input_ids"]
     _, ar_tokens = make_module("ar", dm).validation_nats(rows, 0)
     _, mdm_tokens = make_module("mdm", dm).validation_nats(rows, 0)
+    _, bd3_tokens = make_module("bd3-8", dm).validation_nats(rows, 0)
     assert torch.equal(ar_tokens, mdm_tokens) and torch.equal(ar_tokens, rows[:, 1:])
+    assert torch.equal(bd3_tokens, ar_tokens)
 
 
 def test_mdm_validation_uses_fixed_draws(toy_corpus, cache_dir):
@@ -110,7 +120,7 @@ class Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-@pytest.mark.parametrize("name", ["ar", "mdm"])
+@pytest.mark.parametrize("name", ["ar", "mdm", "bd3-4"])
 def test_resumed_run_matches_uninterrupted_run(name, toy_corpus, cache_dir, tmp_path):
     """Crash after step 43, resume from the step-40 checkpoint (mid-epoch): the final weights equal an
     uninterrupted run's bit for bit (same batches, same masks, same random lengths)."""
@@ -186,3 +196,18 @@ def test_mdm_uses_eval_mc_samples_outside_fit(toy_corpus, cache_dir):
     L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=1).validate(
         model, dm, verbose=False)
     assert fit_calls == 1 + 2 and len(calls) == 3
+
+
+def test_bd3_matmul_flops_count_its_2l_forward_and_6nd_does_not(toy_corpus, cache_dir):
+    """BD3 runs the backbone on [x_t, x_0] (2L tokens, attention over 2L keys): per training
+    token 2 x (6 (N + d V) + 12 n_layer (2L) d) matmul FLOPs, while SMDM's axis stays 6 N D."""
+    dm = make_dm(toy_corpus, cache_dir)
+    model = make_module("bd3-8", dm, random_length_prob=0.0)
+    t = trainer(5, log_every_n_steps=5)
+    t.fit(model, dm)
+    assert model.tokens_seen == 5 * 16 * 48
+    cfg, d, layers = model.config, model.config.d_model, model.config.n_layer
+    assert t.callback_metrics["trainer/flops"].item() == pytest.approx(
+        6 * cfg.non_embedding_params() * model.tokens_seen, rel=1e-6)
+    per_token = 2 * (6 * (cfg.non_embedding_params() + d * cfg.vocab_size) + 12 * layers * (2 * 48) * d)
+    assert t.callback_metrics["trainer/flops_matmul"].item() == pytest.approx(per_token * model.tokens_seen, rel=1e-6)

@@ -117,7 +117,7 @@ def test_bare_name_in_model_and_data_is_ambiguous():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(objective="gpt"), r"unknown objective 'gpt'; allowed: mdm, ar"),
+        (dict(objective="gpt"), r"unknown objective 'gpt'; allowed: ar, mdm, bd3-B"),
         (dict(size="tiny-7M"), r"unknown size 'tiny-7M'; known sizes: .*tiny-0.016M"),
         (dict(max_steps=22), r"--max-steps 22 is not a multiple of --evals 4"),
         (dict(max_steps=0), r"--max-steps must be >= 1, got 0"),
@@ -138,6 +138,41 @@ def test_switching_objective_drops_args_the_other_class_lacks(tmp_path, base_con
     assert model["class_path"] == "lldiff.modules.AutoregressiveLM"
     assert model["init_args"]["size"] == "tiny-0.03M" and "mask_eps" not in model["init_args"]
     assert setup.describe()["objective"] == "ar"
+
+
+def test_a_bd3_objective_is_tuned_with_its_class_and_block_size(tmp_path, base_config, capsys):
+    """--objective bd3-4 on an MDM config: BlockDiffusionLM with block_size 4, which no search
+    may change; one tiny trial runs to a finite validation loss."""
+    setup = load_setup(base_config, write_space(tmp_path, LR_SPACE), objective="bd3-4")
+    model = setup.base["model"]
+    assert model["class_path"] == "lldiff.modules.BlockDiffusionLM" and model["init_args"]["block_size"] == 4
+    assert model["init_args"]["mask_eps"] == 1.0e-3  # the MDM config's args the BD3 class also takes are kept
+    assert setup.describe()["objective"] == "bd3-4"
+    with pytest.raises(TuneError, match=r"'block_size' cannot be searched: the objective bd3-4 fixes it"):
+        load_setup(base_config, write_space(tmp_path, {"block_size": {"type": "categorical", "choices": [4, 8]}},
+                                            "bad.yaml"), objective="bd3-4")
+    out = tmp_path / "tune"
+    tune_main(["run", "--config", str(base_config), "--space", str(write_space(tmp_path, LR_SPACE)), "--objective",
+               "bd3-4", "--n-trials", "1", "--max-steps", "4", "--evals", "2", "--out", str(out), "--pruner", "none"])
+    assert "ran trials [0]" in capsys.readouterr().out
+    (trial,) = optuna.load_study(study_name="lldiff-tune", storage=f"sqlite:///{out}/study.db").trials
+    assert trial.state == TrialState.COMPLETE and 0 < trial.value < 20 and sorted(trial.intermediate_values) == [2, 4]
+    config = yaml.safe_load((out / "trials" / "0000" / "trial.yaml").read_text())
+    assert config["model"]["class_path"] == "lldiff.modules.BlockDiffusionLM"
+    assert config["model"]["init_args"]["block_size"] == 4
+
+
+def test_the_objective_is_read_from_a_bd3_config(tmp_path, base_config):
+    cfg = yaml.safe_load(base_config.read_text())
+    bd3 = yaml.safe_load((REPO / "configs" / "bd3-tiny.yaml").read_text())["model"]
+    cfg["model"] = {"class_path": bd3["class_path"], "init_args": {**cfg["model"]["init_args"], "block_size": 8}}
+    path = tmp_path / "bd3.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    setup = load_setup(path, write_space(tmp_path, LR_SPACE))
+    assert setup.objective == "bd3-8" and setup.base["model"]["init_args"]["block_size"] == 8
+    ar = load_setup(path, write_space(tmp_path, LR_SPACE), objective="ar")  # switching drops block_size
+    assert ar.base["model"]["class_path"] == "lldiff.modules.AutoregressiveLM"
+    assert "block_size" not in ar.base["model"]["init_args"]
 
 
 # -- storages ----------------------------------------------------------------------------

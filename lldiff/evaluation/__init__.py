@@ -1,7 +1,7 @@
 """Zero-shot multiple-choice evaluation (SPEC §5): ``lldiff eval``.
 
-* :mod:`.multiple_choice`: scoring choices by log-likelihood (AR exact, MDM Monte-Carlo
-  lower bound) and accuracy / length-normalised accuracy.
+* :mod:`.multiple_choice`: scoring choices by log-likelihood (the objective's scorer: AR exact,
+  MDM and BD3 Monte-Carlo lower bounds) and accuracy / length-normalised accuracy.
 * :mod:`.tasks`: the JSONL task format and the built-in offline ``heldout-continuation`` task.
 * :mod:`.cli`: the ``lldiff eval`` command.
 """
@@ -9,6 +9,7 @@
 from .multiple_choice import (
     NORMALISATION,
     ar_scorer,
+    bd3_scorer,
     evaluate_multiple_choice,
     example_seed,
     mdm_scorer,
@@ -25,7 +26,7 @@ from .tasks import (
 )
 
 __all__ = [
-    "BUILTIN_TASKS", "HELDOUT_TASK", "NORMALISATION", "Example", "ar_scorer", "build_heldout_task",
+    "BUILTIN_TASKS", "HELDOUT_TASK", "NORMALISATION", "Example", "ar_scorer", "bd3_scorer", "build_heldout_task",
     "evaluate_multiple_choice", "example_seed", "heldout_texts", "load_jsonl_task", "mdm_scorer",
     "save_jsonl_task", "score_choices",
 ]

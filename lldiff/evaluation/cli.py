@@ -30,8 +30,8 @@ DEFAULT_VAL_FRACTION = 0.05
 
 DESCRIPTION = """\
 Zero-shot multiple-choice evaluation: every choice is scored by log p(choice | context)
-(AR: exact; MDM: LLaDA's Monte-Carlo lower bound with --n-mc draws, the same random draws for
-every choice of an example) and the best one is the prediction. Reports accuracy (total
+(AR: exact; MDM: LLaDA's Monte-Carlo lower bound, BD3: the block diffusion lower bound, each
+with --n-mc draws, the same random draws for every choice of an example) and the best one is the prediction. Reports accuracy (total
 log-likelihood) and accuracy_norm (log-likelihood per UTF-8 byte of the choice).
 
 TASK is a .jsonl file, one JSON object per line:
@@ -64,11 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harness-tasks", help="instead of --task: lm-eval-harness task names, comma-separated "
                    "(extra `eval`; the tasks' data must be reachable)")
     p.add_argument("--harness-include", help="directory of extra lm-eval task YAMLs (e.g. over local data files)")
-    p.add_argument("--n-mc", type=int, default=32, help="MDM Monte-Carlo draws per choice (default 32; upstream 128)")
+    p.add_argument("--n-mc", type=int, default=32, help="MDM/BD3 Monte-Carlo draws per choice (default 32; upstream 128)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=int, default=32, help="MDM draws per forward pass (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="MDM/BD3 draws per forward pass (default 32)")
     p.add_argument("--cfg-scale", type=float, default=0.0, help="MDM classifier-free guidance weight (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the MDM draws (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MDM/BD3 draws (default 0)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's run directory)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default=None, help="write the results (with per-example predictions) to this JSON file")
@@ -221,8 +221,9 @@ def _run_harness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
     manager = TaskManager(include_path=args.harness_include) if args.harness_include else None
     tasks = [t.strip() for t in args.harness_tasks.split(",") if t.strip()]
     output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit, task_manager=manager)
-    results = {"checkpoint": str(Path(args.ckpt).resolve()), "objective": lm.loaded.objective,
-               "n_mc": args.n_mc if lm.loaded.objective == "mdm" else None, "results": output["results"]}
+    objective = lm.loaded.objective
+    results = {"checkpoint": str(Path(args.ckpt).resolve()), "objective": objective.name,
+               "n_mc": args.n_mc if "n_mc" in objective.score_options else None, "results": output["results"]}
     for task, metrics in output["results"].items():
         shown = ", ".join(f"{k}: {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{task}: {shown}")
@@ -236,6 +237,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     """Run ``lldiff eval`` with ``argv`` (the arguments after ``eval``); returns the results.
     Bad input exits with status 2 and a one-line message."""
     from lldiff.checkpoint import load_model
+    from lldiff.completion import article, option_owners
 
     from .multiple_choice import evaluate_multiple_choice
 
@@ -260,8 +262,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         loaded = load_model(args.ckpt, tokenizer=args.tokenizer, device=args.device)
     except Exception as e:  # noqa: BLE001 (not an lldiff checkpoint, unreadable, tokenizer mismatch)
         parser.error(f"cannot load {args.ckpt}: {e}")
-    if loaded.objective == "ar" and args.cfg_scale > 0:
-        parser.error("--cfg-scale applies to MDM checkpoints only; this is an AR checkpoint")
+    if args.cfg_scale > 0 and "cfg_scale" not in loaded.objective.score_options:
+        parser.error(f"--cfg-scale applies to {option_owners('cfg_scale', 'score_options')} checkpoints only; "
+                     f"this is {article(loaded.objective.label)} {loaded.objective.label} checkpoint")
     if loaded.tokenizer is None:
         parser.error(f"no tokenizer.json next to {args.ckpt} (or its parent); pass --tokenizer PATH")
     try:
@@ -287,7 +290,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     results["unigram_baseline"] = _unigram_baselines(examples, count_texts, counts_from, loaded.tokenizer)
     if task_args is not None:
         results["task_args"] = task_args
-    n_mc = "exact" if results["objective"] == "ar" else str(results["n_mc"])
+    n_mc = "exact" if results["n_mc"] is None else str(results["n_mc"])
     print(f"task: {results['task']}  checkpoint: {args.ckpt}")
     print(f"objective: {results['objective']}  n_mc: {n_mc}  cfg_scale: {results['cfg_scale']}  "
           f"examples: {results['n_examples']}  truncated choices: {results['n_truncated']}")

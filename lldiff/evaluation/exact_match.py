@@ -7,9 +7,11 @@ Two kinds of item, both JSON records:
   answered by ``lldiff.completion.complete`` (LLaDA's reverse process with EOS padding, or
   AR decoding);
 * **infill** ``{"prefix", "answer", "suffix"}``: the text ``prefix + answer + suffix`` as one
-  pre-training document (EOS on both sides), the answer's tokens masked. A diffusion model
-  fills the span seeing both sides (``lldiff.sampling.infill``, as many masks as the answer
-  has tokens); an AR model continues ``prefix`` by as many tokens, its only possible view.
+  pre-training document (EOS on both sides), the answer's tokens masked. A model whose
+  objective lets infilling see the right context (registry ``infill_sees_right_context``: the
+  MDM) fills the span seeing both sides (``lldiff.sampling.infill``, as many masks as the
+  answer has tokens); the others (AR, BD3: nothing attends to later blocks) continue ``prefix``
+  by as many tokens with their decoder, their only possible view.
 
 ``ExactMatchProbe`` runs both during training and logs ``probe/<name>`` to the logger, so
 the accuracy curves sit beside the loss in TensorBoard.
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 
+from lldiff import registry
 from lldiff.completion import DecodeOptions, complete
 from lldiff.data.chat import ChatTemplate, Message
 from lldiff.data.tokenizer import Tokenizer
@@ -82,7 +85,7 @@ def infill_answers(model: Transformer, tokenizer: Tokenizer, items: Sequence[Map
     encoded = [(tokenizer.encode(i["prefix"]), len(tokenizer.encode(i["answer"])), tokenizer.encode(i["suffix"]))
                for i in items]
     answers: list[str] = [""] * len(items)
-    if model.cfg.causal:
+    if not registry.of_model(model).infill_sees_right_context:
         for n in sorted({n for _, n, _ in encoded}):
             rows = [k for k, (_, m, _) in enumerate(encoded) if m == n]
             for start in range(0, len(rows), BATCH):

@@ -8,13 +8,16 @@
 or ``lldiff eval --ckpt PATH --harness-tasks hellaswag,arc_easy``. Registered as ``lldiff``
 in the harness registry once this module is imported.
 
-* ``loglikelihood``: AR exact (chain rule); MDM the Alg. 3 lower bound with ``n_mc`` draws, the
-  same seed for every request (common random numbers across the choices of a question).
-  ``is_greedy``: AR: every continuation token is the argmax given its prefix; MDM: one
-  forward over the fully masked continuation predicts it exactly by argmax.
-* ``loglikelihood_rolling``: AR exact; MDM the unconditional ELBO (a lower bound).
-* ``generate_until``: AR decoding with a KV cache, or the MDM reverse process (low-confidence,
-  blocks); the text is cut at the first stop sequence.
+* ``loglikelihood``: the objective's multiple-choice scorer (registry): AR exact (chain rule); MDM
+  the Alg. 3 lower bound and BD3 the block diffusion lower bound with ``n_mc`` draws, the same
+  seed for every request (common random numbers across the choices of a question).
+  ``is_greedy``: the registry's greedy check (AR: every continuation token is the argmax given
+  its prefix; MDM: one forward over the fully masked continuation predicts it by argmax; BD3:
+  the same per block, the earlier blocks clean).
+* ``loglikelihood_rolling``: the same scorer on the text given the EOS boundary (as the
+  harness's own models condition on their prefix token): AR exact, MDM and BD3 lower bounds.
+* ``generate_until``: the objective's decoder (AR with a KV cache; the MDM reverse process in
+  blocks of ``block_length``; BD3 block by block); the text is cut at the first stop sequence.
 The model sees ``EOS + context``, as documents start after an EOS in training.
 """
 
@@ -25,8 +28,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from lldiff.checkpoint import load_model
-from lldiff.completion import DecodeOptions, complete
-from lldiff.likelihood import ar_loglik, mdm_conditional_loglik, mdm_elbo
+from lldiff.completion import DecodeOptions, article, complete, option_owners
+from lldiff.evaluation.multiple_choice import make_scorer
 
 
 @register_model("lldiff")
@@ -43,18 +46,29 @@ class LLDiffLM(LM):
         tokenizer: str | None = None,
         device: str = "cpu",
         seed: int = 0,
+        steps_per_block: int | None = None,
         **_: object,
     ) -> None:
         super().__init__()
         self.loaded = load_model(ckpt, tokenizer=tokenizer, device=device)
         if self.loaded.tokenizer is None:
             raise ValueError(f"no tokenizer.json beside {ckpt}; pass tokenizer=PATH")
-        if cfg_scale and self.loaded.objective == "ar":
-            raise ValueError("cfg_scale applies to MDM checkpoints only (classifier-free guidance)")
+        self.objective = self.loaded.objective
+        if cfg_scale and "cfg_scale" not in self.objective.score_options:
+            raise ValueError(f"cfg_scale applies to {option_owners('cfg_scale', 'score_options')} checkpoints only "
+                             f"(classifier-free guidance); this is {article(self.objective.label)} "
+                             f"{self.objective.label} checkpoint")
         self.model, self.tok = self.loaded.model, self.loaded.tokenizer
         self.n_mc, self.mc_batch, self.cfg_scale, self.seed = int(n_mc), int(batch_size), float(cfg_scale), int(seed)
         self.gen_length, self.steps, self.block_length = int(gen_length), steps, int(block_length)
+        self.steps_per_block = steps_per_block
         self._device = torch.device(device)
+        self.mask_id = self.model.cfg.mask_id
+        self.scorer = make_scorer(self.objective, self.model, mask_id=self.mask_id, n_mc=self.n_mc,
+                                  batch_size=self.mc_batch, cfg_scale=self.cfg_scale, seed=self.seed)
+        self.rolling_scorer = make_scorer(self.objective, self.model, mask_id=self.mask_id, n_mc=self.n_mc,
+                                          batch_size=self.mc_batch, seed=self.seed)  # no guidance: log p(text)
+        self.greedy = self.objective.greedy()
 
     # -- helpers -----------------------------------------------------------------------------
     def _ids(self, text: str, boundary: bool = True) -> torch.Tensor:
@@ -73,17 +87,9 @@ class LLDiffLM(LM):
         if answer.numel() == 0:
             return 0.0, True
         prompt = self._fit(self._ids(context), answer.numel())
-        if self.loaded.objective == "ar":
-            loglik = ar_loglik(self.model, prompt[None], answer[None])
-            logits = self.model(torch.cat([prompt, answer])[None])[0, prompt.numel() - 1 : -1]
-        else:
-            generator = torch.Generator(device=self._device).manual_seed(self.seed)
-            loglik = mdm_conditional_loglik(self.model, prompt[None], answer[None], mask_id=self.model.cfg.mask_id,
-                                            n_mc=self.n_mc, batch_size=self.mc_batch, cfg_scale=self.cfg_scale,
-                                            generator=generator)
-            masked = torch.cat([prompt, torch.full_like(answer, self.model.cfg.mask_id)])
-            logits = self.model(masked[None])[0, prompt.numel():]
-        return float(loglik[0]), bool((logits.argmax(-1) == answer).all())
+        loglik = self.scorer(prompt, answer)
+        greedy = self.greedy(self.model, prompt, answer, mask_id=self.mask_id, **self.objective.module_args())
+        return float(loglik), bool(greedy)
 
     # -- harness API -----------------------------------------------------------------------------
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
@@ -94,12 +100,7 @@ class LLDiffLM(LM):
         results = []
         for request in requests:
             ids = self._ids(request.args[0])[: self.model.cfg.max_seq_len]
-            if self.loaded.objective == "ar":
-                results.append(float(ar_loglik(self.model, ids[None, :1], ids[None, 1:])[0]))
-            else:
-                generator = torch.Generator(device=self._device).manual_seed(self.seed)
-                results.append(float(mdm_elbo(self.model, ids[None, 1:], mask_id=self.model.cfg.mask_id,
-                                              n_mc=self.n_mc, batch_size=self.mc_batch, generator=generator)[0]))
+            results.append(float(self.rolling_scorer(ids[:1], ids[1:])) if ids.numel() > 1 else 0.0)
         return results
 
     @torch.no_grad()
@@ -111,11 +112,13 @@ class LLDiffLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             requested = new = int(kwargs.get("max_gen_toks", self.gen_length))
             block = min(self.block_length, new)
-            if self.loaded.objective == "mdm":
-                # the canvas is whole blocks; the answer is cut back to the harness's max_gen_toks below
+            if not self.objective.length_is_budget:
+                # a fixed canvas of whole blocks; the answer is cut back to the harness's max_gen_toks below
                 new = -(-new // block) * block
             prompt = self._fit(self._ids(context), new)
-            options = DecodeOptions(length=new, steps=self.steps, block_length=block, cfg_scale=self.cfg_scale)
+            options = DecodeOptions.for_objective(
+                self.objective, length=new, steps=self.steps, block_length=block, cfg_scale=self.cfg_scale,
+                steps_per_block=self.steps_per_block)
             answer = complete(self.model, [prompt.tolist()], options, eos_id=self.tok.eos_id,
                               pad_id=self.tok.pad_id).answers[0][:requested]
             text = self.tok.decode(answer)

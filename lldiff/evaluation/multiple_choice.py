@@ -5,14 +5,18 @@ with the context and the choice tokenised SEPARATELY (``ids = [boundary] + enc(c
 enc(choice)``), so whitespace between them belongs to the choice (lm-eval-harness
 convention: ``context="The sky is"``, ``choices=[" blue", " green"]``).
 
-Scores
+Scores (the objective's scorer in :mod:`lldiff.registry`; the settings that apply to it are
+its ``score_options``)
     * AR: exact, :func:`lldiff.likelihood.ar_loglik`.
     * MDM: LLaDA's Monte-Carlo lower bound, :func:`lldiff.likelihood.mdm_conditional_loglik`
-      with ``n_mc`` draws. Common random numbers: every choice of example ``i`` is scored
-      with a fresh generator seeded with the same value (derived from ``seed`` and ``i``),
-      so the choices see the same stream of draws and the comparison is fairer; examples get
-      different seeds so their estimation errors are independent. An example's scores do
-      not depend on which other examples are evaluated (``--limit``).
+      with ``n_mc`` draws.
+    * BD3: the block diffusion lower bound (each block given the clean earlier ones),
+      :func:`lldiff.likelihood.bd3_conditional_loglik` with ``n_mc`` draws.
+    Common random numbers (MDM, BD3): every choice of example ``i`` is scored with a fresh
+    generator seeded with the same value (derived from ``seed`` and ``i``), so the choices see
+    the same stream of draws and the comparison is fairer; examples get different seeds so
+    their estimation errors are independent. An example's scores do not depend on which other
+    examples are evaluated (``--limit``).
 
 Decisions
     * ``accuracy``: argmax of the total log-likelihood.
@@ -37,14 +41,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lldiff.likelihood import ar_loglik, mdm_conditional_loglik
+from lldiff import registry
+from lldiff.completion import article, option_owners
+from lldiff.likelihood import ar_loglik, bd3_conditional_loglik, mdm_conditional_loglik
+from lldiff.registry import Objective
 
 from .tasks import Example, validate_example
 
 Scorer = Callable[[Tensor, Tensor], float]
 """``scorer(context_ids (P,), choice_ids (L,)) -> log p(choice | context)`` in nats."""
 
-OBJECTIVES = ("mdm", "ar")
 NORMALISATION = "loglik / utf8_bytes(choice)"
 
 
@@ -86,6 +92,49 @@ def mdm_scorer(
     return score
 
 
+def bd3_scorer(
+    model: Callable[..., Tensor],
+    *,
+    mask_id: int,
+    block_size: int,
+    n_mc: int = 32,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Scorer:
+    """BD3 Monte-Carlo lower bound (blocks of ``block_size`` from the first position); every
+    call uses a fresh generator seeded with ``seed`` (common random numbers across choices)."""
+
+    def score(context: Tensor, choice: Tensor) -> float:
+        gen = torch.Generator(device=choice.device).manual_seed(seed)
+        value = bd3_conditional_loglik(model, [context], [choice], mask_id=mask_id, block_size=block_size,
+                                       n_mc=n_mc, batch_size=batch_size, generator=gen)
+        return float(value[0])
+
+    return score
+
+
+SCORE_DEFAULTS = {"n_mc": 32, "batch_size": 32, "cfg_scale": 0.0, "seed": 0}
+
+
+def make_scorer(objective: Objective, model: Callable[..., Tensor], *, mask_id: int | None, **settings: Any) -> Scorer:
+    """The registry's scorer of ``objective`` for ``model``, given the ``settings`` (``n_mc``,
+    ``batch_size``, ``cfg_scale``, ``seed``) that apply to it (its ``score_options``); the
+    others are not passed on. ``cfg_scale > 0`` for a scorer without guidance is refused."""
+    check_score_settings(objective, settings.get("cfg_scale", 0.0))
+    applied = {name: settings.get(name, SCORE_DEFAULTS[name]) for name in objective.score_options}
+    return objective.scorer()(model, mask_id=mask_id, **objective.module_args(), **applied)
+
+
+def check_score_settings(objective: Objective, cfg_scale: float, what: str = "model") -> None:
+    """Refuse classifier-free guidance for an objective whose scorer has none (ValueError)."""
+    if not cfg_scale >= 0:
+        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
+    if cfg_scale > 0 and "cfg_scale" not in objective.score_options:
+        owners = option_owners("cfg_scale", "score_options")
+        raise ValueError(f"classifier-free guidance (cfg_scale > 0) applies to {owners} checkpoints only; "
+                         f"this is {article(objective.label)} {objective.label} {what}")
+
+
 def example_seed(seed: int, index: int) -> int:
     """A 63-bit seed for example ``index`` derived from the run's ``seed``."""
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
@@ -105,7 +154,7 @@ def _argmax(values: Sequence[float]) -> int:
     return best
 
 
-def _resolve(loaded_or_model: Any, tokenizer: Any, objective: str | None, mask_id: int | None):
+def _resolve(loaded_or_model: Any, tokenizer: Any, objective: str | Objective | None, mask_id: int | None):
     """(model, tokenizer, objective, mask_id, max_len) from a LoadedModel or a model callable."""
     model = getattr(loaded_or_model, "model", loaded_or_model)
     if tokenizer is None:
@@ -115,17 +164,20 @@ def _resolve(loaded_or_model: Any, tokenizer: Any, objective: str | None, mask_i
     cfg = getattr(model, "cfg", None)
     inferred = getattr(loaded_or_model, "objective", None)
     if inferred is None and cfg is not None:
-        inferred = "ar" if cfg.causal else "mdm"
+        inferred = registry.of_config(cfg)
     if objective is None:
+        if inferred is None:
+            raise ValueError(f"objective must be given for a model without a config; allowed: {registry.ALLOWED}")
         objective = inferred
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if inferred is not None and objective != inferred:
-        raise ValueError(f"objective={objective!r} given but the model is an {inferred.upper()} model")
+    if not isinstance(objective, Objective):
+        objective = registry.get(objective)
+    if inferred is not None and objective.name != inferred.name:
+        raise ValueError(f"objective={objective.name!r} given but the model is {article(inferred.label)} "
+                         f"{inferred.label} model")
     if mask_id is None and cfg is not None:
         mask_id = cfg.mask_id
-    if objective == "mdm" and mask_id is None:
-        raise ValueError("the MDM objective needs mask_id")
+    if objective.mask_token and mask_id is None:
+        raise ValueError(f"the {objective.label} objective needs mask_id")
     max_len = cfg.max_seq_len if cfg is not None else None
     return model, tokenizer, objective, mask_id, max_len
 
@@ -164,25 +216,24 @@ def evaluate_multiple_choice(
         tokenizer: anything with ``encode(str) -> list[int]`` (and ``eos_id`` when
             ``boundary_token``); None: the LoadedModel's.
         examples: :class:`Example` objects or dicts ``{"context", "choices", "label"}``.
-        objective: ``"mdm"`` or ``"ar"``; inferred from a LoadedModel / Transformer.
-        mask_id: MDM mask id; inferred from a Transformer's config.
-        n_mc, batch_size, cfg_scale: MDM estimator settings (n_mc and batch_size are
-            unused for AR; ``cfg_scale > 0`` with AR raises ``ValueError``).
-        seed: base seed of the MDM draws (per-example seeds via :func:`example_seed`).
+        objective: a registry name (``"ar"``, ``"mdm"``, ``"bd3-4"``, ...) or ``Objective``;
+            inferred from a LoadedModel / Transformer.
+        mask_id: the mask id (MDM, BD3); inferred from a Transformer's config.
+        n_mc, batch_size, cfg_scale: Monte-Carlo estimator settings, used where the registry's
+            ``score_options`` include them (none for the exact AR; no ``cfg_scale`` for BD3);
+            ``cfg_scale > 0`` where it does not apply raises ``ValueError``.
+        seed: base seed of the Monte-Carlo draws (per-example seeds via :func:`example_seed`).
         boundary_token: put ``tokenizer.eos_id`` before every context.
         progress: optional ``progress(done, total)`` callback after each example.
 
     Returns a JSON-serialisable dict: ``accuracy``, ``accuracy_norm``, ``n_examples``,
-    ``objective``, ``n_mc`` (None for AR), ``cfg_scale``, ``seed``, ``normalisation``,
+    ``objective`` (its name), ``n_mc`` (None for an exact scorer), ``cfg_scale``, ``seed``, ``normalisation``,
     ``n_truncated`` and ``predictions`` (per example: ``index``, ``label``, ``pred``,
     ``pred_norm``, ``correct``, ``correct_norm``, ``loglik``, ``loglik_norm``, ``n_tokens``,
     ``n_bytes``).
     """
     model, tokenizer, objective, mask_id, max_len = _resolve(loaded_or_model, tokenizer, objective, mask_id)
-    if not cfg_scale >= 0:
-        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
-    if objective == "ar" and cfg_scale > 0:
-        raise ValueError("classifier-free guidance (cfg_scale > 0) applies to MDM checkpoints only; this is an AR model")
+    check_score_settings(objective, cfg_scale)
     examples = [e if isinstance(e, Example) else validate_example(e, f"example {i}") for i, e in enumerate(examples)]
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -209,18 +260,16 @@ def evaluate_multiple_choice(
             for j, c in enumerate(choices):
                 if not c:
                     raise ValueError(f"example {i}: choice {j} ({ex.choices[j]!r}) encodes to no tokens")
-            if objective == "ar":
-                scorer = ar_scorer(model, mask_id=mask_id)
-            else:
-                scorer = mdm_scorer(model, mask_id=mask_id, n_mc=n_mc, batch_size=batch_size,
-                                    cfg_scale=cfg_scale, seed=example_seed(seed, i))
+            scorer = make_scorer(objective, model, mask_id=mask_id, n_mc=n_mc, batch_size=batch_size,
+                                 cfg_scale=cfg_scale, seed=example_seed(seed, i))
             loglik = []
             for j, c in enumerate(choices):
                 prompt, cut = _fit(context, prefix, c, max_len)
                 n_truncated += cut
-                if objective == "ar" and not prompt:
+                if not objective.mask_token and not prompt:  # no mask token: predictions come from a prompt token
                     raise ValueError(
-                        f"example {i}: empty context and no boundary token; an AR model needs a non-empty prompt"
+                        f"example {i}: empty context and no boundary token; {article(objective.label)} "
+                        f"{objective.label} model needs a non-empty prompt"
                     )
                 loglik += score_choices(scorer, torch.tensor(prompt, dtype=torch.long, device=device),
                                         [torch.tensor(c, dtype=torch.long, device=device)])
@@ -243,8 +292,8 @@ def evaluate_multiple_choice(
         "accuracy": sum(p["correct"] for p in predictions) / n,
         "accuracy_norm": sum(p["correct_norm"] for p in predictions) / n,
         "n_examples": n,
-        "objective": objective,
-        "n_mc": n_mc if objective == "mdm" else None,
+        "objective": objective.name,
+        "n_mc": n_mc if "n_mc" in objective.score_options else None,
         "cfg_scale": float(cfg_scale),
         "seed": seed,
         "normalisation": NORMALISATION,
@@ -255,6 +304,6 @@ def evaluate_multiple_choice(
 
 
 __all__ = [
-    "NORMALISATION", "OBJECTIVES", "Scorer", "ar_scorer", "evaluate_multiple_choice",
-    "example_seed", "mdm_scorer", "score_choices",
+    "NORMALISATION", "Scorer", "ar_scorer", "bd3_scorer", "check_score_settings", "evaluate_multiple_choice",
+    "example_seed", "make_scorer", "mdm_scorer", "score_choices",
 ]

@@ -27,7 +27,9 @@ def _parallel(value: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lldiff sweep", description="MDM vs AR scaling sweeps (C = 6 N D).")
+    parser = argparse.ArgumentParser(
+        prog="lldiff sweep",
+        description="Scaling sweeps of the objectives (ar, mdm, bd3-B) on a compute axis: C = 6 N D or real matmul FLOPs.")
     sub = parser.add_subparsers(dest="action", required=True)
 
     run = sub.add_parser("run", help="run (or resume) a sweep locally, one run after another")

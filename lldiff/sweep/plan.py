@@ -1,4 +1,8 @@
-"""Plan a sweep: one ordinary fit per (objective, size, budget, seed), steps from C = 6 N D."""
+"""Plan a sweep: one ordinary fit per (objective, size, budget, seed), steps from the budget C
+on the spec's compute axis: ``6nd`` (SMDM's ``C = 6 N D``, the same per token for every
+objective) or ``matmul`` (the registry's real matmul FLOPs per training token,
+``Objective.matmul_flops_per_token``: BD3's training forward on ``[x_t ⊕ x_0]`` costs about
+twice the AR's or the MDM's, so at equal budget a BD3 run takes about half the steps)."""
 
 from __future__ import annotations
 
@@ -6,12 +10,12 @@ import inspect
 from dataclasses import dataclass, replace
 from typing import Any
 
+from lldiff import registry
 from lldiff.config import SIZES, ModelConfig
 from lldiff.data import PretrainDataModule
-from lldiff.flops import step_flops_per_token
 from lldiff.modules import LMBase
 from lldiff.objectives import expected_length
-from lldiff.sweep.spec import MIN_STEPS, MODULE_CLASSES, SweepSpec
+from lldiff.sweep.spec import MIN_STEPS, SweepSpec
 
 DATA_CLASS = "lldiff.data.PretrainDataModule"
 
@@ -38,25 +42,29 @@ def steps_for_budget(budget: float, flops_per_token: float, step_tokens: float) 
     return round(budget / (flops_per_token * step_tokens))
 
 
-def model_config(spec: SweepSpec, size: str) -> ModelConfig:
-    """The size's shape with the spec's vocabulary (what the run will build)."""
+def model_config(spec: SweepSpec, size: str, objective: str | None = None) -> ModelConfig:
+    """The size's shape with the spec's vocabulary and, given an objective, its attention
+    kind, block size and mask token (what the run will build)."""
     vocab = spec.data.get("vocab_size", _default(PretrainDataModule, "vocab_size"))
-    return SIZES[size].replace(vocab_size=vocab)
+    fields = registry.get(objective).model_fields(vocab) if objective is not None else {}
+    return SIZES[size].replace(vocab_size=vocab, **fields)
 
 
 def seq_len_of(spec: SweepSpec) -> int:
     return spec.data.get("seq_len", _default(PretrainDataModule, "seq_len"))
 
 
-def flops_per_token(spec: SweepSpec, size: str, axis: str | None = None) -> float:
+def flops_per_token(spec: SweepSpec, size: str, axis: str | None = None, objective: str | None = None) -> float:
     """Training FLOPs per token of ``size`` on a compute axis (default: the spec's):
-    ``6nd`` -> ``6 N_nonemb``; ``matmul`` -> ``lldiff.flops.step_flops_per_token`` (forward +
-    backward matmuls, LM head and attention at the spec's sequence length)."""
+    ``6nd`` -> ``6 N_nonemb`` (any objective); ``matmul`` -> the objective's
+    ``registry.get(objective).matmul_flops_per_token`` (forward + backward matmuls, LM head
+    and attention at the spec's sequence length; BD3 runs them on 2L tokens)."""
     axis = axis or spec.compute
-    cfg = model_config(spec, size)
     if axis == "6nd":
-        return 6.0 * cfg.non_embedding_params()
-    return step_flops_per_token(cfg, seq_len_of(spec))
+        return 6.0 * model_config(spec, size).non_embedding_params()
+    if objective is None:
+        raise ValueError(f"FLOPs per token on the {axis!r} axis depend on the objective; give one")
+    return registry.get(objective).matmul_flops_per_token(model_config(spec, size, objective), seq_len_of(spec))
 
 
 def world_batch_rows(spec: SweepSpec) -> int:
@@ -116,8 +124,9 @@ class RunPlan:
 
 def matmul_flops(spec: SweepSpec, run: RunPlan) -> float:
     """The run's real training work: forward + backward matmul FLOPs, LM head and attention
-    included (``lldiff.flops.step_flops_per_token``); what time and GPU-hours scale with."""
-    return flops_per_token(spec, run.size, "matmul") * run.tokens
+    included (the registry's ``matmul_flops_per_token`` of its objective); what time and
+    GPU-hours scale with."""
+    return flops_per_token(spec, run.size, "matmul", run.objective) * run.tokens
 
 
 def width_scaled_lr(lr: float, d_model: int, reference_width: int) -> float:
@@ -132,10 +141,23 @@ def epoch_label(epochs: float) -> str:
     return f"E{epochs:g}"
 
 
-def _cells(spec: SweepSpec) -> list[tuple[float, str, int, float | None]]:
-    """(budget, size, max_steps, epochs) of every planned (size, budget or epochs) cell, checked."""
+@dataclass(frozen=True)
+class Cell:
+    """One (size, budget or epochs) cell of the plan, and per objective ``(budget, steps)``:
+    on the ``6nd`` axis both are the same for every objective; on the ``matmul`` axis a budget
+    cell gives each objective its own steps, an epochs cell its own compute."""
+
+    budget: float  # the budget it was planned for (epochs cells: the largest objective compute)
+    size: str
+    epochs: float | None
+    runs: dict[str, tuple[float, int]]
+
+
+def _cells(spec: SweepSpec) -> list[Cell]:
+    """Every planned (size, budget or epochs) cell, checked."""
     step_tokens = tokens_per_step(spec)
-    cells, too_few, outside = [], [], {}
+    cells: list[Cell] = []
+    too_few, outside = [], {}
     if spec.epochs:
         unique = unique_tokens_effective(spec)
         steps_per_epoch = unique / (world_batch_rows(spec) * seq_len_of(spec))
@@ -143,10 +165,12 @@ def _cells(spec: SweepSpec) -> list[tuple[float, str, int, float | None]]:
         for epochs in sorted(spec.epochs):
             steps = round(epochs * steps_per_epoch)
             for size in spec.sizes:
-                budget = flops_per_token(spec, size) * steps * step_tokens
-                if spec.budgets and budget > spec.budgets[0] * (1 + 1e-9):
-                    over_cap.append(f"{epoch_label(epochs)} x {size} ({budget:.3g} FLOPs)")
-                cells.append((budget, size, steps, epochs))
+                runs = {o: (flops_per_token(spec, size, objective=o) * steps * step_tokens, steps)
+                        for o in spec.objectives}
+                for objective, (budget, _) in runs.items():
+                    if spec.budgets and budget > spec.budgets[0] * (1 + 1e-9):
+                        over_cap.append(f"{epoch_label(epochs)} x {size}{_who(spec, objective)} ({budget:.3g} FLOPs)")
+                cells.append(Cell(max(b for b, _ in runs.values()), size, epochs, runs))
                 if steps < MIN_STEPS:
                     too_few.append(f"{size} x {epoch_label(epochs)}: {steps} steps")
         if over_cap:
@@ -157,16 +181,22 @@ def _cells(spec: SweepSpec) -> list[tuple[float, str, int, float | None]]:
     else:
         for budget in sorted(spec.budgets):
             for size in spec.sizes:
-                steps = steps_for_budget(budget, flops_per_token(spec, size), step_tokens)
-                if spec.tokens_per_param is not None:
-                    ratio = steps * step_tokens / SIZES[size].non_embedding_params()
-                    low, high = spec.tokens_per_param
-                    if not low <= ratio <= high:
-                        outside.setdefault(budget, []).append(size)
-                        continue
-                if steps < MIN_STEPS:
-                    too_few.append(f"{size} x C={budget:.3g}: {steps} steps")
-                cells.append((budget, size, steps, None))
+                runs = {}
+                for objective in spec.objectives:
+                    steps = steps_for_budget(budget, flops_per_token(spec, size, objective=objective), step_tokens)
+                    if spec.tokens_per_param is not None:
+                        ratio = steps * step_tokens / SIZES[size].non_embedding_params()
+                        low, high = spec.tokens_per_param
+                        if not low <= ratio <= high:
+                            outside.setdefault((budget, objective), []).append(size)
+                            continue
+                    runs[objective] = (budget, steps)
+                    if steps < MIN_STEPS:
+                        cell = f"{size} x C={budget:.3g}{_who(spec, objective)}: {steps} steps"
+                        if cell not in too_few:
+                            too_few.append(cell)
+                if runs:
+                    cells.append(Cell(budget, size, None, runs))
     if too_few:
         raise ValueError(
             f"{len(too_few)} (size, budget) cell(s) give fewer than {MIN_STEPS} optimizer steps of "
@@ -174,9 +204,14 @@ def _cells(spec: SweepSpec) -> list[tuple[float, str, int, float | None]]:
             + ". Raise those budgets, drop those sizes, narrow tokens_per_param, or use a smaller batch."
         )
     if spec.tokens_per_param is not None:
-        kept = {b: sum(1 for c in cells if c[0] == b) for b in spec.budgets}
-        thin = [f"C={b:.3g}: {kept[b]} size(s) kept, {', '.join(outside.get(b, []))} outside" for b in
-                sorted(spec.budgets) if kept[b] < 3]
+        thin = []
+        for budget in sorted(spec.budgets):
+            for objective in spec.objectives:
+                kept = sum(1 for c in cells if c.budget == budget and objective in c.runs)
+                if kept < 3:
+                    thin.append(f"C={budget:.3g}{_who(spec, objective)}: {kept} size(s) kept, "
+                                f"{', '.join(outside.get((budget, objective), []))} outside")
+        thin = list(dict.fromkeys(thin))
         if thin:
             raise ValueError(
                 f"tokens_per_param {list(spec.tokens_per_param)} leaves fewer than 3 sizes (an iso-FLOP parabola "
@@ -185,15 +220,25 @@ def _cells(spec: SweepSpec) -> list[tuple[float, str, int, float | None]]:
     return cells
 
 
+def _who(spec: SweepSpec, objective: str) -> str:
+    """`` (bd3-4)`` where the objectives' FLOPs per token differ (the matmul axis), else nothing."""
+    differ = len({flops_per_token(spec, spec.sizes[0], objective=o) for o in spec.objectives}) > 1
+    return f" ({objective})" if differ else ""
+
+
 def make_plan(spec: SweepSpec) -> list[RunPlan]:
     """All runs, smallest compute first within each budget; validates every cell before any run."""
     step_tokens = tokens_per_step(spec)
     unique = unique_tokens_effective(spec)
     runs: list[RunPlan] = []
-    for budget, size, steps, epochs in _cells(spec):
+    for cell in _cells(spec):
+        size, epochs = cell.size, cell.epochs
         n = SIZES[size].non_embedding_params()
-        label = epoch_label(epochs) if epochs is not None else budget_label(budget)
         for objective in spec.objectives:
+            if objective not in cell.runs:
+                continue
+            budget, steps = cell.runs[objective]
+            label = epoch_label(epochs) if epochs is not None else budget_label(budget)
             for seed in spec.seeds:
                 version = label + (f"-seed{seed}" if len(spec.seeds) > 1 else "")
                 args = {**spec.model, **spec.objective_args.get(objective, {})}
@@ -209,8 +254,8 @@ def make_plan(spec: SweepSpec) -> list[RunPlan]:
                         index=len(runs), run_id=f"{objective}/{size}/{version}", objective=objective,
                         size=size, n_nonemb=n, budget=budget, seed=seed, max_steps=steps,
                         tokens_per_step=step_tokens, warmup_steps=warmup, model_args=args,
-                        flops_per_token=flops_per_token(spec, size), compute=spec.compute, epochs=epochs,
-                        unique_tokens=unique,
+                        flops_per_token=flops_per_token(spec, size, objective=objective), compute=spec.compute,
+                        epochs=epochs, unique_tokens=unique,
                     )
                 )
     return runs
@@ -236,8 +281,14 @@ def fresh_control(spec: SweepSpec, train_tokens: int) -> SweepSpec:
     if len(spec.sizes) != 1:
         raise ValueError(f"a fresh-data control is derived for one size; {spec.name!r} has {list(spec.sizes)}")
     size = spec.sizes[0]
+    per_token = {o: flops_per_token(spec, size, objective=o) for o in spec.objectives}
+    if len(set(per_token.values())) > 1:
+        raise ValueError(
+            f"sweep {spec.name!r}: on the {spec.compute} axis the objectives' FLOPs per token differ ("
+            + ", ".join(f"{o}: {v:.4g}" for o, v in per_token.items()) + "), so one list of budgets cannot give "
+            "every objective the steps of its repeated runs; use compute: 6nd or one sweep per cost")
     steps_per_epoch = unique / (world_batch_rows(spec) * seq_len_of(spec))
-    budgets = [flops_per_token(spec, size) * round(e * steps_per_epoch) * tokens_per_step(spec) for e in fresh]
+    budgets = [next(iter(per_token.values())) * round(e * steps_per_epoch) * tokens_per_step(spec) for e in fresh]
     data = {k: v for k, v in spec.data.items() if k != "unique_tokens"}
     return replace(spec, name=f"{spec.name}-fresh", epochs=(), budgets=tuple(budgets), data=data,
                                tokens_per_param=None)
@@ -263,9 +314,10 @@ def run_config(spec: SweepSpec, run: RunPlan, tb_root: str) -> dict[str, Any]:
             "init_args": {"save_dir": tb_root, "name": logger_name, "version": version, "default_hp_metric": False},
         },
     }
+    module = registry.get(run.objective).module_config()  # class path and the args the name fixes (block_size)
     return {
         "seed_everything": run.seed,
-        "model": {"class_path": MODULE_CLASSES[run.objective], "init_args": objective_module},
+        "model": {"class_path": module["class_path"], "init_args": {**module["init_args"], **objective_module}},
         "data": {"class_path": DATA_CLASS, "init_args": data},
         "trainer": trainer,
         "checkpoint": {"every_n_train_steps": max(1, min(100, run.max_steps // 5))},

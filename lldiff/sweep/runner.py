@@ -73,7 +73,7 @@ def write_run_configs(spec: SweepSpec, out: Path, plan: list[RunPlan]) -> None:
 
 def execute_run(spec: SweepSpec, out: Path, run: RunPlan, table: ResultsTable) -> dict | None:
     """Fit (resuming if a checkpoint exists), validate with the final K, record the row."""
-    from lldiff.cli import lightning_cli, resume_args  # heavy import, only when a run really executes
+    from lldiff.launch import lightning_cli, resume_args  # heavy import, only when a run really executes
 
     start = time.perf_counter()
     path = config_path(out, run)

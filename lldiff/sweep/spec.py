@@ -3,7 +3,7 @@
 A spec is a YAML file (or a named preset in ``lldiff/sweep/presets``)::
 
     name: demo
-    objectives: [mdm, ar]
+    objectives: [ar, bd3-4, bd3-16, mdm]   # names of lldiff.registry: ar, mdm, bd3-B (blocks of B tokens)
     sizes: [tiny-0.1M, tiny-0.4M, tiny-1M]
     budgets: [2.0e11, 6.0e11]         # compute C in FLOPs, on the `compute` axis
     compute: 6nd                      # 6nd: SMDM's C = 6 N D (default); matmul: real training FLOPs
@@ -12,13 +12,27 @@ A spec is a YAML file (or a named preset in ``lldiff/sweep/presets``)::
     seeds: [0]
     data: {source: stdlib, vocab_size: 1024, seq_len: 64, batch_size: 16}   # PretrainDataModule args
     model: {lr: 2.0e-3, random_length_prob: 0.01}   # LMBase args for every run
-    objective_args: {mdm: {val_mc_samples: 8}}       # per-objective model args (never data)
+    objective_args: {mdm: {val_mc_samples: 8}, bd3-4: {lr: 1.0e-2}}   # per-objective model args (never data)
     size_args: {tiny-0.1M: {lr: 3.0e-3}}            # per-size model args (e.g. tuned lr)
     trainer: {accelerator: auto, devices: 1, precision: 32-true}
     warmup_fraction: 0.1              # warmup as a fraction of each run's steps (else model.warmup_steps / SMDM rule)
     evals_per_run: 4                  # validation points along each run (curves)
     final_val_mc_samples: 32          # K Monte-Carlo draws for the MDM's final ELBO (SMDM 128)
     cluster: {partition: gpu, time: "04:00:00", gpus_per_run: 1, mfu: 0.4, peak_tflops: 989}
+
+Each objective's runs use the registry's module class and init args
+(``lldiff.registry.get(name).module_config()``: ``BlockDiffusionLM`` with ``block_size: B``
+for ``bd3-B``); ``objective_args`` are added on top, keyed by the same names.
+
+The two compute axes (``compute``), with which a budget C becomes a number of steps:
+
+* ``6nd``: SMDM's ``C = 6 N D`` (N non-embedding parameters, D training tokens), the same per
+  token for every objective; a run of C FLOPs trains on ``D = C / 6N`` tokens whatever its
+  objective.
+* ``matmul``: the real forward + backward matmul FLOPs per training token, LM head and
+  attention included, from the registry (``Objective.matmul_flops_per_token``): equal for AR
+  and MDM, about twice as much for BD3, whose training forward runs on ``[x_t ⊕ x_0]`` (2L
+  tokens). At equal budget a BD3 run on this axis trains on about half the tokens.
 
 A repeated-data (data-constrained) sweep caps the unique training tokens with
 ``data.unique_tokens: U`` and gives ``epochs: [1, 4, 16, ...]`` instead of budgets: each run
@@ -38,16 +52,16 @@ from typing import Any
 
 import yaml
 
+from lldiff import registry
 from lldiff.config import SIZES
 
-OBJECTIVES = ("mdm", "ar")
+#: the compute axes (see the module docstring: on ``matmul`` BD3 counts its 2L-token training forward)
 COMPUTE_AXES = {
     "6nd": "C = 6·N·D (SMDM)",
     "matmul": "real matmul FLOPs (forward+backward, incl. LM head and attention)",
 }
 MIN_STEPS = 10
 """Fewest optimizer steps a planned run may have: below this, warmup and schedule are noise."""
-MODULE_CLASSES = {"mdm": "lldiff.modules.MaskedDiffusionLM", "ar": "lldiff.modules.AutoregressiveLM"}
 PRESET_PACKAGE = "lldiff.sweep.presets"
 
 
@@ -125,9 +139,11 @@ def _validate(spec: SweepSpec) -> None:
         repeated = sorted({f"{v:g}" if isinstance(v, float) else str(v) for v in values if values.count(v) > 1})
         if repeated:
             fail(f"{key} lists {', '.join(repeated)} more than once")
-    bad = [o for o in spec.objectives if o not in OBJECTIVES]
-    if bad:
-        fail(f"unknown objective(s) {bad}; allowed: {', '.join(OBJECTIVES)}")
+    for objective in spec.objectives:
+        try:
+            registry.get(objective)
+        except ValueError as err:
+            fail(str(err))
     if spec.compute not in COMPUTE_AXES:
         fail(f"compute={spec.compute!r} is unknown; allowed: {', '.join(COMPUTE_AXES)}")
     if spec.tokens_per_param is not None:
@@ -142,13 +158,25 @@ def _validate(spec: SweepSpec) -> None:
     if bad:
         fail(f"unknown size(s) {bad}; known sizes: {', '.join(SIZES)}")
     for objective, args in spec.objective_args.items():
-        if objective not in OBJECTIVES:
-            fail(f"objective_args has unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+        try:
+            registry.get(objective)
+        except ValueError as err:
+            fail(f"objective_args: {err}")
+        if not isinstance(args, dict):
+            fail(f"objective_args.{objective} must be a mapping of model args, got {args!r}")
         if "data" in args or any(k in args for k in ("source", "paths", "seq_len", "vocab_size", "batch_size")):
             fail(
-                f"objective_args.{objective} sets data options {sorted(args)}: MDM and AR must share one data "
+                f"objective_args.{objective} sets data options {sorted(args)}: all objectives must share one data "
                 "config (put it under `data:`)"
             )
+    fixed = {o: set(registry.get(o).module_args()) for o in {*spec.objectives, *spec.objective_args}}
+    clashes = [f"model.{k} ({o})" for o in spec.objectives for k in sorted(fixed[o] & set(spec.model))]
+    clashes += [f"objective_args.{o}.{k}" for o, args in spec.objective_args.items()
+                for k in sorted(fixed[o] & set(args))]
+    clashes += [f"size_args.{size}.{k}" for size, args in spec.size_args.items()
+                for k in sorted(set().union(*fixed.values()) & set(args or {}))]
+    if clashes:
+        fail(f"{', '.join(clashes)} is set by the objective's name (e.g. bd3-4 has block_size 4); remove it")
     unknown_sizes = [s for s in spec.size_args if s not in spec.sizes]
     if unknown_sizes:
         fail(f"size_args names size(s) {unknown_sizes} that are not in sizes {list(spec.sizes)}")

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run trials until the study holds --n-trials (create or join the study)")
     run.add_argument("--config", type=Path, required=True, help="base fit config (e.g. configs/mdm-tiny.yaml)")
     run.add_argument("--space", type=Path, required=True, help="search space YAML (e.g. configs/tune/lr-warmup.yaml)")
-    run.add_argument("--objective", help="mdm or ar (default: the config's model.class_path)")
+    run.add_argument("--objective", help="ar, mdm or bd3-B, e.g. bd3-4 (default: the config's model.class_path "
+                     "and block_size)")
     run.add_argument("--size", help="model size (default: the config's model.init_args.size)")
     run.add_argument("--max-steps", type=int, help="optimizer steps per trial (default: the config's trainer.max_steps)")
     run.add_argument("--evals", type=int, default=4,

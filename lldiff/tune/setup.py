@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 
+from lldiff import registry
 from lldiff.config import SIZES
-from lldiff.sweep.spec import MODULE_CLASSES, OBJECTIVES
 from lldiff.tune import TuneError, read_yaml
 from lldiff.tune.space import SearchSpace, load_space
 
@@ -106,23 +106,27 @@ def load_setup(
     base = _read_config(config)
     model = base.setdefault("model", {})
     class_path = model.get("class_path")
-    by_class = {path: name for name, path in MODULE_CLASSES.items()}
-    if objective is None:
-        if class_path not in by_class:
-            raise TuneError(f"{config}: model.class_path {class_path!r} is not an objective's class "
-                            f"({', '.join(f'{k}: {v}' for k, v in MODULE_CLASSES.items())}); give --objective")
-        objective = by_class[class_path]
-    if objective not in OBJECTIVES:
-        raise TuneError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
-    model_cls = _import(MODULE_CLASSES[objective], "model class")
     model_args = dict(model.get("init_args") or {})
+    if objective is None:
+        try:
+            objective = registry.of_module(str(class_path), model_args).name
+        except ValueError as error:
+            raise TuneError(f"{config}: model.class_path {class_path!r} is not an objective's class ({error}); "
+                            "give --objective") from None
+    try:
+        chosen = registry.get(objective)
+    except ValueError as error:
+        raise TuneError(str(error)) from None
+    module = chosen.module_config()  # the class and the init args the name fixes (block_size for bd3-B)
+    model_cls = _import(module["class_path"], "model class")
     model_defaults = init_args(model_cls)
-    if class_path != MODULE_CLASSES[objective]:  # switching objective: keep the args the new class takes
+    if class_path != module["class_path"]:  # switching objective: keep the args the new class takes
         model_args = {k: v for k, v in model_args.items() if k in model_defaults}
     size = size if size is not None else model_args.get("size", model_defaults["size"])
     if size not in SIZES:
         raise TuneError(f"unknown size {size!r}; known sizes: {', '.join(SIZES)}")
-    base["model"] = {"class_path": MODULE_CLASSES[objective], "init_args": {**model_args, "size": size}}
+    base["model"] = {"class_path": module["class_path"],
+                     "init_args": {**model_args, **module["init_args"], "size": size}}
 
     data = base.setdefault("data", {})
     data.setdefault("class_path", DEFAULT_DATA_CLASS)
@@ -133,6 +137,8 @@ def load_setup(
         if unknown:
             raise TuneError(f"{config}: unknown {group}.init_args {sorted(unknown)} for {base[group]['class_path']}")
 
+    reserved = {**RESERVED, **{f"model.{k}": f"the objective {objective} fixes it (choose another with --objective)"
+                               for k in module["init_args"]}}
     if max_steps is None:
         max_steps = (base.get("trainer") or {}).get("max_steps")
         if not isinstance(max_steps, int) or max_steps < 1:
@@ -145,7 +151,7 @@ def load_setup(
         raise TuneError(f"--max-steps {max_steps} is not a multiple of --evals {evals}: validation runs every "
                         "max_steps / evals steps, and the last one (the trial's value) must be at the last step")
     setup = TuneSetup(
-        base=base, objective=objective, size=size, space=load_space(space, targets, RESERVED),
+        base=base, objective=objective, size=size, space=load_space(space, targets, reserved),
         max_steps=max_steps, evals=evals, keep_checkpoints=keep_checkpoints,
     )
     _check_warmup(setup)

@@ -141,7 +141,7 @@ def load_study(storage: StudyStorage, study_name: str) -> optuna.Study:
 def run_trial(setup: TuneSetup, trial: optuna.Trial, out: Path) -> float:
     """Fit one trial; returns ``val/nll_per_token`` at the last step. Raises
     ``optuna.TrialPruned`` when the pruner stops it (or its validation is not finite)."""
-    from lldiff.cli import lightning_cli  # heavy import, only when a trial really runs
+    from lldiff.launch import lightning_cli  # heavy import, only when a trial really runs
 
     values = setup.space.suggest(trial)
     directory = trial_dir(out, trial.number)
