@@ -1,6 +1,7 @@
 # Entry points from a fresh clone; each creates .venv on first use.
 #   make demo      the CPU iso-FLOP sweep, MDM vs AR, 3 budgets, optima bracketed (~7 min on 2 cores)
 #   make demo-long the same with 5 budgets and 2 seeds (~35 min): exponents with intervals
+#   make demo-bd3  AR, BD3-4, BD3-16 and MDM side by side, 3 budgets (~9 min)
 #   make data-constrained  AR vs MDM repeated over 1..128 epochs of the same tokens (~10 min)
 #   make demo-fit  train the tiny MDM and AR on the offline corpus, print their comparison table
 #   make demo-sft  then fine-tune both on next/previous-line instructions and chat with them
@@ -10,7 +11,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo demo-long data-constrained demo-fit demo-sft reversal test test-slow clean-env
+.PHONY: demo demo-long demo-bd3 data-constrained demo-fit demo-sft reversal test test-slow clean-env
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,10 @@ demo: $(BIN)/.installed
 demo-long: $(BIN)/.installed
 	$(BIN)/lldiff sweep run --preset demo-long --out runs/sweep-demo-long
 	$(BIN)/lldiff sweep analyze runs/sweep-demo-long
+
+demo-bd3: $(BIN)/.installed
+	$(BIN)/lldiff sweep run --preset demo-bd3 --out runs/sweep-demo-bd3
+	$(BIN)/lldiff sweep analyze runs/sweep-demo-bd3
 
 data-constrained: $(BIN)/.installed
 	$(BIN)/python studies/data_constrained.py --preset cpu --out runs/data-constrained

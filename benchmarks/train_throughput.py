@@ -272,6 +272,12 @@ def main() -> None:
         for name in args.objectives:
             ratio = results[name, "bare"] / results[name, "lightning"]
             print(f"{name}: Lightning throughput / bare PyTorch = {ratio:.3f}x")
+        if "mdm" in args.objectives:  # what a training token costs each objective, against the MDM's
+            print()
+            for name in (n for n in args.objectives if n != "mdm"):
+                costs = ", ".join(f"{loop} {results[name, loop] / results['mdm', loop]:.2f}x" for loop in ("bare", "lightning"))
+                flops = results[name, "flops_per_token"] / results["mdm", "flops_per_token"]
+                print(f"{name}: time per training token / MDM's = {costs} (matmul FLOPs {flops:.2f}x)")
 
 
 if __name__ == "__main__":

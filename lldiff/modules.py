@@ -432,6 +432,12 @@ class BlockDiffusionLM(MaskedDiffusionLM):
         self.objective_name = f"bd3-{block_size}"  # before LMBase builds the backbone from it
         super().__init__(*args, **kwargs)
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        seq_len = getattr(getattr(self.trainer, "datamodule", None), "seq_len", None) if self._trainer else None
+        if stage == "fit" and isinstance(seq_len, int):  # whole blocks, before any step
+            self.objective.check_seq_len(seq_len)
+
     def loss(self, rows: Tensor) -> Tensor:
         return block_diffusion.bd3_loss(self, rows[:, 1:], self.mask_id, self.config.block_size,
                                         eps=self.hparams.mask_eps, stratified=self.hparams.stratified_t)

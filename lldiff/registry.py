@@ -152,6 +152,16 @@ class Objective:
         """``{"class_path": ..., "init_args": {...}}`` for a LightningCLI config."""
         return {"class_path": self.sft_module if sft else self.module, "init_args": self.module_args()}
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """Refuse a training length this objective cannot cut into whole blocks (``bd3-B``:
+        ``B`` must divide ``seq_len``); other objectives take any length."""
+        if self.block_size is None:
+            return
+        if self.block_size > seq_len or seq_len % self.block_size:
+            divisors = [d for d in range(1, seq_len + 1) if seq_len % d == 0]
+            raise ValueError(f"{self.name}: block_size={self.block_size} must divide seq_len={seq_len}; "
+                             f"allowed block sizes: {', '.join(map(str, divisors))}")
+
     def matmul_flops_per_token(self, config: Any, seq_len: int) -> float:
         """Real forward + backward matmul FLOPs per training token at length ``seq_len``. BD3
         runs the backbone on ``[x_t ⊕ x_0]`` (2L tokens, attention over 2L keys), about twice

@@ -250,3 +250,28 @@ def test_fit_resumes_from_an_old_checkpoint(objective, old_run, toy_corpus, cach
     changed = [k for k in before["state_dict"] if not torch.equal(before["state_dict"][k], after["state_dict"][k])]
     assert changed  # three more optimizer steps
     assert load_model(run / "checkpoints" / "last.ckpt", expect=objective).objective.name == objective
+
+
+@pytest.mark.parametrize("name,seq_len,ok", [("bd3-4", 32, True), ("bd3-32", 32, True), ("bd3-5", 32, False),
+                                             ("bd3-64", 32, False), ("ar", 7, True), ("mdm", 7, True)])
+def test_block_size_must_divide_the_training_length(name, seq_len, ok):
+    if ok:
+        registry.get(name).check_seq_len(seq_len)
+    else:
+        with pytest.raises(ValueError, match=f"{name}: block_size=.* must divide seq_len={seq_len}; allowed"):
+            registry.get(name).check_seq_len(seq_len)
+
+
+def test_a_bd3_fit_whose_blocks_do_not_tile_the_rows_stops_before_training(toy_corpus, cache_dir, tmp_path, capsys):
+    repo = Path(__file__).resolve().parents[1]
+    args = ["fit", "--config", str(repo / "configs" / "bd3-tiny.yaml"), "--model.init_args.size", "tiny-0.1M",
+            "--model.init_args.block_size", "5", "--data.init_args.source", "files",
+            "--data.init_args.paths", f"[{toy_corpus}]", "--data.init_args.max_bytes", "null",
+            "--data.init_args.vocab_size", "320", "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "8",
+            "--data.init_args.cache_dir", str(cache_dir), "--trainer.max_steps", "2",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "bd3-5: block_size=5 must divide seq_len=32" in capsys.readouterr().err
+    assert not any(tmp_path.rglob("*.ckpt"))

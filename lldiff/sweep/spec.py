@@ -144,6 +144,15 @@ def _validate(spec: SweepSpec) -> None:
             registry.get(objective)
         except ValueError as err:
             fail(str(err))
+    if any(registry.get(o).block_size for o in spec.objectives):
+        from lldiff.data import PretrainDataModule  # the data default of seq_len
+
+        seq_len = spec.data.get("seq_len", inspect.signature(PretrainDataModule.__init__).parameters["seq_len"].default)
+        for objective in spec.objectives:
+            try:
+                registry.get(objective).check_seq_len(seq_len)
+            except ValueError as err:
+                fail(str(err))
     if spec.compute not in COMPUTE_AXES:
         fail(f"compute={spec.compute!r} is unknown; allowed: {', '.join(COMPUTE_AXES)}")
     if spec.tokens_per_param is not None:
