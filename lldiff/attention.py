@@ -85,6 +85,36 @@ def reference_attention(
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
+def is_block_mask(mask: object) -> bool:
+    """Whether ``mask`` is a FlexAttention ``BlockMask`` (a mask function plus the tiles it
+    leaves fully masked) rather than a boolean tensor."""
+    return type(mask).__name__ == "BlockMask"
+
+
+_COMPILED_FLEX = None
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: object, key_padding_mask: Tensor | None) -> Tensor:
+    """FlexAttention with a ``BlockMask``: compiled on CUDA (its kernels skip the tiles the
+    mask leaves empty, e.g. half of block diffusion's ``[x_t ⊕ x_0]`` mask), eager elsewhere
+    (the reference: correct forward, slow; tests compare it with SDPA on the CPU)."""
+    if key_padding_mask is not None:
+        raise ValueError("a FlexAttention BlockMask carries the whole mask: give padding inside its mask function, "
+                         "or a boolean attn_mask with key_padding_mask")
+    global _COMPILED_FLEX
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.is_cuda:
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex, dynamic=False)
+        return _COMPILED_FLEX(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    with warnings.catch_warnings():  # eager FlexAttention says it is for debugging: here it is the reference
+        warnings.filterwarnings("ignore", ".*flex_attention called without torch.compile.*")
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def sdpa_attention(
     q: Tensor,
     k: Tensor,
@@ -94,7 +124,10 @@ def sdpa_attention(
     key_padding_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
 ) -> Tensor:
-    """PyTorch ``scaled_dot_product_attention`` (flash / memory-efficient / math kernels)."""
+    """PyTorch ``scaled_dot_product_attention`` (flash / memory-efficient / math kernels);
+    a FlexAttention ``BlockMask`` as ``attn_mask`` goes to :func:`flex_attention`."""
+    if is_block_mask(attn_mask):
+        return flex_attention(q, k, v, attn_mask, key_padding_mask)
     gqa = q.shape[1] != k.shape[1]
     if attn_mask is None and key_padding_mask is None and (not causal or q.shape[2] == k.shape[2]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)

@@ -35,6 +35,7 @@ clean), :func:`bd3_logits` takes per-row block ids and a key padding mask, and
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,45 @@ def block_forward_mask(
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked, t_tok
 
 
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (``torch.nn.attention.flex_attention``)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    except ImportError:  # pragma: no cover - torch without torch.nn.attention
+        return False
+
+
+def use_flex_attention(model: BD3Model, device: torch.device) -> bool:
+    """FlexAttention for the training mask on CUDA with the SDPA backend (its compiled
+    kernels skip the tiles the mask leaves empty); SDPA with a boolean mask elsewhere."""
+    config = getattr(model, "cfg", None) or getattr(model, "config", None)
+    backend = getattr(config, "attn_backend", "sdpa")
+    return device.type == "cuda" and backend == "sdpa" and flex_available()
+
+
+def block_diffusion_block_mask(ids: Tensor) -> Any:
+    """The mask of :func:`block_diffusion_mask_from_ids` as a FlexAttention ``BlockMask``
+    (the same rule written as a mask function of (batch, head, query, key))."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seq_len = ids.shape[-1]
+    per_row = ids.dim() == 2
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        q_noisy, k_noisy = q < seq_len, k < seq_len
+        q_pos, k_pos = torch.where(q_noisy, q, q - seq_len), torch.where(k_noisy, k, k - seq_len)
+        q_block, k_block = (ids[b, q_pos], ids[b, k_pos]) if per_row else (ids[q_pos], ids[k_pos])
+        diagonal = (q_noisy == k_noisy) & (q_block == k_block)
+        offset = q_noisy & ~k_noisy & (q_block > k_block)
+        clean = ~q_noisy & ~k_noisy & (q_block >= k_block)
+        return diagonal | offset | clean
+
+    batch = ids.shape[0] if per_row else None
+    return create_block_mask(mask_mod, batch, None, 2 * seq_len, 2 * seq_len, device=ids.device)
+
+
 def bd3_logits(
     model: BD3Model,
     xt: Tensor,
@@ -158,6 +198,7 @@ def bd3_logits(
     *,
     ids: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
+    flex: bool | None = None,
 ) -> Tensor:
     """One vectorised forward (SPEC §9): the model sees ``[x_t ⊕ x_0]`` (B, 2L) with RoPE
     positions ``0..L-1`` in both halves and the block diffusion mask; returns the logits of
@@ -166,7 +207,8 @@ def bd3_logits(
 
     Give either ``block_size`` or per-position block ids ``ids`` ((L,) or (B, L)).
     ``key_padding_mask`` (B, L), True for real tokens, is applied to both halves and passed
-    on as ``attention_mask``."""
+    on as ``attention_mask``. ``flex`` chooses FlexAttention (a ``BlockMask``) over SDPA with
+    a boolean mask; None: FlexAttention on CUDA (:func:`use_flex_attention`) without padding."""
     if xt.shape != x0.shape:
         raise ValueError(f"x_t {tuple(xt.shape)} and x_0 {tuple(x0.shape)} must have the same shape")
     seq_len = x0.shape[1]
@@ -174,7 +216,10 @@ def bd3_logits(
         if block_size is None:
             raise ValueError("give block_size or ids")
         ids = block_ids(seq_len, block_size, x0.device)
-    mask = block_diffusion_mask_from_ids(ids.to(x0.device))
+    ids = ids.to(x0.device)
+    if flex is None:
+        flex = key_padding_mask is None and use_flex_attention(model, x0.device)
+    mask = block_diffusion_block_mask(ids) if flex else block_diffusion_mask_from_ids(ids)
     positions = torch.arange(seq_len, device=x0.device).repeat(2)
     kwargs = {}
     if key_padding_mask is not None:

@@ -468,3 +468,29 @@ def test_bad_attn_masks_are_refused():
         reference_attention(q, q, q, causal=False, attn_mask=torch.ones(4, 5, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="xformers"):  # CPU: the backend's own refusal comes first
         xformers_attention(q, q, q, causal=False, attn_mask=torch.ones(4, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("block_size,kv_heads", [(4, None), (8, 2), (3, None)])
+def test_flex_attention_mask_equals_the_boolean_mask(block_size, kv_heads):
+    """The FlexAttention BlockMask (used on CUDA) gives the logits of SDPA with the boolean
+    mask; checked here with eager FlexAttention on the CPU (forward only)."""
+    from lldiff.block_diffusion import bd3_logits, block_diffusion_block_mask, flex_available
+
+    if not flex_available():
+        pytest.skip("this torch has no FlexAttention")
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, d_model=32, n_heads=4, n_kv_heads=kv_heads, d_ff=64, vocab_size=20, max_seq_len=16,
+                      attention="block", block_size=block_size)
+    model = Transformer(cfg).eval()
+    x0 = torch.randint(0, 20, (3, 12))
+    xt = torch.where(torch.rand(3, 12) < 0.5, torch.full_like(x0, cfg.mask_id), x0)
+    with torch.no_grad():
+        flex = bd3_logits(model, xt, x0, block_size, flex=True)
+        boolean = bd3_logits(model, xt, x0, block_size, flex=False)
+    torch.testing.assert_close(flex, boolean, atol=1e-5, rtol=1e-5)
+    ids = torch.stack([torch.arange(12) // block_size, (torch.arange(12) + 1) // block_size, torch.zeros(12, dtype=torch.long)])
+    with torch.no_grad():  # per-row block ids (SFT: blocks counted from each row's own start)
+        flex = bd3_logits(model, xt, x0, ids=ids, flex=True)
+        boolean = bd3_logits(model, xt, x0, ids=ids, flex=False)
+    torch.testing.assert_close(flex, boolean, atol=1e-5, rtol=1e-5)
+    assert type(block_diffusion_block_mask(ids[0])).__name__ == "BlockMask"
