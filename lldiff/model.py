@@ -10,6 +10,8 @@ always outputs the ``vocab_size`` real tokens, so an extra-row ``M`` is never pr
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -46,26 +48,47 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class LayerKVCache:
-    """Keys and values of one layer for incremental (autoregressive) decoding."""
+    """Keys and values of one layer, kept across decoding calls (see :class:`KVCache`)."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, *, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.length = 0
+        self.filled = 0  # positions ever written (a truncated cache keeps its later entries for splices)
+        self.splice: tuple[int, int] | None = None  # (start, total) while KVCache.spliced is active
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append the new keys/values (B, Hkv, T, hd); return all of them so far."""
-        end = self.length + k.shape[2]
+        """Append the new keys/values (B, Hkv, T, hd) and return all of them so far; inside
+        :meth:`KVCache.spliced` return the cached ones with positions ``start..start+T``
+        replaced by the new ones (and cut at ``total``), storing nothing."""
+        t = k.shape[2]
+        if self.splice is not None:
+            start, total = self.splice
+            if start > self.filled or start + t > total or total > max(self.filled, start + t):
+                raise ValueError(f"splice of {t} positions at {start} with {total} keys, but {self.filled} are cached")
+            keys = torch.cat([self.k[:, :, :start], k, self.k[:, :, start + t:total]], dim=2)
+            values = torch.cat([self.v[:, :, :start], v, self.v[:, :, start + t:total]], dim=2)
+            return keys, values
+        end = self.length + t
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} needed")
         self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
         self.length = end
+        self.filled = max(self.filled, end)
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class KVCache:
-    """One :class:`LayerKVCache` per block; pass it to ``Transformer.forward`` repeatedly."""
+    """One :class:`LayerKVCache` per block; pass it to ``Transformer.forward`` repeatedly.
+
+    By default each call appends its keys/values (exact for causal and block attention,
+    whose earlier states never change). :meth:`truncate` forgets positions from some point
+    on, and :meth:`spliced` makes calls read the cache without writing it, their own
+    keys/values standing in for a stretch of positions: the approximate caches of
+    Fast-dLLM for a bidirectional model (prefix cache: ``spliced(start, start + T)``; dual
+    cache: ``spliced(start, L)`` after a full-canvas call filled all ``L`` positions).
+    """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
@@ -76,7 +99,34 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.layers[0].length
+        """Positions the next appending call follows (the start of a splice while spliced)."""
+        layer = self.layers[0]
+        return layer.splice[0] if layer.splice is not None else layer.length
+
+    @property
+    def key_length(self) -> int | None:
+        """Keys a spliced call attends to (None when appending: cached + new)."""
+        layer = self.layers[0]
+        return layer.splice[1] if layer.splice is not None else None
+
+    def truncate(self, length: int) -> None:
+        """Forget positions ``length..`` for appending (their entries stay for splices)."""
+        for layer in self.layers:
+            if not 0 <= length <= layer.filled:
+                raise ValueError(f"cannot truncate a cache of {layer.filled} positions to {length}")
+            layer.length = length
+
+    @contextmanager
+    def spliced(self, start: int, total: int) -> Iterator["KVCache"]:
+        """Calls inside read positions ``0..total`` of the cache, their own keys/values
+        replacing positions ``start..start+T``; nothing is written."""
+        for layer in self.layers:
+            layer.splice = (start, total)
+        try:
+            yield self
+        finally:
+            for layer in self.layers:
+                layer.splice = None
 
 
 def block_causal_mask(query_positions: Tensor, key_positions: Tensor, block_size: int) -> Tensor:
@@ -192,8 +242,8 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """Args:
             input_ids: (B, T) token ids in ``[0, embedding_rows)``.
-            attention_mask: optional (B, S) with S = cached + T positions, True/1 for real
-                tokens, False/0 for padding keys.
+            attention_mask: optional (B, S) with S the keys attended (cached + T, or a
+                splice's total), True/1 for real tokens, False/0 for padding keys.
             positions: optional (T,) or (B, T) RoPE positions; default ``cached..cached+T-1``.
                 Without a KV cache, explicit positions lift the length check: the input may
                 be longer than ``max_seq_len`` (block diffusion's ``[x_t ⊕ x_0]``, SPEC §9)
@@ -207,11 +257,14 @@ class Transformer(nn.Module):
         t = input_ids.shape[1]
         past = 0
         explicit_positions = positions is not None and kv_cache is None
+        keys_total = None
         if kv_cache is not None:
-            if not self.cfg.earlier_states_fixed:
-                raise ValueError("a KV cache needs causal or block attention: a bidirectional model's earlier "
-                                 "states change")
+            keys_total = kv_cache.key_length
             past = kv_cache.length
+            if keys_total is None and past > 0 and not self.cfg.earlier_states_fixed:
+                raise ValueError("appending to a KV cache needs causal or block attention: a bidirectional model's "
+                                 "earlier states change (fill an empty cache with the whole canvas, then read it "
+                                 "with KVCache.spliced: an approximation)")
             if positions is None:
                 positions = torch.arange(past, past + t, device=input_ids.device)
         if explicit_positions:  # the positions, not the input length, must fit the RoPE tables
@@ -221,7 +274,7 @@ class Transformer(nn.Module):
                     f"RoPE positions span [{low}, {high}] but max_seq_len={self.cfg.max_seq_len} "
                     f"covers [0, {self.cfg.max_seq_len - 1}]; shorten the input or raise max_seq_len"
                 )
-        elif past + t > self.cfg.max_seq_len:
+        elif max(past + t, keys_total or 0) > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {past + t} exceeds max_seq_len={self.cfg.max_seq_len}; "
                 "shorten the input or raise max_seq_len"
@@ -234,7 +287,8 @@ class Transformer(nn.Module):
                 cos, sin = cos[:, None], sin[:, None]
         if attn_mask is None and self.cfg.attention == "block":
             query_pos = positions if positions is not None else torch.arange(past, past + t, device=input_ids.device)
-            key_pos = torch.arange(past + t, device=input_ids.device) if kv_cache is not None else query_pos
+            keys = keys_total if keys_total is not None else past + t
+            key_pos = torch.arange(keys, device=input_ids.device) if kv_cache is not None else query_pos
             attn_mask = block_causal_mask(query_pos, key_pos, self.cfg.block_size)
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):

@@ -7,7 +7,7 @@ import torch
 
 from lldiff.attention import reference_attention, sdpa_attention, xformers_attention
 from lldiff.config import SIZES, ModelConfig
-from lldiff.model import Transformer
+from lldiff.model import KVCache, Transformer
 
 SMDM_FIGURES = {"smdm-6M": 6_294_784, "smdm-113M": 113_265_408, "smdm-1028M": 1_027_677_952}
 
@@ -282,8 +282,10 @@ def test_bidirectional_model_refuses_a_kv_cache():
     from lldiff.model import KVCache
 
     model = Transformer(SIZES["tiny-0.1M"].replace(vocab_size=30)).eval()
-    with pytest.raises(ValueError, match="KV cache needs causal or block attention"):
-        model(torch.zeros(1, 4, dtype=torch.long), kv_cache=KVCache(model.cfg, batch=1, max_len=8))
+    cache = KVCache(model.cfg, batch=1, max_len=8)
+    model(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache)  # an empty cache may take a whole canvas
+    with pytest.raises(ValueError, match="appending to a KV cache needs causal or block attention"):
+        model(torch.zeros(1, 4, dtype=torch.long), kv_cache=cache)
 
 
 # -- the attention kind and the mask token in ModelConfig ----------------------------------------------
@@ -342,3 +344,56 @@ def test_sequence_longer_than_context_is_refused():
     model = Transformer(ModelConfig(n_layer=1, d_model=32, n_heads=2, d_ff=64, vocab_size=10, max_seq_len=8))
     with pytest.raises(ValueError, match="sequence length 9 exceeds max_seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def _splice_model(attention="bidirectional"):
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=30, max_seq_len=32,
+                      attention=attention, block_size=4 if attention == "block" else None)
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_spliced_cache_reads_are_exact_when_nothing_changed(padded):
+    """Fast-dLLM's caches read keys/values of a full-canvas call: with the canvas unchanged,
+    a prefix-cache call (x[:, s:]) and a dual-cache call (x[:, s:e]) give the full call's logits."""
+    model = _splice_model()
+    x = torch.randint(0, 30, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    if padded:
+        mask[1, :3] = False
+    with torch.no_grad():
+        full = model(x, mask)
+        cache = KVCache(model.cfg, 2, 16)
+        model(x, mask, kv_cache=cache)  # fills all 16 positions
+        cache.truncate(8)
+        with cache.spliced(8, 16):  # prefix cache: feed x[:, 8:]
+            prefix = model(x[:, 8:], mask, kv_cache=cache)
+        with cache.spliced(8, 16):  # dual cache: feed the block x[:, 8:12], suffix keys from the cache
+            dual = model(x[:, 8:12], mask, kv_cache=cache)
+    torch.testing.assert_close(prefix, full[:, 8:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dual, full[:, 8:12], atol=1e-5, rtol=1e-5)
+    assert cache.length == 8  # splices write nothing
+
+
+def test_an_appending_cache_on_a_bidirectional_model_is_refused():
+    model = _splice_model()
+    cache = KVCache(model.cfg, 1, 8)
+    model(torch.randint(0, 30, (1, 4)), kv_cache=cache)  # filling an empty cache with a whole canvas is exact
+    with pytest.raises(ValueError, match="appending to a KV cache needs causal or block attention"):
+        model(torch.randint(0, 30, (1, 4)), kv_cache=cache)
+
+
+def test_block_model_reads_a_committed_cache_without_writing_it():
+    """BD3 decoding: committed clean blocks in the cache, the current block fed spliced (not
+    stored) equals the uncached block-causal forward."""
+    model = _splice_model("block")
+    x = torch.randint(0, 30, (2, 12))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(model.cfg, 2, 12)
+        model(x[:, :8], kv_cache=cache)  # two clean blocks committed
+        with cache.spliced(8, 12):
+            step = model(x[:, 8:12], kv_cache=cache)
+    torch.testing.assert_close(step, full[:, 8:12], atol=1e-5, rtol=1e-5)
+    assert cache.length == 8
