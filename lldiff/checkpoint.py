@@ -147,6 +147,8 @@ def load_model(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if is_hf_directory(path):  # a LLaDA directory, read in place (lldiff.interop.llada)
+        return _load_hf_directory(path, expect=expect, tokenizer=tokenizer, device=device)
     state = read_checkpoint_meta(path)
     if "lldiff" not in state or "model_config" not in state["lldiff"]:
         raise ValueError(f"{path} is not an lldiff checkpoint (no model config inside)")
@@ -156,8 +158,10 @@ def load_model(
         wanted = registry.get(expect).label
         raise ValueError(f"{path} holds {registry.article(objective.label)} {objective.label} model; this needs "
                          f"{registry.article(wanted)} {wanted} checkpoint")
-    model = Transformer(config)
-    model.load_state_dict(read_model_weights(path, state, model))
+    with torch.device("meta"):  # no allocation or random init: the checkpoint's tensors become the parameters
+        model = Transformer(config)
+    model.load_state_dict(read_model_weights(path, state, model), assign=True)
+    model.reset_rope()
     model.to(device).eval()
     tokenizer_path = Path(tokenizer) if tokenizer else find_tokenizer(path)
     loaded_tokenizer = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
@@ -167,6 +171,28 @@ def load_model(
             f"has vocab_size={config.vocab_size}"
         )
     check_tokenizer(state["lldiff"].get(TOKENIZER_KEY), loaded_tokenizer, str(path))
+    return LoadedModel(model, objective, loaded_tokenizer, path)
+
+
+def is_hf_directory(path: Path) -> bool:
+    """A Hugging Face checkpoint directory (``config.json`` inside) rather than an lldiff checkpoint."""
+    return path.is_dir() and (path / "config.json").is_file() and not is_sharded_checkpoint(path)
+
+
+def _load_hf_directory(path: Path, *, expect: str | None, tokenizer: str | Path | None, device: str) -> LoadedModel:
+    from lldiff.interop.llada import load_llada
+
+    model, loaded_tokenizer, _ = load_llada(path, device=device)
+    objective = registry.of_config(model.cfg)
+    if expect is not None and objective.name != expect:
+        wanted = registry.get(expect).label
+        raise ValueError(f"{path} holds {registry.article(objective.label)} {objective.label} model; this needs "
+                         f"{registry.article(wanted)} {wanted} checkpoint")
+    if tokenizer:
+        loaded_tokenizer = Tokenizer.from_file(tokenizer)
+        if loaded_tokenizer.vocab_size != model.cfg.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer} has {loaded_tokenizer.vocab_size} real tokens but {path}'s model "
+                             f"has vocab_size={model.cfg.vocab_size}")
     return LoadedModel(model, objective, loaded_tokenizer, path)
 
 

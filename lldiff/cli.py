@@ -53,12 +53,27 @@ def _tune(argv: list[str]) -> None:
     tune_main(argv)
 
 
+def _import(argv: list[str]) -> None:
+    from lldiff.interop.hf import import_main
+
+    import_main(argv)
+
+
+def _export(argv: list[str]) -> None:
+    from lldiff.interop.hf import export_main
+
+    export_main(argv)
+
+
 OTHER_COMMANDS = {
     "sweep": ("scaling sweeps over objectives (ar, mdm, bd3-B): lldiff sweep run|plan|analyze (lldiff sweep --help)", _sweep),
     "generate": ("sample from a checkpoint (any objective): lldiff generate --ckpt X --prompt TEXT", _generate),
     "eval": ("zero-shot multiple choice by likelihood: lldiff eval --ckpt X --task T", _eval),
     "chat": ("talk to a fine-tuned checkpoint (multi-turn): lldiff chat --ckpt X [--message TEXT]", _chat),
     "tune": ("Optuna hyperparameter search: lldiff tune run|best (lldiff tune --help)", _tune),
+    "import": ("a LLaDA checkpoint directory as an lldiff run: lldiff import llada HF_DIR --out RUN_DIR", _import),
+    "export": ("a checkpoint as a Hugging Face directory (AR: Llama, MDM/BD3: LLaDA): lldiff export CKPT --to hf OUT",
+               _export),
 }
 
 
@@ -89,7 +104,7 @@ def overview() -> str:
     return "\n".join(lines)
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 """Exceptions that report a mistake in the input (a value, a path): one line, exit 2. Anything
 else is a bug and keeps its traceback; ``--debug`` shows the traceback of both."""
 

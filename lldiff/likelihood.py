@@ -79,18 +79,25 @@ def _check_count(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_answer_ids(answer: Tensor, mask_id: int | None, what: str = "answer") -> None:
+def _vocab_size(model: object) -> int | None:
+    config = getattr(model, "cfg", None) or getattr(model, "config", None)
+    return getattr(config, "vocab_size", None)
+
+
+def _check_answer_ids(answer: Tensor, mask_id: int | None, what: str = "answer", *,
+                      vocab_size: int | None = None) -> None:
+    """Real tokens only: not the mask id, not negative, below the vocabulary size (the model's
+    ``vocab_size`` when known; else the mask id, which lldiff puts right after the vocabulary,
+    while an imported LLaDA has it inside)."""
+    limit = vocab_size if vocab_size is not None else mask_id
     if answer.numel() and mask_id is not None and (answer == mask_id).any():
-        raise ValueError(
-            f"{what} contains the mask id {mask_id}; {what} tokens must be real tokens in "
-            f"[0, {mask_id})"
-        )
+        raise ValueError(f"{what} contains the mask id {mask_id}; {what} tokens must be real tokens")
     if answer.numel() and (answer < 0).any():
         raise ValueError(f"{what} contains a negative token id {int(answer.min())}")
-    if answer.numel() and mask_id is not None and (answer > mask_id).any():
+    if answer.numel() and limit is not None and (answer >= limit).any():
         raise ValueError(
             f"{what} contains token id {int(answer.max())} beyond the vocabulary "
-            f"(real tokens are [0, {mask_id}), mask id {mask_id})"
+            f"(real tokens are [0, {limit}), mask id {mask_id})"
         )
 
 
@@ -283,7 +290,7 @@ def mdm_conditional_loglik(
     is_list, prompts, answers = _as_pairs(prompt, answer, "mdm_conditional_loglik")
     pmask = _check_prompt_mask(prompt_mask, prompts[0], is_list)
     for a in answers:
-        _check_answer_ids(a, mask_id)
+        _check_answer_ids(a, mask_id, vocab_size=_vocab_size(model))
     kwargs = {
         "mask_id": mask_id, "n_mc": n_mc, "batch_size": batch_size,
         "cfg_scale": float(cfg_scale), "generator": generator, "stratified": stratified,
@@ -348,7 +355,7 @@ def ar_loglik(
     is_list, prompts, answers = _as_pairs(prompt, answer, "ar_loglik")
     pmask = _check_prompt_mask(prompt_mask, prompts[0], is_list)
     for a in answers:
-        _check_answer_ids(a, mask_id)
+        _check_answer_ids(a, mask_id, vocab_size=_vocab_size(model))
     if not is_list:
         p = prompts[0].shape[1]
         if p == 0:
@@ -460,7 +467,7 @@ def bd3_conditional_loglik(
         prompts, answers = list(prompts[0].unbind(0)), list(answers[0].unbind(0))
     out = []
     for p, a in zip(prompts, answers):
-        _check_answer_ids(a, mask_id)
+        _check_answer_ids(a, mask_id, vocab_size=_vocab_size(model))
         out.append(_bd3_one(model, p, a, mask_id=mask_id, block_size=block_size, n_mc=n_mc, batch_size=batch_size,
                             generator=generator, stratified=stratified))
     return torch.stack(out).float()

@@ -219,6 +219,14 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """Recompute the (non-persistent) RoPE tables, e.g. after building on the meta device
+        and assigning a checkpoint's tensors (``load_state_dict(assign=True)``)."""
+        if device is None:
+            device = self.embed.weight.device
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_base)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
     def reset_parameters(self) -> None:
         """SMDM initialisation: N(0, sqrt(2 / 5d)) everywhere, output projections
         N(0, 1 / sqrt(d) / n_layer), RMSNorm weights one."""

@@ -28,6 +28,9 @@ from lldiff.atomic import write_text
 EOS, BOS, PAD, MASK = "<|eos|>", "<|bos|>", "<|pad|>", "<|mask|>"
 SPECIAL_TOKENS = (EOS, BOS, PAD, MASK)
 BYTE_ALPHABET_SIZE = 256
+SPECIAL_IDS_FILE = "special_ids.json"
+"""Beside a ``tokenizer.json`` trained elsewhere: its special ids (see ``Tokenizer._init_external``)."""
+SPECIAL_ID_FIELDS = ("vocab_size", "mask_id", "eos_id", "bos_id", "pad_id", "eot_id")
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS) - 1
 """Smallest trainable ``vocab_size`` (real tokens V): 256 byte symbols + eos/bos/pad (no merges)."""
 
@@ -55,7 +58,12 @@ class Tokenizer:
         eos_id, bos_id, pad_id: ids of the other special tokens.
     """
 
-    def __init__(self, backend: _Backend, origin: str = "tokenizer") -> None:
+    def __init__(self, backend: _Backend, origin: str = "tokenizer", special_ids: Optional[dict] = None) -> None:
+        self.eot_id: Optional[int] = None
+        self._token_bytes: Optional[torch.Tensor] = None
+        if special_ids is not None:
+            self._init_external(backend, origin, special_ids)
+            return
         total = backend.get_vocab_size(with_added_tokens=True)
         missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
         if missing:
@@ -79,7 +87,43 @@ class Tokenizer:
         self.eos_id = backend.token_to_id(EOS)
         self.bos_id = backend.token_to_id(BOS)
         self.pad_id = backend.token_to_id(PAD)
-        self._token_bytes: Optional[torch.Tensor] = None
+
+    def _init_external(self, backend: _Backend, origin: str, ids: dict) -> None:
+        """A tokenizer trained elsewhere (an imported LLaDA checkpoint's): its special ids come
+        from ``ids`` (``vocab_size``, ``mask_id``, ``eos_id``, ``bos_id``, ``pad_id``,
+        optional ``eot_id``), the mask may lie inside the vocabulary, and the model's vocabulary
+        may be larger than the tokenizer's (ids past it decode to nothing)."""
+        unknown = set(ids) - set(SPECIAL_ID_FIELDS)
+        missing = {"vocab_size", "mask_id", "eos_id"} - set(ids)
+        if unknown or missing:
+            raise ValueError(f"{origin}: special ids need {sorted(SPECIAL_ID_FIELDS)} (vocab_size, mask_id, eos_id "
+                             f"required); unknown {sorted(unknown)}, missing {sorted(missing)}")
+        vocab_size = ids["vocab_size"]
+        total = backend.get_vocab_size(with_added_tokens=True)
+        if not isinstance(vocab_size, int) or vocab_size < total:
+            raise ValueError(f"{origin}: vocab_size={vocab_size!r} is smaller than the tokenizer's {total} ids")
+        for name in ("mask_id", "eos_id", "bos_id", "pad_id", "eot_id"):
+            value = ids.get(name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= vocab_size):
+                raise ValueError(f"{origin}: {name}={value!r} must be an id in [0, {vocab_size}]")
+        backend.encode_special_tokens = True
+        self._backend = backend
+        self.vocab_size = vocab_size
+        self.mask_id = ids["mask_id"]
+        self.eos_id = ids["eos_id"]
+        self.bos_id = ids.get("bos_id")
+        self.pad_id = ids.get("pad_id", self.eos_id)
+        self.eot_id = ids.get("eot_id")
+
+    @property
+    def mask_inside(self) -> bool:
+        """Whether the mask id is one of the vocabulary's (LLaDA) rather than one past it (lldiff)."""
+        return self.mask_id < self.vocab_size
+
+    def special_id_dict(self) -> dict:
+        """The ids :func:`Tokenizer.from_file` reads back from ``special_ids.json`` (external tokenizers)."""
+        return {"vocab_size": self.vocab_size, "mask_id": self.mask_id, "eos_id": self.eos_id,
+                "bos_id": self.bos_id, "pad_id": self.pad_id, "eot_id": self.eot_id}
 
     # -- construction ---------------------------------------------------------------------
 
@@ -89,7 +133,13 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-        return cls(_Backend.from_file(str(path)), origin=f"tokenizer {str(path)!r}")
+        sidecar = path.with_name(SPECIAL_IDS_FILE)
+        special_ids = None
+        if sidecar.is_file():  # a tokenizer trained elsewhere (lldiff import llada): its ids written beside it
+            import json
+
+            special_ids = json.loads(sidecar.read_text())
+        return cls(_Backend.from_file(str(path)), origin=f"tokenizer {str(path)!r}", special_ids=special_ids)
 
     @classmethod
     def from_str(cls, json_str: str) -> "Tokenizer":
@@ -116,7 +166,7 @@ class Tokenizer:
 
     @property
     def special_ids(self) -> tuple[int, ...]:
-        return (self.eos_id, self.bos_id, self.pad_id, self.mask_id)
+        return tuple(i for i in (self.eos_id, self.bos_id, self.pad_id, self.mask_id, self.eot_id) if i is not None)
 
     # -- use ------------------------------------------------------------------------------
 
@@ -148,6 +198,8 @@ class Tokenizer:
                 if i in special:
                     continue
                 token = self._backend.id_to_token(i)
+                if token is None:  # an embedding row past the tokenizer (LLaDA pads 126349 ids to 126464)
+                    continue
                 if table is not None and all(c in table for c in token):
                     out[i] = len(token)
                 else:
@@ -156,8 +208,9 @@ class Tokenizer:
         return self._token_bytes.clone()
 
     def __len__(self) -> int:
-        """Total number of ids including the mask (``vocab_size + 1``)."""
-        return self.vocab_size + 1
+        """Total number of ids including the mask (``vocab_size + 1``; ``vocab_size`` when the
+        mask lies inside the vocabulary)."""
+        return self.vocab_size + (0 if self.mask_inside else 1)
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, mask_id={self.mask_id}, eos_id={self.eos_id})"
