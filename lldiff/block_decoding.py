@@ -1,4 +1,4 @@
-"""Block diffusion decoding (BD3-LM, Arriola et al. 2025; SPEC §9).
+"""Block diffusion decoding (BD3-LM, Arriola et al. 2025; SPEC §9), with an exact KV cache.
 
 Blocks of ``block_size`` positions are decoded left to right; inside a block the LLaDA reverse
 process of :mod:`lldiff.sampling` (a fixed number of steps per block with front-loaded reveal
@@ -16,10 +16,31 @@ answer needs one block fewer sits the last round out).
 
 The model is any callable ``model(ids (B, T), positions=(B, T)[, attention_mask=(B, T)]) ->
 logits (B, T, V)`` whose attention is block-causal in ``positions`` (a
-:class:`lldiff.model.Transformer` with ``attention="block"`` builds that mask itself). Each
-call gets the canvas up to the end of the furthest current block, never the later blocks: under
-block-causal attention they could not change the current block's logits anyway. No KV cache yet
-(the clean earlier blocks are recomputed at every call; caching them is exact and is issue 14).
+:class:`lldiff.model.Transformer` with ``attention="block"`` builds that mask itself).
+Without a cache (``use_cache=False``) each call gets the canvas up to the end of the furthest
+current block, never the later blocks: under block-causal attention they could not change the
+current block's logits anyway.
+
+KV cache (``use_cache=True``, the default; an lldiff block-attention Transformer with this
+``block_size``): a clean block's keys/values never change (block attention: nothing in it
+attends to later blocks), so they are computed once. Each round's first call appends the
+blocks finished since the last one (at the first round: the prompt's clean part, i.e. up to
+the block holding its last token) together with the current blocks, in one call on the
+:class:`lldiff.model.KVCache`, and then truncates the cache to the first column of the earliest
+current block; the round's further calls feed only the current blocks (``KVCache.spliced``,
+writing nothing). So the model calls are exactly the uncached decoder's (the commit rides on
+the next block's first step instead of costing a call of its own), and a block of ``B``
+positions decoded in ``s`` calls costs about ``(s + 1) B`` positions fed (its calls, and once
+more as the finished block ahead of the next one) instead of ``s`` times the canvas so far.
+
+Left padding: the cache is indexed by canvas columns and holds the padding too, masked as keys; the attention mask is built from each row's real positions (explicit ``attn_mask``:
+cached columns are not positions), and rows whose blocks sit at different columns are fed
+from the earliest current block's column, so no row reads a cached entry of its own current
+block or one computed before its block was finished (tested against the uncached decoder and
+against each prompt decoded alone). CFG: the unconditional rows (prompt masked) have their own
+cache, rows ``B..2B`` of one batch-2B cache. Same tokens as without the cache at temperature 0;
+at temperature > 0 the noise is drawn for the fed columns only (same distribution, other draws).
+
 A step with nothing to reveal in any row (more steps than masked positions, e.g. a block that
 the prompt partly fills) is skipped: no model call, no random draw. Logits are reused whenever
 the input has not changed since the last call (exact: the same input gives the same logits).
@@ -37,6 +58,8 @@ import time
 import torch
 from torch import Tensor
 
+from lldiff import registry
+from lldiff.model import KVCache, Transformer, block_causal_mask
 from lldiff.sampling import (
     Model,
     SampleOutput,
@@ -107,6 +130,20 @@ def _check(prompt: Tensor, attention_mask: Tensor | None, *, gen_length: int, bl
             raise ValueError("attention_mask must describe left padding (padding first, then the real prompt tokens)")
 
 
+def _check_cache_model(model: Model, block_size: int) -> None:
+    """Refuse ``use_cache=True`` for a model that cannot hold BD3's exact KV cache: anything
+    but an lldiff block-attention Transformer whose blocks are the decoder's."""
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(model, Transformer) or cfg is None:
+        raise ValueError(f"use_cache=True needs an lldiff Transformer with block attention (a bd3-{block_size} model) "
+                         f"to hold the KV cache; got a {type(model).__name__}; pass use_cache=False")
+    if cfg.attention != "block" or cfg.block_size != block_size:
+        objective = registry.of_config(cfg)
+        raise ValueError(f"use_cache=True (BD3's exact KV cache) needs a bd3-{block_size} model (block attention, "
+                         f"block_size={block_size}); this is {registry.article(objective.label)} {objective.label} "
+                         "model; pass use_cache=False")
+
+
 @torch.no_grad()
 def block_generate(
     model: Model,
@@ -124,13 +161,16 @@ def block_generate(
     eos_id: int | None = None,
     forbid_eos: bool = False,
     stop_at_eos: bool = True,
+    use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> SampleOutput:
     """Continue each (left-padded) prompt by ``gen_length`` positions, block by block (see the
     module docstring).
 
     Args:
-        model: block-attention model callable (ids, positions=[, attention_mask=]) -> logits.
+        model: block-attention model callable (ids, positions=[, attention_mask=]) -> logits;
+            with ``use_cache`` an lldiff :class:`~lldiff.model.Transformer` with block attention
+            and ``block_size`` (else ValueError).
         prompt: (B, P) token ids, left-padded when ``attention_mask`` is given.
         gen_length: answer positions per row (any number: blocks follow absolute positions,
             the first and last generated blocks may be partial).
@@ -147,12 +187,20 @@ def block_generate(
             (CFG's unconditional input masks the real prompt tokens only).
         attention_mask: (B, P) True on real prompt tokens (left padding).
         stop_at_eos: stop once every row's answer has reached ``eos_id`` (no effect without it).
+        use_cache: keep the clean blocks' keys/values in a KV cache and feed only the current
+            block (exact; see the module docstring). The same tokens as ``use_cache=False`` at
+            temperature 0 and the same model calls; at temperature > 0 the same distribution
+            but other random draws (noise is drawn for the fed block only).
 
-    Returns a :class:`lldiff.sampling.SampleOutput` (``prompt_length`` = the padded width P).
+    Returns a :class:`lldiff.sampling.SampleOutput` (``prompt_length`` = the padded width P;
+    ``model_calls``, ``forward_rows`` and ``tokens_processed``: the positions fed over all
+    calls and rows, x2 under CFG).
     """
     _check(prompt, attention_mask, gen_length=gen_length, block_size=block_size, mask_id=mask_id,
            steps_per_block=steps_per_block, remasking=remasking, threshold=threshold, temperature=temperature,
            cfg_scale=cfg_scale, eos_id=eos_id, forbid_eos=forbid_eos)
+    if use_cache:
+        _check_cache_model(model, block_size)
     if remasking == "threshold" and threshold is None:
         threshold = 0.9
     steps = block_size if steps_per_block is None else steps_per_block
@@ -167,34 +215,64 @@ def block_generate(
     positions = real_positions(torch.cat([real, torch.ones(b, gen_length, dtype=torch.bool, device=device)], dim=1))
     prompt_real = torch.cat([real, torch.zeros(b, gen_length, dtype=torch.bool, device=device)], dim=1)
     suppress = [mask_id] + ([eos_id] if forbid_eos else [])
-    calls = rows = 0
-    cached: Tensor | None = None  # logits of the last call, valid while the window's input is unchanged
+    guided = cfg_scale > 0
+    copies = 2 if guided else 1  # CFG: conditional and unconditional rows in one call (and one cache of 2B rows)
+    cache = None
+    if use_cache:
+        cache = KVCache(model.cfg, copies * b, x.shape[1], dtype=next(model.parameters()).dtype, device=device)
+    committed = 0  # cache: columns [0, committed) hold exact keys/values for every row still decoding
+    calls = rows = tokens = 0
+    last: tuple[tuple[int, int], Tensor] | None = None  # ((start, end), logits) while that input is unchanged
+    fresh = False  # cache: the round's first call still has to append the finished blocks
 
-    def logits_for(end: int) -> Tensor:
-        nonlocal calls, rows, cached
-        if cached is not None and cached.shape[1] == end:
-            return cached
-        ids, pos = x[:, :end], positions[:, :end]
+    def call(ids: Tensor, pos: Tensor, first: int, end: int) -> Tensor:
+        """One forward of columns [first, end) (the cache, if any, holding [0, first)), CFG's
+        unconditional rows stacked below; logits after CFG and suppression."""
+        nonlocal calls, rows, tokens
         am = None if full_mask is None else full_mask[:, :end]
-        if cfg_scale > 0:
-            uncond = unconditional_input(ids, prompt_real[:, :end], mask_id)
-            both = call_block_model(model, torch.cat([ids, uncond]), torch.cat([pos, pos]),
-                                    None if am is None else torch.cat([am, am]))
-            cond, unc = both.chunk(2, dim=0)
-            logits = cfg_logits(cond, unc, cfg_scale)
-        else:
+        if guided:
+            ids = torch.cat([ids, unconditional_input(ids, prompt_real[:, first:end], mask_id)])
+            pos = torch.cat([pos, pos])
+            am = None if am is None else torch.cat([am, am])
+        if cache is None:
             logits = call_block_model(model, ids, pos, am)
+        else:  # explicit block mask over real positions: cached columns are not positions under left padding
+            keys = positions[:, :end].repeat(copies, 1)
+            mask = block_causal_mask(pos, keys, block_size)
+            logits = model(ids, attention_mask=am, positions=pos, kv_cache=cache, attn_mask=mask)
         calls += 1
-        rows += b * (2 if cfg_scale > 0 else 1)
+        rows += ids.shape[0]
+        tokens += ids.numel()
+        if guided:
+            cond, unc = logits.chunk(2, dim=0)
+            logits = cfg_logits(cond, unc, cfg_scale)
         drop = [i for i in suppress if i < logits.shape[-1]]
         if drop:
             logits = logits.clone()
             logits[..., drop] = float("-inf")
-        cached = logits
         return logits
 
-    def propose(end: int, how: str) -> tuple[Tensor, Tensor]:
-        logits = logits_for(end)
+    def logits_for(start: int, end: int) -> Tensor:
+        """Logits (B, end - start, V) of columns [start, end): uncached start is 0 (the canvas
+        up to ``end``); cached it is the current blocks' first column."""
+        nonlocal last, fresh, committed
+        if last is not None and last[0] == (start, end):
+            return last[1]
+        if cache is None:
+            logits = call(x[:, :end], positions[:, :end], 0, end)
+        elif fresh:  # append the blocks finished since the last commit together with the current ones, then
+            # forget the current ones (they change): the cache is exact up to the earliest current block
+            logits = call(x[:, committed:end], positions[:, committed:end], committed, end)[:, start - committed:]
+            cache.truncate(start)
+            committed, fresh = start, False
+        else:
+            with cache.spliced(start, end):
+                logits = call(x[:, start:end], positions[:, start:end], start, end)
+        last = ((start, end), logits)
+        return logits
+
+    def propose(start: int, end: int, how: str) -> tuple[Tensor, Tensor]:
+        logits = logits_for(start, end)
         x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)
         if how == "low_confidence":
             confidence = torch.softmax(logits.to(torch.float64), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
@@ -202,53 +280,58 @@ def block_generate(
             confidence = torch.rand(x0.shape, dtype=torch.float64, device=device, generator=generator)
         return x0.to(x.dtype), confidence
 
-    def reveal(end: int, x0: Tensor, transfer: Tensor) -> None:
-        nonlocal x, cached
+    def reveal(start: int, end: int, x0: Tensor, transfer: Tensor) -> None:
+        nonlocal x, last
         if transfer.any():
             x = x.clone()
-            x[:, :end] = torch.where(transfer, x0, x[:, :end])
-            cached = None
+            x[:, start:end] = torch.where(transfer, x0, x[:, start:end])
+            last = None
 
     first = lengths // block_size  # block of each row's first answer position
-    last = (lengths + gen_length - 1) // block_size
-    rounds = int((last - first).max()) + 1
+    final = (lengths + gen_length - 1) // block_size
+    rounds = int((final - first).max()) + 1
     answer_cols = torch.arange(gen_length, device=device)
     start_time = time.perf_counter()
     for k in range(rounds):
         block = first + k
-        lo = (block * block_size - lengths).clamp(min=0)  # this round's answer offsets [lo, hi) per row
-        hi = ((block + 1) * block_size - lengths).clamp(max=gen_length)
+        offset = block * block_size - lengths  # answer offset of each row's block start (< 0: inside the prompt)
+        lo = offset.clamp(min=0)  # this round's answer offsets [lo, hi) per row
+        hi = (offset + block_size).clamp(max=gen_length)
         live = lo < hi
         end = width + int(hi[live].max())
+        # the window fed: the canvas up to `end` uncached; cached, from the earliest current block's first
+        # column (its prompt part too: prompt tokens in a block attend to the block's masks)
+        start = width + int(offset[live].min()) if cache is not None else 0
+        fresh, last = True, None
         in_block = torch.zeros(b, x.shape[1], dtype=torch.bool, device=device)
         in_block[:, width:] = (answer_cols >= lo[:, None]) & (answer_cols < hi[:, None])
-        in_block = in_block[:, :end]
+        in_block = in_block[:, start:end]
 
         def candidates() -> Tensor:
-            return (x[:, :end] == mask_id) & in_block
+            return (x[:, start:end] == mask_id) & in_block
 
         if remasking == "threshold":
             for _ in range(block_size):  # at least one reveal per active row per call: bounded
                 cand = candidates()
                 if not cand.any():
                     break
-                x0, confidence = propose(end, "low_confidence")
+                x0, confidence = propose(start, end, "low_confidence")
                 confidence = torch.where(cand, confidence, float("-inf"))
                 best = select_top_k(confidence, cand.any(dim=1).long())
-                reveal(end, x0, ((confidence > threshold) | best) & cand)
+                reveal(start, end, x0, ((confidence > threshold) | best) & cand)
         else:
             counts = reveal_counts(candidates().sum(dim=1), steps)
             for step in range(steps):
                 if not counts[:, step].any():  # nothing to reveal in any row (more steps than masks): no call
                     continue
-                x0, confidence = propose(end, remasking)
+                x0, confidence = propose(start, end, remasking)
                 cand = candidates()
                 confidence = torch.where(cand, confidence, float("-inf"))
-                reveal(end, x0, select_top_k(confidence, counts[:, step]) & cand)
+                reveal(start, end, x0, select_top_k(confidence, counts[:, step]) & cand)
         if stop_at_eos and eos_id is not None and k + 1 < rounds:
             done = x[:, width:] == eos_id
             done &= answer_cols[None, :] < hi[:, None].clamp(min=0)
             if bool(done.any(dim=1).all()):
                 x = torch.where(x == mask_id, torch.full_like(x, eos_id), x)
                 break
-    return SampleOutput(x, width, calls, rows, time.perf_counter() - start_time, eos_id)
+    return SampleOutput(x, width, calls, rows, time.perf_counter() - start_time, eos_id, tokens_processed=tokens)

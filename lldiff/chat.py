@@ -10,9 +10,11 @@ the run's ``config.yaml``), or ``--template FILE.yaml``, or the default. Each tu
 is the whole conversation so far (oldest turns are dropped when it outgrows the context).
 The MDM answers with the LLaDA reverse process in semi-autoregressive blocks
 (``--block-length``, default ``min(32, --length)``; ``--length`` must be whole blocks) with
-low-confidence remasking; the BD3 block by block in its own blocks (``--steps-per-block``),
-``--length`` a budget; the AR decodes with a KV cache. Answers end at the first EOS. In
-a terminal, ``/reset`` starts over and ``/quit`` (or Ctrl-D) leaves.
+low-confidence remasking, exactly or with Fast-dLLM's approximate ``--cache prefix`` /
+``--cache dual`` (SPEC §10); the BD3 block by block in its own blocks (``--steps-per-block``),
+``--length`` a budget; the AR decodes with a KV cache. Answers end at the first EOS. After
+each answer a line on stderr gives the model calls, tokens/s and the token positions processed
+per answer token. In a terminal, ``/reset`` starts over and ``/quit`` (or Ctrl-D) leaves.
 
 Option values are used exactly as given or refused (exit code 2), before the checkpoint is
 loaded where they do not depend on it; options of another objective's decoder (the registry's
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -30,9 +33,21 @@ import torch
 import yaml
 
 from lldiff.checkpoint import LoadedModel, load_model
-from lldiff.completion import REMASKING, DecodeOptions, check_context, complete
+from lldiff.completion import (
+    REMASKING,
+    Completion,
+    DecodeOptions,
+    check_context,
+    complete,
+)
 from lldiff.data.chat import ChatTemplate, Message
-from lldiff.generate import check_blocks, check_values, refuse_foreign_options
+from lldiff.generate import (
+    check_blocks,
+    check_dual_cache,
+    check_values,
+    refuse_foreign_options,
+    stats,
+)
 
 
 class ChatSession:
@@ -46,6 +61,7 @@ class ChatSession:
         self.system = [Message("system", system)] if system else []
         self.history: list[Message] = []
         self.generator = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(seed)
+        self.last: tuple[Completion, float] | None = None  # the latest answer's decoding and its seconds
 
     def reset(self) -> None:
         self.history = []
@@ -65,11 +81,19 @@ class ChatSession:
     def reply(self, text: str) -> str:
         self.history.append(Message("user", text))
         tok = self.loaded.tokenizer
+        start = time.perf_counter()
         out = complete(self.loaded.model, [self.prompt_ids()], self.options, eos_id=tok.eos_id, pad_id=tok.pad_id,
                        generator=self.generator)
+        self.last = (out, time.perf_counter() - start)
         answer = tok.decode(out.answers[0], skip_special_tokens=True).strip()
         self.history.append(Message("assistant", answer))
         return answer
+
+    def stats(self) -> str:
+        """``[MDM: N model calls, T tokens/s (S s), P tokens processed per answer token]`` of the
+        latest answer."""
+        out, seconds = self.last
+        return f"[{self.loaded.objective.label}: {stats(out, self.options, 1, seconds)}]"
 
 
 def run_template(ckpt: Path) -> dict[str, Any] | None:
@@ -100,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="semi-autoregressive block, dividing --length (default: min(32, --length))")
     mdm.add_argument("--steps", type=int,
                      help="model calls per answer, a multiple of the number of blocks (default: --length)")
+    mdm.add_argument("--cache", choices=["none", "prefix", "dual"],
+                     help="Fast-dLLM's approximate KV cache (default none: exact); dual needs --block-length < --length")
     bd3 = parser.add_argument_group("BD3")
     bd3.add_argument("--steps-per-block", type=int, help="model calls per block (default: the block size)")
     diffusion = parser.add_argument_group("diffusion (MDM and BD3)")
@@ -115,8 +141,9 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
     parser = build_parser()
     args = parser.parse_args(argv)
     check_values(args, parser)
-    if args.block_length is not None or args.steps is not None:  # MDM-only: the layout is known now
-        check_blocks(parser, args.length, "--length", args.block_length, args.steps)
+    if args.block_length is not None or args.steps is not None or args.cache is not None:  # MDM-only: known now
+        block = check_blocks(parser, args.length, "--length", args.block_length, args.steps)
+        check_dual_cache(parser, args.cache, args.length, "--length", block)
     seed = 0 if args.seed is None else args.seed
     try:
         loaded = load_model(args.ckpt, tokenizer=args.tokenizer, device=args.device)
@@ -128,7 +155,7 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
         options = DecodeOptions.for_objective(  # every option given applies (refused above otherwise)
             objective, length=args.length, temperature=args.temperature, steps=args.steps, block_length=block,
             remasking=args.remasking, threshold=args.threshold, cfg_scale=args.cfg_scale,
-            steps_per_block=args.steps_per_block)
+            steps_per_block=args.steps_per_block, cache=args.cache)
         pattern = yaml.safe_load(Path(args.template).read_text()) if args.template else run_template(Path(args.ckpt))
         template = ChatTemplate.from_config(pattern)
         session = ChatSession(loaded, template, options, system=args.system, seed=seed)
@@ -141,6 +168,7 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
             parser.error("no message: give --message TEXT, lines on stdin, or run in a terminal")
         for text in turns:
             print(session.reply(text), file=stdout, flush=True)
+            print(session.stats(), file=sys.stderr, flush=True)
         return
     print(f"lldiff chat: {loaded.objective.label} {loaded.config.name} ({args.ckpt}); /reset, /quit", file=stdout)
     while True:
@@ -156,6 +184,7 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
             continue
         if text:
             print(f"model> {session.reply(text)}", file=stdout, flush=True)
+            print(session.stats(), file=sys.stderr, flush=True)
 
 
 def _read_turn(stdin: TextIO, stdout: TextIO) -> str:

@@ -23,7 +23,13 @@ from lldiff.ar_decoding import ar_generate
 from lldiff.block_decoding import block_generate
 from lldiff.model import Transformer
 from lldiff.registry import Objective, article
-from lldiff.sampling import generate, generate_threshold, strip_after_eos
+from lldiff.sampling import (
+    CACHES,
+    check_cache,
+    generate,
+    generate_threshold,
+    strip_after_eos,
+)
 
 REMASKING = ("low_confidence", "random", "threshold")
 
@@ -37,12 +43,15 @@ class DecodeOptions:
     ``block_length`` (default ``min(32, length)``; ``length`` = one block), ``remasking``
     ``low_confidence`` (LLaDA's default), ``random`` (Alg. 4) or ``threshold`` (parallel
     decoding above ``threshold`` confidence, default 0.9), ``cfg_scale`` > 0 for
-    classifier-free guidance. BD3: the model's own blocks, ``steps_per_block`` model calls per
-    block (default: the block size), ``remasking`` / ``threshold`` / ``cfg_scale`` /
+    classifier-free guidance, ``cache`` ``none`` (exact), ``prefix`` or ``dual`` (Fast-dLLM's
+    approximate KV caches, SPEC §10; ``dual`` needs more than one block). BD3: the model's own
+    blocks, ``steps_per_block`` model calls per block (default: the block size), ``remasking`` /
+    ``threshold`` / ``cfg_scale`` /
     ``forbid_eos`` as the MDM. AR: greedy at ``temperature`` 0, else sampling with optional
     ``top_k`` / ``top_p``. Values that would be ignored or replaced are refused (ValueError):
     ``threshold`` without ``remasking="threshold"``, ``steps`` / ``steps_per_block`` with it,
-    ``top_k`` / ``top_p`` at ``temperature`` 0, zero ``steps`` / ``block_length``.
+    ``top_k`` / ``top_p`` at ``temperature`` 0, zero ``steps`` / ``block_length``, ``cache="dual"``
+    with one block.
     """
 
     length: int = 64
@@ -57,6 +66,7 @@ class DecodeOptions:
     top_p: float | None = None
     use_cache: bool = True
     steps_per_block: int | None = None  # BD3 (None: the block size)
+    cache: str = "none"  # MDM: Fast-dLLM's approximate "prefix" / "dual" KV cache, or "none" (exact)
 
     def __post_init__(self) -> None:
         if self.length < 1:
@@ -87,6 +97,10 @@ class DecodeOptions:
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}={getattr(self, name)} needs temperature > 0 "
                                      "(greedy decoding at temperature 0 ignores it)")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache={self.cache!r}; allowed: {', '.join(CACHES)}")
+        if self.cache == "dual":
+            check_cache(self.cache, gen_length=self.length, block_length=self.block, names=("length", "block_length"))
 
     @property
     def block(self) -> int:
@@ -118,7 +132,15 @@ def check_options(options: DecodeOptions, objective: Objective, *, strict: bool 
     for name, value in options.given().items():
         if name not in allowed:
             raise ValueError(f"{name}={value} applies to {option_owners(name)} models only; "
-                             f"this is {article(objective.label)} {objective.label} model")
+                             f"this is {article(objective.label)} {objective.label} model{cache_hint(name, objective)}")
+
+
+def cache_hint(name: str, objective: Objective) -> str:
+    """For ``cache`` given to a decoder with an exact KV cache of its own (``use_cache`` in the
+    registry's ``decode_options``): say so; else nothing."""
+    if name == "cache" and "use_cache" in objective.decode_options:
+        return ", whose decoder uses its exact KV cache, on by default (use_cache)"
+    return ""
 
 
 def option_owners(name: str, kind: str = "decode_options") -> str:
@@ -134,6 +156,7 @@ def option_owners(name: str, kind: str = "decode_options") -> str:
 class Completion:
     answers: list[list[int]]  # token ids, cut before the first EOS
     model_calls: int
+    tokens_processed: int = 0  # token positions the backbone embedded over all calls and rows (complete())
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: str | torch.device = "cpu"):
@@ -172,7 +195,18 @@ def complete(
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     check_context(ids.shape[1], options.length, model.cfg.max_seq_len)
-    return objective.decoder()(model, ids, mask, options, eos_id=eos_id, generator=generator)
+    counted = [0]
+
+    def count(module: Any, inputs: tuple, output: Any) -> None:  # every forward embeds its input ids once
+        counted[0] += inputs[0].numel()
+
+    hook = model.embed.register_forward_hook(count)
+    try:
+        out = objective.decoder()(model, ids, mask, options, eos_id=eos_id, generator=generator)
+    finally:
+        hook.remove()
+    out.tokens_processed = counted[0]
+    return out
 
 
 # -- the registry's decoders: (model, ids (B, P) left-padded, mask (B, P), options) -> Completion ----------
@@ -190,10 +224,10 @@ def ar_complete(model: Transformer, ids: Tensor, mask: Tensor, options: DecodeOp
 def diffusion_complete(model: Transformer, ids: Tensor, mask: Tensor, options: DecodeOptions, *, eos_id: int,
                        generator: torch.Generator | None = None) -> Completion:
     """The LLaDA reverse process over a ``length`` canvas in semi-autoregressive blocks, or
-    threshold decoding."""
+    threshold decoding; exact or with Fast-dLLM's prefix / dual cache (``options.cache``)."""
     common = {"gen_length": options.length, "block_length": options.block, "mask_id": model.cfg.mask_id,
               "temperature": options.temperature, "cfg_scale": options.cfg_scale, "attention_mask": mask,
-              "eos_id": eos_id, "forbid_eos": options.forbid_eos, "generator": generator}
+              "eos_id": eos_id, "forbid_eos": options.forbid_eos, "generator": generator, "cache": options.cache}
     if options.remasking == "threshold":
         threshold = 0.9 if options.threshold is None else options.threshold
         sample = generate_threshold(model, ids, threshold=threshold, **common)
@@ -210,6 +244,6 @@ def block_diffusion_complete(model: Transformer, ids: Tensor, mask: Tensor, opti
         model, ids, gen_length=options.length, block_size=model.cfg.block_size, mask_id=model.cfg.mask_id,
         steps_per_block=options.steps_per_block, remasking=options.remasking, threshold=options.threshold,
         temperature=options.temperature, cfg_scale=options.cfg_scale, attention_mask=mask, eos_id=eos_id,
-        forbid_eos=options.forbid_eos, generator=generator,
+        forbid_eos=options.forbid_eos, generator=generator, use_cache=options.use_cache,
     )
     return Completion(sample.answer(eos_id), sample.model_calls)

@@ -1,12 +1,18 @@
 """`lldiff generate`: sample from a trained checkpoint (AR, MDM or BD3).
 
     lldiff generate --ckpt runs/mdm-tiny/checkpoints/last.ckpt --prompt "def main(" --gen-length 64
+    lldiff generate --ckpt runs/mdm-tiny/checkpoints/last.ckpt --prompt "def main(" --cache dual --remasking threshold
     lldiff generate --ckpt runs/ar-tiny/checkpoints/last.ckpt --prompt "import os" --max-new-tokens 64 --temperature 0.8 --top-p 0.9
     lldiff generate --ckpt runs/bd3-tiny/checkpoints/last.ckpt --prompt "import os" --max-new-tokens 64 --steps-per-block 4
     echo "class Foo" | lldiff generate --ckpt ...        # prompts from stdin, one per line
 
 Several prompts are batched with left padding. Everything from the first EOS on is dropped.
-Prints each completion, then the number of model calls and tokens/s.
+Prints each completion, then the number of model calls, tokens/s and the token positions the
+model processed per answer token (what a KV cache saves). The MDM decodes exactly by default;
+--cache prefix or dual turns on Fast-dLLM's approximate caches (SPEC §10: at each block's start
+one call over the whole canvas, then calls over the block and what follows it, or the block
+alone). The AR and BD3 use their exact KV caches (--no-cache turns them off where the registry
+lists use_cache).
 
 Every option value is used exactly as given or refused (exit code 2) before the checkpoint
 is loaded: out-of-range values, MDM lengths that are not whole blocks, and options that
@@ -27,13 +33,13 @@ from typing import NoReturn
 import torch
 
 from lldiff.checkpoint import load_model
-from lldiff.completion import DecodeOptions, article, complete
+from lldiff.completion import Completion, DecodeOptions, article, complete
 from lldiff.registry import Objective
 
 # the DecodeOptions field each decoding flag sets; which fields apply to an objective is the registry's
 FLAG_FIELDS = {"steps": "steps", "block_length": "block_length", "remasking": "remasking", "threshold": "threshold",
                "cfg_scale": "cfg_scale", "forbid_eos": "forbid_eos", "top_k": "top_k", "top_p": "top_p",
-               "no_cache": "use_cache", "steps_per_block": "steps_per_block"}
+               "no_cache": "use_cache", "steps_per_block": "steps_per_block", "cache": "cache"}
 # the answer-length flag by the registry's length_is_budget: a fixed canvas or a budget
 LENGTH_FLAGS = {False: "gen_length", True: "max_new_tokens"}
 
@@ -61,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: gen_length)")
     mdm.add_argument("--block-length", type=int, help="semi-autoregressive block length, dividing --gen-length "
                      "(default: min(32, gen_length))")
+    mdm.add_argument("--cache", choices=["none", "prefix", "dual"],
+                     help="Fast-dLLM's approximate KV cache (default none: exact): prefix keeps the keys/values "
+                     "before the current block, dual also those after it (needs --block-length < --gen-length)")
     bd3 = parser.add_argument_group("BD3 (block diffusion in the model's own blocks)")
     bd3.add_argument("--steps-per-block", type=int, help="model calls per block (default: the block size, one "
                      "token per call)")
@@ -100,7 +109,32 @@ def refuse_foreign_options(args: argparse.Namespace, objective: Objective, parse
     if given:
         options = ", ".join(flag(name) for name in given)
         refuse(parser, f"{options} do(es) not apply to {article(objective.label)} {objective.label} checkpoint "
-                       f"({args.ckpt})")
+                       f"({args.ckpt}){cache_hint(given, objective)}")
+
+
+def cache_hint(given: list[str], objective: Objective) -> str:
+    """What to use instead of a cache flag another objective's decoder takes (asked of the
+    registry's ``decode_options``: ``use_cache`` is an exact KV cache, ``cache`` the MDM's
+    approximate ones)."""
+    if "cache" in given and "use_cache" in objective.decode_options:
+        return f"; {article(objective.label)} {objective.label} decodes with its exact KV cache, on by default " \
+               "(--no-cache turns it off)"
+    if "no_cache" in given and "cache" in objective.decode_options:
+        return f"; {article(objective.label)} {objective.label} decodes exactly by default; its approximate " \
+               "caches are --cache prefix and --cache dual"
+    return ""
+
+
+def check_dual_cache(parser: argparse.ArgumentParser, cache: str | None, length: int, length_flag: str,
+                     block: int) -> None:
+    """Refuse --cache dual with one block (nothing after the block to keep), naming the block
+    lengths that allow it."""
+    if cache == "dual" and block >= length:
+        smaller = [d for d in range(1, length) if length % d == 0]
+        allowed = f"a --block-length below {length} that divides it ({', '.join(map(str, smaller))})" if smaller \
+            else f"a longer {length_flag}"
+        refuse(parser, f"--cache dual keeps the keys/values after the current block, so it needs more than one block, "
+                       f"but --block-length {block} covers {length_flag} {length}; use {allowed}, or --cache prefix")
 
 
 def check_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -164,9 +198,10 @@ def main(argv: list[str]) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_values(args, parser)
-    if any(getattr(args, name) is not None for name in ("gen_length", "block_length", "steps")):  # MDM-only
-        check_blocks(parser, 64 if args.gen_length is None else args.gen_length, "--gen-length", args.block_length,
-                     args.steps)
+    if any(getattr(args, name) is not None for name in ("gen_length", "block_length", "steps", "cache")):  # MDM-only
+        gen_length = 64 if args.gen_length is None else args.gen_length
+        block = check_blocks(parser, gen_length, "--gen-length", args.block_length, args.steps)
+        check_dual_cache(parser, args.cache, gen_length, "--gen-length", block)
     loaded = load_model(args.ckpt, tokenizer=args.tokenizer, device=args.device)
     if loaded.tokenizer is None:
         parser.error(f"no tokenizer.json beside {args.ckpt}; pass --tokenizer PATH")
@@ -183,6 +218,7 @@ def main(argv: list[str]) -> None:
         threshold=args.threshold,  # None: DecodeOptions' default (0.9) under --remasking threshold
         cfg_scale=args.cfg_scale, forbid_eos=args.forbid_eos, top_k=args.top_k, top_p=args.top_p,
         use_cache=None if args.no_cache is None else not args.no_cache, steps_per_block=args.steps_per_block,
+        cache=args.cache,
     )
     encoded = []
     for number, prompt in enumerate(prompts, 1):
@@ -202,5 +238,14 @@ def main(argv: list[str]) -> None:
     for prompt, answer in zip(prompts, out.answers):
         print(prompt + tokenizer.decode(answer))
         print("-" * 40)
-    print(f"{objective.label} {loaded.config.name}: {len(prompts)} prompt(s), {out.model_calls} model calls, "
-          f"{len(prompts) * options.length / seconds:.0f} tokens/s ({seconds:.2f} s)")
+    print(f"{objective.label} {loaded.config.name}: {len(prompts)} prompt(s), "
+          f"{stats(out, options, len(prompts), seconds)}")
+
+
+def stats(out: Completion, options: DecodeOptions, prompts: int, seconds: float) -> str:
+    """``N model calls, T tokens/s (S s), P tokens processed per answer token[, C cache]``: the
+    answer positions are ``prompts x length`` (the MDM's canvas, the AR's and BD3's budget)."""
+    answer = prompts * options.length
+    line = (f"{out.model_calls} model calls, {answer / seconds:.0f} tokens/s ({seconds:.2f} s), "
+            f"{out.tokens_processed / answer:.1f} tokens processed per answer token")
+    return line + (f", {options.cache} cache" if options.cache != "none" else "")

@@ -82,7 +82,7 @@ FAMILIES: dict[str, Family] = {
         infill_sees_right_context=True, label="MDM",
         style=Style("tab:red", "^", "--", "MDM"),
         description="LLaDA masked diffusion, bidirectional attention",
-        decode_options=("steps", "block_length", "remasking", "threshold", "cfg_scale", "forbid_eos"),
+        decode_options=("steps", "block_length", "remasking", "threshold", "cfg_scale", "forbid_eos", "cache"),
         decode_ignores=("use_cache", "steps_per_block"),
         length_is_budget=False, score_options=("n_mc", "batch_size", "cfg_scale", "seed"),
         greedy="lldiff.likelihood:mdm_is_greedy",
@@ -95,8 +95,8 @@ FAMILIES: dict[str, Family] = {
         infill_sees_right_context=False, label="BD3",
         description="BD3-LM block diffusion: blocks left to right, masked diffusion inside a block",
         forward_copies=2,
-        decode_options=("steps_per_block", "remasking", "threshold", "cfg_scale", "forbid_eos"),
-        decode_ignores=("steps", "block_length", "use_cache"),  # use_cache: exact either way until the KV cache
+        decode_options=("steps_per_block", "remasking", "threshold", "cfg_scale", "forbid_eos", "use_cache"),
+        decode_ignores=("steps", "block_length"),  # use_cache: the exact block KV cache, on by default
         length_is_budget=True, score_options=("n_mc", "batch_size", "seed"),
         greedy="lldiff.likelihood:bd3_is_greedy",
     ),

@@ -14,12 +14,34 @@ without its known defects: CFG works without an attention mask, the unconditiona
 masks only the real prompt tokens (left padding stays padding), and EOS suppression is a
 logit mask applied after CFG (so no ``inf - inf``).
 
+Fast-dLLM's approximate KV caches (SPEC §10, ``cache="prefix"`` / ``"dual"``, for
+``generate`` and ``generate_threshold``; the model must then be an lldiff ``Transformer``,
+called as ``model(ids, attention_mask, kv_cache=...)``): at the start of each semi-AR block one
+call runs the whole canvas, filling a :class:`lldiff.model.KVCache` (its logits are the
+block's first step, identical to exact decoding's). The block's further steps then read the
+cached keys/values instead of recomputing them: the prefix cache keeps everything before the
+block and feeds ``x[:, block_start:]``; the dual cache also keeps the (masked) suffix after the
+block and feeds only the block. Both splice their own keys/values in
+(``KVCache.spliced(block_start, L)``) and write nothing, so every block starts from a fresh
+full-canvas call. They are approximations for a bidirectional model (the cached states would
+change as the block is revealed); they are exact for a model whose earlier states do not
+depend on later tokens (the prefix cache with causal attention; both caches with block
+attention aligned to the semi-AR blocks), which the tests use. With a cache, a step that
+would reveal nothing in any row (``steps`` per block above the block length) reuses the last
+logits: no model call. Left padding: the key padding mask covers the whole canvas at every
+call (cached padding keys stay masked). CFG: the unconditional rows have their own cache
+(rows ``B..2B`` of a batch-2B cache, filled by the same block-start call).
+
 Choices:
     * ``model_calls`` counts forward passes. With CFG the conditional and unconditional
       inputs go through ONE forward of batch 2B, counted as one call; ``forward_rows``
       counts sequences processed (B per call, 2B with CFG) for cost accounting.
-    * ``steps`` may exceed the number of tokens in a block (as upstream): the surplus
-      steps reveal nothing but are still model calls, so ``model_calls == steps`` always.
+    * ``tokens_processed`` counts the token positions fed to the model over all calls and
+      rows (B x canvas length per exact call, x2 under CFG): the compute the caches save.
+    * ``steps`` may exceed the number of tokens in a block (as upstream): without a cache the
+      surplus steps reveal nothing but are still model calls, so ``model_calls == steps``;
+      with a cache they make no call (``model_calls = blocks x min(steps per block,
+      block_length)``).
 """
 
 from __future__ import annotations
@@ -32,9 +54,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lldiff.model import KVCache, Transformer
+
 Model = Callable[..., Any]
 
 REMASKING = ("low_confidence", "random")
+CACHES = ("none", "prefix", "dual")  # Fast-dLLM's approximate caches for the semi-AR sampler (SPEC §10)
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,6 +147,8 @@ class SampleOutput:
         forward_rows: sequences processed by the model over all calls.
         seconds: wall-clock time of the sampling loop.
         eos_id: EOS id used by ``answer()`` when none is given.
+        tokens_processed: token positions fed to the model over all calls and rows (0: not
+            counted by this decoder).
     """
 
     canvas: Tensor
@@ -130,6 +157,7 @@ class SampleOutput:
     forward_rows: int
     seconds: float = 0.0
     eos_id: int | None = None
+    tokens_processed: int = 0
 
     @property
     def answer_ids(self) -> Tensor:
@@ -141,6 +169,11 @@ class SampleOutput:
         """Generated tokens (all positions of all rows) per wall-clock second."""
         return self.answer_ids.numel() / self.seconds if self.seconds > 0 else float("inf")
 
+    @property
+    def tokens_processed_per_answer_token(self) -> float:
+        """``tokens_processed`` / generated positions (all rows): compute per answer token."""
+        return self.tokens_processed / self.answer_ids.numel()
+
     def answer(self, eos_id: int | None = None) -> list[list[int]]:
         """Generated ids per row, cut before the first EOS (``eos_id`` or ``self.eos_id``)."""
         return strip_after_eos(self.answer_ids, self.eos_id if eos_id is None else eos_id)
@@ -150,9 +183,13 @@ class SampleOutput:
 # internals
 
 
-def call_model(model: Model, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """Logits (B, T, V') from any model callable (mask passed only when given)."""
-    out = model(input_ids) if attention_mask is None else model(input_ids, attention_mask)
+def call_model(model: Model, input_ids: Tensor, attention_mask: Tensor | None, **kwargs: Any) -> Tensor:
+    """Logits (B, T, V') from any model callable (mask passed only when given; ``kwargs``
+    such as ``kv_cache`` passed on)."""
+    if attention_mask is None:
+        out = model(input_ids, **kwargs)
+    else:
+        out = model(input_ids, attention_mask, **kwargs)
     logits = getattr(out, "logits", out)
     if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -161,8 +198,24 @@ def call_model(model: Model, input_ids: Tensor, attention_mask: Tensor | None) -
     return logits
 
 
+def check_cache(cache: str, *, gen_length: int, block_length: int, names: tuple[str, str] = ("gen_length",
+                                                                                            "block_length")) -> None:
+    """Refuse an unknown cache, and the dual cache without a suffix to keep (one block);
+    ``names`` are how the caller spells the answer length and the block length."""
+    if cache not in CACHES:
+        raise ValueError(f"cache={cache!r} is unknown; allowed: {', '.join(map(repr, CACHES))}")
+    if cache == "dual" and block_length >= gen_length:
+        length, block = names
+        smaller = [d for d in range(1, gen_length) if gen_length % d == 0]
+        raise ValueError(
+            f"cache='dual' keeps the keys/values after the current block, so it needs more than one block "
+            f"({block} < {length}), got {block}={block_length} with {length}={gen_length}; allowed: a {block} "
+            f"dividing {gen_length} below it ({', '.join(map(str, smaller)) or 'none'}), or cache='prefix' / 'none'"
+        )
+
+
 class _Stepper:
-    """Shared state of the samplers: canvas, masks, one guided forward per call."""
+    """Shared state of the samplers: canvas, masks, one guided forward per call, the cache."""
 
     def __init__(
         self,
@@ -177,6 +230,7 @@ class _Stepper:
         eos_id: int | None,
         forbid_eos: bool,
         generator: torch.Generator | None,
+        cache: str = "none",
     ) -> None:
         if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.dtype.is_floating_point:
             raise ValueError(f"prompt must be an integer tensor of shape (B, P), got {getattr(prompt, 'shape', prompt)}")
@@ -213,47 +267,84 @@ class _Stepper:
         self.prompt_real = torch.cat([real, torch.zeros(b, gen_length, dtype=torch.bool, device=device)], dim=1)
         self.model_calls = 0
         self.forward_rows = 0
+        self.tokens_processed = 0
+        self.cache = cache
+        self.kv = None
+        if cache != "none":
+            self.kv = self._new_cache(b * (2 if cfg_scale > 0 else 1))
 
-    def logits(self) -> Tensor:
-        """One forward (batch 2B under CFG); logits after CFG and EOS/mask suppression."""
+    def _new_cache(self, rows: int) -> KVCache:
+        if not isinstance(self.model, Transformer):
+            raise ValueError(f"cache={self.cache!r} needs an lldiff Transformer (its KV cache); got "  # noqa: TRY004
+                             f"{type(self.model).__name__}; use cache='none'")
+        parameter = next(self.model.parameters())
+        return KVCache(self.model.cfg, rows, self.x.shape[1], dtype=parameter.dtype, device=self.x.device)
+
+    def logits(self, start: int, end: int, first: bool) -> tuple[Tensor, int]:
+        """One forward (batch 2B under CFG) for the block ``[start, end)``: logits after CFG
+        and EOS/mask suppression, with the canvas column of their first position.
+
+        Without a cache the whole canvas is fed. With one, the block's ``first`` call feeds
+        the whole canvas into an emptied cache; later calls feed ``x[:, start:]`` (prefix)
+        or ``x[:, start:end]`` (dual), reading the other positions from the cache."""
         x, am = self.x, self.attention_mask
         if self.cfg_scale > 0:
-            uncond = unconditional_input(x, self.prompt_real, self.mask_id)
-            both = call_model(self.model, torch.cat([x, uncond]), None if am is None else torch.cat([am, am]))
-            cond, unc = both.chunk(2, dim=0)
-            logits = cfg_logits(cond, unc, self.cfg_scale)
+            x = torch.cat([x, unconditional_input(x, self.prompt_real, self.mask_id)])
+            am = None if am is None else torch.cat([am, am])
+        total = x.shape[1]
+        if self.kv is None:
+            logits, offset = call_model(self.model, x, am), 0
+        elif first:
+            self.kv.truncate(0)
+            logits, offset = call_model(self.model, x, am, kv_cache=self.kv), 0
         else:
-            logits = call_model(self.model, x, am)
+            stop = total if self.cache == "prefix" else end
+            with self.kv.spliced(start, total):
+                logits, offset = call_model(self.model, x[:, start:stop], am, kv_cache=self.kv), start
         self.model_calls += 1
-        self.forward_rows += x.shape[0] * (2 if self.cfg_scale > 0 else 1)
+        self.forward_rows += x.shape[0]
+        self.tokens_processed += x.shape[0] * logits.shape[1]
+        if self.cfg_scale > 0:
+            cond, unc = logits.chunk(2, dim=0)
+            logits = cfg_logits(cond, unc, self.cfg_scale)
         suppress = [i for i in (self.mask_id, self.eos_id) if i is not None and i < logits.shape[-1]]
         if suppress:
             logits = logits.clone()
             logits[..., suppress] = float("-inf")
-        return logits
+        return logits, offset
 
-    def propose(self, remasking: str) -> tuple[Tensor, Tensor]:
-        """Candidate tokens x0 (B, T) and their confidences (B, T, float64) for one step."""
-        logits = self.logits()
+    def propose(self, remasking: str, start: int, end: int, first: bool = True) -> tuple[Tensor, Tensor, int]:
+        """Candidate tokens x0 (B, T) and their confidences (B, T, float64) at the T canvas
+        positions the model returned for the block ``[start, end)`` (the whole canvas without
+        a cache and at a block's first call, so these steps compute exactly what the exact
+        sampler computes), and the canvas column of the first one."""
+        logits, offset = self.logits(start, end, first)
         x0 = add_gumbel_noise(logits, self.temperature, self.generator).argmax(dim=-1)
         if remasking == "low_confidence":
             probs = torch.softmax(logits.to(torch.float64), dim=-1)
             confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
         else:  # random
             confidence = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=self.generator)
-        return x0.to(self.x.dtype), confidence
+        return x0.to(self.x.dtype), confidence, offset
 
-    def block_candidates(self, start: int, end: int) -> Tensor:
-        """(B, T) still-masked positions of the canvas slice [start, end)."""
-        in_block = torch.zeros(self.x.shape[1], dtype=torch.bool, device=self.x.device)
-        in_block[start:end] = True
-        return (self.x == self.mask_id) & in_block
+    def block_candidates(self, start: int, end: int, offset: int = 0, width: int | None = None) -> Tensor:
+        """(B, width) still-masked positions of the block [start, end) among the canvas
+        columns ``offset..offset+width`` (default: the whole canvas)."""
+        width = self.x.shape[1] - offset if width is None else width
+        columns = torch.arange(offset, offset + width, device=self.x.device)
+        in_block = (columns >= start) & (columns < end)
+        return (self.x[:, offset:offset + width] == self.mask_id) & in_block
 
-    def reveal(self, x0: Tensor, transfer: Tensor) -> None:
-        self.x = torch.where(transfer, x0, self.x)
+    def reveal(self, start: int, x0: Tensor, transfer: Tensor) -> None:
+        """Write ``x0`` (B, T) where ``transfer`` into the canvas columns ``start..start+T``."""
+        end = start + x0.shape[1]
+        x = self.x.clone()
+        x[:, start:end] = torch.where(transfer, x0, x[:, start:end])
+        self.x = x
 
     def output(self, seconds: float, eos_id: int | None) -> SampleOutput:
-        return SampleOutput(self.x, self.prompt_length, self.model_calls, self.forward_rows, seconds, eos_id)
+        return SampleOutput(self.x, self.prompt_length, self.model_calls, self.forward_rows, seconds, eos_id,
+                            self.tokens_processed)
 
 
 def _check_blocks(gen_length: int, block_length: int) -> None:
@@ -286,16 +377,19 @@ def generate(
     eos_id: int | None = None,
     forbid_eos: bool = False,
     generator: torch.Generator | None = None,
+    cache: str = "none",
 ) -> SampleOutput:
     """LLaDA reverse process (Alg. 4, semi-autoregressive Alg. 5 when ``block_length <
-    gen_length``): exactly ``steps`` model calls.
+    gen_length``): exactly ``steps`` model calls without a cache.
 
     Args:
-        model: callable ids (B, T) [, attention mask (B, T)] -> logits (B, T, V).
+        model: callable ids (B, T) [, attention mask (B, T)] -> logits (B, T, V) (an lldiff
+            ``Transformer`` with a cache).
         prompt: (B, P) token ids, left-padded when ``attention_mask`` is given.
         gen_length: answer length; a multiple of ``block_length``.
-        steps: total model calls, a multiple of ``gen_length // block_length`` (each block
-            gets an equal share). May exceed the block length: surplus steps reveal nothing.
+        steps: total steps, a multiple of ``gen_length // block_length`` (each block gets an
+            equal share). May exceed the block length: surplus steps reveal nothing (still a
+            model call each without a cache, none with one).
         block_length: tokens per semi-autoregressive block (``gen_length`` = one block).
         mask_id: the mask token M.
         temperature: Gumbel-max sampling temperature; 0 = greedy argmax.
@@ -306,6 +400,8 @@ def generate(
         eos_id: EOS token (used by ``forbid_eos`` and ``SampleOutput.answer``).
         forbid_eos: set the EOS logit to -inf so EOS is never produced.
         generator: torch RNG for the Gumbel noise and random confidences.
+        cache: ``none`` (exact), ``prefix`` or ``dual`` (Fast-dLLM's approximate caches, see
+            the module docstring; ``dual`` needs ``block_length < gen_length``).
     """
     _check_blocks(gen_length, block_length)
     num_blocks = gen_length // block_length
@@ -319,9 +415,10 @@ def generate(
             f"remasking={remasking!r} is unknown; allowed: {', '.join(REMASKING)} "
             "(threshold decoding is generate_threshold)"
         )
+    check_cache(cache, gen_length=gen_length, block_length=block_length)
     state = _Stepper(
         model, prompt, gen_length=gen_length, mask_id=mask_id, temperature=temperature, cfg_scale=cfg_scale,
-        attention_mask=attention_mask, eos_id=eos_id, forbid_eos=forbid_eos, generator=generator,
+        attention_mask=attention_mask, eos_id=eos_id, forbid_eos=forbid_eos, generator=generator, cache=cache,
     )
     steps_per_block = steps // num_blocks
     start_time = time.perf_counter()
@@ -330,10 +427,12 @@ def generate(
         end = start + block_length
         counts = reveal_counts(state.block_candidates(start, end).sum(dim=1), steps_per_block)
         for step in range(steps_per_block):
-            x0, confidence = state.propose(remasking)
-            candidates = state.block_candidates(start, end)
+            if cache != "none" and step > 0 and not counts[:, step].any():
+                continue  # reveals nothing in any row: the last logits stand, no call
+            x0, confidence, offset = state.propose(remasking, start, end, first=step == 0)
+            candidates = state.block_candidates(start, end, offset, x0.shape[1])
             confidence = torch.where(candidates, confidence, float("-inf"))
-            state.reveal(x0, select_top_k(confidence, counts[:, step]) & candidates)
+            state.reveal(offset, x0, select_top_k(confidence, counts[:, step]) & candidates)
     return state.output(time.perf_counter() - start_time, eos_id)
 
 
@@ -352,6 +451,7 @@ def generate_threshold(
     eos_id: int | None = None,
     forbid_eos: bool = False,
     generator: torch.Generator | None = None,
+    cache: str = "none",
 ) -> SampleOutput:
     """Fast-dLLM confidence-threshold parallel decoding.
 
@@ -359,28 +459,29 @@ def generate_threshold(
     the current block whose confidence ``softmax(logits)[x0]`` exceeds ``threshold``, and
     at least the most confident one, until the block is full. The number of model calls
     therefore varies (between ``num_blocks`` and ``gen_length``); see ``model_calls``.
-    ``threshold = 1`` decodes one token per call. Other arguments as in ``generate``.
+    ``threshold = 1`` decodes one token per call. ``cache`` (``none``, ``prefix``, ``dual``)
+    and the other arguments as in ``generate``.
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     _check_blocks(gen_length, block_length)
+    check_cache(cache, gen_length=gen_length, block_length=block_length)
     state = _Stepper(
         model, prompt, gen_length=gen_length, mask_id=mask_id, temperature=temperature, cfg_scale=cfg_scale,
-        attention_mask=attention_mask, eos_id=eos_id, forbid_eos=forbid_eos, generator=generator,
+        attention_mask=attention_mask, eos_id=eos_id, forbid_eos=forbid_eos, generator=generator, cache=cache,
     )
     start_time = time.perf_counter()
     for block in range(gen_length // block_length):
         start = state.prompt_length + block * block_length
         end = start + block_length
-        for _ in range(block_length):  # at least one reveal per row per call: bounded
-            candidates = state.block_candidates(start, end)
-            if not candidates.any():
+        for call in range(block_length):  # at least one reveal per row per call: bounded
+            if not state.block_candidates(start, end).any():
                 break
-            x0, confidence = state.propose("low_confidence")
+            x0, confidence, offset = state.propose("low_confidence", start, end, first=call == 0)
+            candidates = state.block_candidates(start, end, offset, x0.shape[1])
             confidence = torch.where(candidates, confidence, float("-inf"))
-            active = candidates.any(dim=1, keepdim=True)
-            best = select_top_k(confidence, active.squeeze(1).long())
-            state.reveal(x0, ((confidence > threshold) | best) & candidates)
+            best = select_top_k(confidence, candidates.any(dim=1).long())
+            state.reveal(offset, x0, ((confidence > threshold) | best) & candidates)
     return state.output(time.perf_counter() - start_time, eos_id)
 
 

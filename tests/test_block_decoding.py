@@ -8,7 +8,11 @@
 * block_size = 1: greedy next-token decoding of the same network (mask token as the query);
 * left padding: a padded batch decodes each prompt exactly as alone (block ids follow real
   positions);
-* early stop at EOS changes no answer.
+* early stop at EOS changes no answer;
+* the KV cache (``use_cache=True``, the default) gives the uncached decoder's tokens and model
+  calls at temperature 0 (block sizes 1, 4, 16; prompts ending inside a block and on a
+  boundary; threshold decoding; CFG; EOS; left-padded batches whose rows' blocks sit at
+  different columns), and feeds the positions it promises.
 """
 
 import pytest
@@ -116,10 +120,12 @@ def test_several_blocks_are_the_mdm_sampler_block_after_block(prompt_len, gen_le
     prompt = prompts(2, prompt_len, seed=prompt_len)
     want, calls = mdm_block_by_block(model, prompt, gen_length=gen_length, block_size=block_size, steps=steps,
                                      generator=torch.Generator().manual_seed(9), **kw)
-    got = block_generate(model, prompt, gen_length=gen_length, block_size=block_size, mask_id=model.cfg.mask_id,
-                         steps_per_block=steps, generator=torch.Generator().manual_seed(9), **kw)
-    assert torch.equal(got.canvas, want)
-    assert got.model_calls == calls  # one call per step that has something to reveal
+    for use_cache in [False] if kw.get("temperature") else [False, True]:  # cached: other draws (fed block only)
+        got = block_generate(model, prompt, gen_length=gen_length, block_size=block_size, mask_id=model.cfg.mask_id,
+                             steps_per_block=steps, generator=torch.Generator().manual_seed(9), use_cache=use_cache,
+                             **kw)
+        assert torch.equal(got.canvas, want)
+        assert got.model_calls == calls  # one call per step that has something to reveal
 
 
 @pytest.mark.parametrize("remasking", ["low_confidence", "threshold"])
@@ -180,7 +186,7 @@ class EosAt:
 def test_early_stop_at_eos_changes_no_answer():
     model = EosAt([6, 9])  # both rows end inside the answer: row 0 in block 1, row 1 in block 2
     prompt = torch.tensor([[7, 8, 9], [7, 8, 9]])
-    kw = dict(gen_length=20, block_size=4, mask_id=V, eos_id=0)
+    kw = dict(gen_length=20, block_size=4, mask_id=V, eos_id=0, use_cache=False)  # a plain callable: no cache
     stopped = block_generate(model, prompt, **kw)
     full = block_generate(model, prompt, stop_at_eos=False, **kw)
     assert stopped.answer() == full.answer() == [[4, 5, 1], [4, 5, 1, 2, 3, 4]]
@@ -225,3 +231,138 @@ def test_options_of_other_decoders_are_refused_by_the_registry():
         DecodeOptions(length=8, remasking="threshold", steps_per_block=2)
     options = DecodeOptions.for_objective(bd3, length=8, steps=4, block_length=4, steps_per_block=2, top_k=None)
     assert (options.steps, options.block_length, options.steps_per_block) == (None, None, 2)
+
+
+# -- the KV cache (issue 14) ------------------------------------------------------------------------------------------
+def uncached_and_cached(model, prompt, **kw):
+    kw = dict(mask_id=model.cfg.mask_id, block_size=model.cfg.block_size, **kw)
+    return block_generate(model, prompt, use_cache=False, **kw), block_generate(model, prompt, use_cache=True, **kw)
+
+
+CACHE_SETTINGS = [
+    dict(),
+    dict(steps_per_block=2),
+    dict(steps_per_block=20),  # more steps than masks: the surplus makes no call
+    dict(remasking="threshold", threshold=0.2),
+    dict(remasking="threshold", threshold=1.0),
+    dict(cfg_scale=1.5),
+    dict(cfg_scale=1.0, remasking="threshold", threshold=0.2),
+    dict(forbid_eos=True, eos_id=3),
+]
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("prompt_len", [5, 16])  # ends inside a block (B = 4, 16), on a boundary (every B)
+@pytest.mark.parametrize("setting", CACHE_SETTINGS, ids=[str(s) for s in CACHE_SETTINGS])
+def test_cache_gives_the_uncached_tokens_and_calls(block_size, prompt_len, setting):
+    model = block_model(block_size, seed=block_size + prompt_len, max_seq_len=64)
+    prompt = prompts(2, prompt_len, seed=prompt_len)
+    plain, cached = uncached_and_cached(model, prompt, gen_length=23, **setting)  # last block partial (B = 4, 16)
+    assert torch.equal(cached.canvas, plain.canvas)
+    assert cached.model_calls == plain.model_calls and cached.forward_rows == plain.forward_rows
+    assert cached.tokens_processed < plain.tokens_processed
+
+
+def test_cache_feeds_the_promised_positions():
+    """Per block: min(steps, masks) calls (a step that reveals nothing makes none); its first call
+    feeds the columns finished since the previous block's first call plus the block (the prompt's
+    clean part at the first block), the others the block alone."""
+    block, prompt_len, gen, batch = 4, 6, 13, 2  # blocks at [4, 8) (2 masks), [8, 12), [12, 16), [16, 19)
+    model = block_model(block, seed=2)
+    for steps in (1, 3, 4, 8):
+        plain, cached = uncached_and_cached(model, prompts(batch, prompt_len), gen_length=gen, steps_per_block=steps)
+        calls = fed = previous = 0
+        for start in range(4, prompt_len + gen, block):
+            end = min(start + block, prompt_len + gen)
+            n = min(steps, end - max(start, prompt_len))
+            calls += n
+            fed += (end - previous) + (n - 1) * (end - start)
+            previous = start
+        assert cached.model_calls == plain.model_calls == calls
+        assert cached.tokens_processed == batch * fed
+        assert plain.tokens_processed == batch * sum(min(steps, min(s + block, 19) - max(s, 6)) * min(s + block, 19)
+                                                     for s in range(4, 19, block))
+        assert torch.equal(cached.canvas, plain.canvas)
+
+
+@pytest.mark.parametrize("block_size,lengths", [
+    (4, [3, 4, 5, 8, 1]),  # block boundaries at different columns; rows needing a block fewer sit a round out
+    (3, [7, 2, 5]),
+    (16, [3, 17, 20]),  # rows in different blocks at once
+])
+@pytest.mark.parametrize("kw", [{}, {"remasking": "threshold", "threshold": 0.2}, {"steps_per_block": 2},
+                                {"cfg_scale": 1.0}])
+def test_cache_with_left_padding_decodes_each_prompt_as_alone(block_size, lengths, kw):
+    """The cache is indexed by canvas columns, the padding included: rows whose blocks start at
+    different columns must never read a cached entry of a block they have not finished, nor
+    attend their padding. Each row of the cached padded batch decodes as the prompt alone
+    (uncached) and the batch as the uncached batch."""
+    model = block_model(block_size, seed=7)
+    rows = [prompts(1, n, seed=20 + n)[0].tolist() for n in lengths]
+    width = max(lengths)
+    ids = torch.full((len(rows), width), 2, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row)
+        mask[r, width - len(row):] = True
+    plain, cached = uncached_and_cached(model, ids, gen_length=10, attention_mask=mask, **kw)
+    assert torch.equal(cached.canvas, plain.canvas)
+    assert cached.model_calls == plain.model_calls
+    for r, row in enumerate(rows):
+        alone = block_generate(model, torch.tensor([row]), gen_length=10, block_size=block_size,
+                               mask_id=model.cfg.mask_id, use_cache=False, **kw)
+        assert cached.canvas[r, width:].tolist() == alone.canvas[0, len(row):].tolist(), f"row {r}"
+
+
+def test_a_cache_that_counts_blocks_in_canvas_columns_fails_the_padding_test(monkeypatch):
+    """The padding test has teeth: under left padding canvas columns are not positions, and a
+    cached call whose block mask counted key blocks in columns (what the model's own mask does
+    with a cache) lets rows attend across their block boundaries and changes the answers."""
+    from lldiff import block_decoding
+    from lldiff import model as model_module
+
+    def column_blocks(query_positions, key_positions, block_size):
+        columns = torch.arange(key_positions.shape[-1]).expand_as(key_positions)
+        return model_module.block_causal_mask(query_positions, columns, block_size)
+
+    model = block_model(4, seed=7)
+    rows = [prompts(1, n, seed=20 + n)[0].tolist() for n in (3, 8, 5)]
+    ids = torch.full((3, 8), 2, dtype=torch.long)
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        ids[r, 8 - len(row):], mask[r, 8 - len(row):] = torch.tensor(row), True
+    kw = dict(gen_length=12, block_size=4, mask_id=model.cfg.mask_id, attention_mask=mask)
+    alone = [block_generate(model, torch.tensor([row]), gen_length=12, block_size=4, mask_id=model.cfg.mask_id,
+                            use_cache=False).canvas[0, len(row):].tolist() for row in rows]
+    assert block_generate(model, ids, **kw).canvas[:, 8:].tolist() == alone
+    monkeypatch.setattr(block_decoding, "block_causal_mask", column_blocks)
+    wrong = block_generate(model, ids, **kw).canvas[:, 8:].tolist()
+    assert wrong[1] == alone[1]  # the unpadded row is right either way
+    assert wrong != alone
+
+
+def test_cache_keeps_the_early_stop_at_eos():
+    model = block_model(4, seed=11)
+    prompt = prompts(2, 5, seed=11)
+    free = block_generate(model, prompt, gen_length=24, block_size=4, mask_id=model.cfg.mask_id, use_cache=False)
+    answers = free.answer_ids.tolist()
+    eos = next(t for t in answers[0][:8] if t in answers[1][:8])  # a token both rows emit early: decoding stops
+    plain, cached = uncached_and_cached(model, prompt, gen_length=24, eos_id=eos)
+    assert torch.equal(cached.canvas, plain.canvas) and cached.answer() == plain.answer()
+    assert cached.model_calls == plain.model_calls < free.model_calls
+
+
+def test_cache_with_a_model_that_cannot_hold_it_is_refused():
+    torch.manual_seed(0)
+    ar = Transformer(ModelConfig(n_layer=1, d_model=32, n_heads=4, d_ff=64, vocab_size=V, max_seq_len=32,
+                                 attention="causal"))
+    prompt = prompts(1, 3)
+    with pytest.raises(ValueError, match="use_cache=True .* needs a bd3-4 model .*; this is an AR model; "
+                                         "pass use_cache=False"):
+        block_generate(ar, prompt, gen_length=4, block_size=4, mask_id=V)
+    with pytest.raises(ValueError, match="needs a bd3-4 model .*; this is a BD3-8 model"):
+        block_generate(block_model(8), prompt, gen_length=4, block_size=4, mask_id=V)
+    with pytest.raises(ValueError, match="needs an lldiff Transformer with block attention .* got a EosAt"):
+        block_generate(EosAt([9]), prompt, gen_length=4, block_size=4, mask_id=V)
+    # the registry lets BD3 decoding take the option (lldiff generate / chat --no-cache)
+    check_options(DecodeOptions(length=8, use_cache=False), registry.get("bd3-4"), strict=True)

@@ -57,6 +57,11 @@ GENERATE_REFUSALS = [
      "use --gen-length 32,")),
     (("--steps", "3"), ("--steps 3 is not a multiple of the number of blocks 2 (--gen-length 64 / --block-length 32); "
      "use --steps 2 or 4")),
+    # the dual cache keeps what follows the block: one block has nothing there
+    (("--gen-length", "32", "--cache", "dual"), ("--cache dual keeps the keys/values after the current block, so it "
+     "needs more than one block, but --block-length 32 covers --gen-length 32; use a --block-length below 32 that "
+     "divides it (1, 2, 4, 8, 16), or --cache prefix")),
+    (("--gen-length", "16", "--block-length", "16", "--cache", "dual"), "--block-length 16 covers --gen-length 16"),
     # out of range
     (("--temperature", "-1"), "--temperature must be >= 0 (0 = greedy), got -1.0"),
     (("--temperature", "nan"), "--temperature must be >= 0 (0 = greedy), got nan"),
@@ -89,6 +94,9 @@ CHAT_REFUSALS = [
     (("--seed", "1"), "--seed 1 needs --temperature > 0 or --remasking random"),
     (("--temperature", "-0.5"), "--temperature must be >= 0 (0 = greedy), got -0.5"),
     (("--cfg-scale", "-2"), "--cfg-scale must be >= 0 (0 = off), got -2.0"),
+    (("--length", "16", "--cache", "dual"), ("--cache dual keeps the keys/values after the current block, so it needs "
+     "more than one block, but --block-length 16 covers --length 16; use a --block-length below 16 that divides it "
+     "(1, 2, 4, 8), or --cache prefix")),
 ]
 
 
@@ -108,6 +116,9 @@ def test_valid_values_reach_the_checkpoint_check(capsys):
         (generate.main, ["--cfg-scale", "0", "--remasking", "random", "--seed", "2", "--steps", "2"]),
         (chat.main, ["--length", "16"]),
         (chat.main, ["--length", "48", "--block-length", "16", "--steps", "6"]),
+        (generate.main, ["--cache", "dual"]),  # default: 64 tokens in blocks of 32
+        (generate.main, ["--gen-length", "32", "--cache", "prefix", "--remasking", "threshold"]),
+        (chat.main, ["--length", "48", "--block-length", "16", "--cache", "dual"]),
     ]:
         with pytest.raises((SystemExit, FileNotFoundError)) as info:  # generate: cli.main makes it one line, exit 2
             main(["--ckpt", NO_CKPT, "--prompt" if main is generate.main else "--message", "x", *argv])
@@ -136,6 +147,25 @@ def test_chat_refuses_mdm_options_for_an_ar_checkpoint(tiny_runs, capsys, argv):
         f"({tiny_runs['ar']})"
 
 
+@pytest.mark.parametrize("main,argv", [(generate.main, ("--prompt", "hi", "--cache", "prefix")),
+                                       (chat.main, ("--message", "hi", "--cache", "dual"))])
+def test_a_cache_option_for_an_ar_checkpoint_names_its_own_cache(tiny_runs, capsys, main, argv):
+    with pytest.raises(SystemExit) as info:
+        main(["--ckpt", str(tiny_runs["ar"]), *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--cache do(es) not apply to an AR checkpoint ({tiny_runs['ar']}); an AR decodes with its "
+                        "exact KV cache, on by default (--no-cache turns it off)")
+
+
+def test_no_cache_for_an_mdm_checkpoint_names_its_caches(tiny_runs, capsys):
+    with pytest.raises(SystemExit):
+        generate.main(["--ckpt", str(tiny_runs["mdm"]), "--prompt", "hi", "--no-cache"])
+    assert capsys.readouterr().err.strip().endswith(
+        "--no-cache do(es) not apply to an MDM checkpoint " f"({tiny_runs['mdm']}); an MDM decodes exactly by "
+        "default; its approximate caches are --cache prefix and --cache dual")
+
+
 def test_values_are_used_exactly_as_given(tiny_runs, capsys, monkeypatch):
     seen = []
 
@@ -157,6 +187,11 @@ def test_values_are_used_exactly_as_given(tiny_runs, capsys, monkeypatch):
     assert (seen[-1].length, seen[-1].block, seen[-1].steps) == (48, 16, 6)
     chat.main(["--ckpt", str(tiny_runs["mdm"]), "--message", "hi", "--length", "16"])  # default block: min(32, 16)
     assert (seen[-1].length, seen[-1].block) == (16, 16)
+    generate.main(["--ckpt", str(tiny_runs["mdm"]), "--prompt", "red", "--gen-length", "8", "--block-length", "4",
+                   "--cache", "dual"])
+    assert (seen[-1].cache, seen[-1].block) == ("dual", 4)
+    chat.main(["--ckpt", str(tiny_runs["mdm"]), "--message", "hi", "--length", "16", "--cache", "prefix"])
+    assert (seen[-1].cache, seen[-1].block) == ("prefix", 16)
     chat.main(["--ckpt", str(tiny_runs["ar"]), "--message", "hi", "--length", "40"])  # AR: no blocks
     assert seen[-1].length == 40
     capsys.readouterr()
@@ -178,6 +213,9 @@ def test_values_are_used_exactly_as_given(tiny_runs, capsys, monkeypatch):
     ({"length": 8, "temperature": -1.0}, "temperature must be >= 0"),
     ({"length": 8, "temperature": math.nan}, "temperature must be >= 0"),
     ({"length": 8, "cfg_scale": -1.0}, "cfg_scale must be >= 0"),
+    ({"length": 8, "cache": "dual"}, r"cache='dual' .*needs more than one block \(block_length < length\)"),
+    ({"length": 8, "block_length": 8, "cache": "dual"}, "got block_length=8 with length=8"),
+    ({"length": 8, "cache": "full"}, "cache='full'; allowed: none, prefix, dual"),
 ])
 def test_decode_options_refuse_values_they_would_replace_or_ignore(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -189,6 +227,7 @@ def test_decode_options_defaults_are_unchanged():
     assert (options.block, options.steps, options.threshold, options.remasking) == (16, None, None, "low_confidence")
     assert DecodeOptions(length=64).block == 32
     assert DecodeOptions(length=8, remasking="threshold").threshold is None  # complete() uses 0.9
+    assert DecodeOptions(length=8).cache == "none"  # the MDM decodes exactly unless a cache is asked for
 
 
 def tiny(causal: bool) -> Transformer:

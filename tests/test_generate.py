@@ -29,6 +29,37 @@ def test_mdm_generate_runs_every_sampler(tiny_runs, capsys, extra, calls):
     assert f"MDM tiny-0.1M: 1 prompt(s), {calls} model calls" in out
 
 
+def processed(out: str) -> float:
+    return float(re.search(r"([\d.]+) tokens processed per answer token", out).group(1))
+
+
+def test_mdm_generate_with_a_cache_reports_calls_speed_and_tokens_processed(tiny_runs, capsys):
+    argv = ("--ckpt", tiny_runs["mdm"], "--prompt", "a stitch in", "--gen-length", "16", "--block-length", "4")
+    exact = run(capsys, *argv)
+    prompt = len(load_model(tiny_runs["mdm"]).tokenizer.encode("a stitch in"))
+    assert processed(exact) == pytest.approx(16 * (prompt + 16) / 16, abs=0.051)  # 16 whole-canvas calls
+    for cache, fed in (("prefix", lambda k: 16 - 4 * k), ("dual", lambda k: 4)):
+        out = run(capsys, *argv, "--cache", cache)
+        assert re.search(rf"MDM tiny-0.1M: 1 prompt\(s\), 16 model calls, \d+ tokens/s \([\d.]+ s\), [\d.]+ tokens "
+                         rf"processed per answer token, {cache} cache", out)
+        expected = sum(prompt + 16 + 3 * fed(k) for k in range(4)) / 16  # per block: whole canvas, then 3 calls
+        assert processed(out) == pytest.approx(expected, abs=0.051) and processed(out) < processed(exact)
+    out = run(capsys, *argv, "--cache", "dual", "--remasking", "threshold")
+    assert 4 <= int(re.search(r"(\d+) model calls", out).group(1)) <= 16
+
+
+def test_chat_prints_calls_and_speed_after_each_answer(tiny_runs, capsys):
+    from lldiff import chat
+
+    chat.main(["--ckpt", str(tiny_runs["mdm"]), "--message", "hi", "--message", "more", "--length", "8",
+               "--block-length", "4", "--cache", "dual"])
+    captured = capsys.readouterr()
+    assert "model calls" not in captured.out  # stdout: the answers alone
+    stats = captured.err.strip().splitlines()
+    assert len(stats) == 2 and all(re.fullmatch(r"\[MDM: 8 model calls, \d+ tokens/s \([\d.]+ s\), [\d.]+ tokens "
+                                                r"processed per answer token, dual cache\]", line) for line in stats)
+
+
 def test_mdm_threshold_decoding_reports_its_calls(tiny_runs, capsys):
     out = run(capsys, "--ckpt", tiny_runs["mdm"], "--prompt", "red lorry", "--gen-length", "16",
               "--remasking", "threshold", "--threshold", "0.5")
