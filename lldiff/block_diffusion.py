@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lldiff import objectives
+
 BD3Model = Callable[..., Tensor]
 
 
@@ -292,3 +294,45 @@ def bd3_nelbo_nats(
         xt, masked, t_tok = block_forward_mask(x0, t, mask_id, block_size, maskable=maskable, generator=generator)
         total += bd3_weighted_ce(bd3_logits(model, xt, x0, block_size), x0, masked, t_tok)
     return total / num_samples
+
+
+def bd3_sft_loss(
+    model: BD3Model,
+    tokens: Tensor,
+    response: Tensor,
+    mask_id: int,
+    block_size: int,
+    *,
+    normalisation: str = "response_length",
+    eps: float = 1e-3,
+    prompt_dropout: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """SFT loss of the block diffusion model (SPEC §9) on ``prompt + response`` rows.
+
+    Blocks are those of pre-training (position ``i`` in block ``i // block_size``, from the
+    row's start), so a block may hold the prompt's end and the response's start. One ratio
+    ``t_b ~ U[eps, 1]`` per (row, block); only ``response`` positions (EOS padding included)
+    are ever masked, the prompt stays clean in ``x_t`` and is the clean context in ``x_0``.
+    One forward on ``[x_t ⊕ x_0]`` (:func:`lldiff.bd3_logits`); the
+    per-example sum of ``CE / t_b`` over masked tokens is normalised as
+    :func:`lldiff.objectives.mdm_sft_loss` does (``response_length``: per example by its
+    response length, then the batch mean; ``token``: by all response tokens).
+    ``prompt_dropout`` replaces a whole prompt by mask tokens in both halves (the clean half
+    is the context a sampler conditions on), for classifier-free guidance.
+
+    With one block (``block_size >= L``) the random draws, the masks and the loss are those
+    of :func:`lldiff.objectives.mdm_sft_loss` with the same generator."""
+    if tokens.shape != response.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and response {tuple(response.shape)} must have the same shape")
+    lengths = objectives.response_lengths(response, normalisation)
+    batch, seq_len = tokens.shape
+    t = sample_block_mask_ratios(batch, num_blocks(seq_len, block_size), eps,
+                                                 generator=generator, device=tokens.device)
+    xt, masked, t_tok = block_forward_mask(tokens, t, mask_id, block_size, maskable=response,
+                                                           generator=generator)
+    # one draw per row (as in mdm_sft_loss); a dropped prompt is masked in both halves
+    both = objectives.drop_prompts(torch.cat([xt, tokens], dim=1), torch.cat([response, response], dim=1), mask_id,
+                                   prompt_dropout, generator=generator)
+    logits = bd3_logits(model, both[:, :seq_len], both[:, seq_len:], block_size)
+    return objectives.normalise_sft(bd3_weighted_ce(logits, tokens, masked, t_tok), lengths, normalisation)

@@ -1,6 +1,6 @@
 """Supervised fine-tuning modules, one per objective (:mod:`lldiff.registry`'s ``sft_module``):
 LLaDA's Alg. 2 for the MDM (``objectives.mdm_sft_loss``), its AR counterpart
-(``objectives.ar_sft_loss``) and its block-diffusion counterpart (:func:`bd3_sft_loss`).
+(``objectives.ar_sft_loss``) and its block-diffusion counterpart (``block_diffusion.bd3_sft_loss``).
 
 All start from a pre-trained ``lldiff fit`` checkpoint (``init_from``) of their objective, whose
 model shape they take, and train on :class:`lldiff.data.SFTDataModule` batches. All log
@@ -210,58 +210,9 @@ class AutoregressiveSFT(_SFTMixin, AutoregressiveLM):
 
 
 
-def bd3_sft_loss(
-    model: Any,
-    tokens: Tensor,
-    response: Tensor,
-    mask_id: int,
-    block_size: int,
-    *,
-    normalisation: str = "response_length",
-    eps: float = 1e-3,
-    prompt_dropout: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """SFT loss of the block diffusion model (SPEC §9) on ``prompt + response`` rows.
-
-    Blocks are those of pre-training (position ``i`` in block ``i // block_size``, from the
-    row's start), so a block may hold the prompt's end and the response's start. One ratio
-    ``t_b ~ U[eps, 1]`` per (row, block); only ``response`` positions (EOS padding included)
-    are ever masked, the prompt stays clean in ``x_t`` and is the clean context in ``x_0``.
-    One forward on ``[x_t ⊕ x_0]`` (:func:`lldiff.block_diffusion.bd3_logits`); the
-    per-example sum of ``CE / t_b`` over masked tokens is normalised as
-    :func:`lldiff.objectives.mdm_sft_loss` does (``response_length``: per example by its
-    response length, then the batch mean; ``token``: by all response tokens).
-    ``prompt_dropout`` replaces a whole prompt by mask tokens in both halves (the clean half
-    is the context a sampler conditions on), for classifier-free guidance.
-
-    With one block (``block_size >= L``) the random draws, the masks and the loss are those
-    of :func:`lldiff.objectives.mdm_sft_loss` with the same generator."""
-    if normalisation not in objectives.SFT_NORMALISATIONS:
-        raise ValueError(f"normalisation={normalisation!r}; allowed: {', '.join(objectives.SFT_NORMALISATIONS)}")
-    if tokens.shape != response.shape:
-        raise ValueError(f"tokens {tuple(tokens.shape)} and response {tuple(response.shape)} must have the same shape")
-    lengths = response.sum(dim=1)
-    if bool((lengths == 0).any()):
-        raise ValueError("every example needs at least one response token")
-    batch, seq_len = tokens.shape
-    t = block_diffusion.sample_block_mask_ratios(batch, block_diffusion.num_blocks(seq_len, block_size), eps,
-                                                 generator=generator, device=tokens.device)
-    xt, masked, t_tok = block_diffusion.block_forward_mask(tokens, t, mask_id, block_size, maskable=response,
-                                                           generator=generator)
-    # one draw per row (as in mdm_sft_loss); a dropped prompt is masked in both halves
-    both = objectives.drop_prompts(torch.cat([xt, tokens], dim=1), torch.cat([response, response], dim=1), mask_id,
-                                   prompt_dropout, generator=generator)
-    logits = block_diffusion.bd3_logits(model, both[:, :seq_len], both[:, seq_len:], block_size)
-    per_example = block_diffusion.bd3_weighted_ce(logits, tokens, masked, t_tok)
-    if normalisation == "response_length":
-        return (per_example / lengths).mean()
-    return per_example.sum() / lengths.sum()
-
-
 class BlockDiffusionSFT(_SFTMixin, BlockDiffusionLM):
     """BD3 supervised fine-tuning: the prompt stays clean, the response's blocks are diffused
-    (:func:`bd3_sft_loss`); validation is the response's NELBO given the prompt
+    (:func:`lldiff.block_diffusion.bd3_sft_loss`); validation is the response's NELBO given the prompt
     (:func:`lldiff.block_diffusion.bd3_nelbo_nats` with ``maskable`` = the response).
 
     Args (beyond BlockDiffusionLM's; ``random_length_prob`` does not apply):
@@ -304,7 +255,7 @@ class BlockDiffusionSFT(_SFTMixin, BlockDiffusionLM):
         self._load_pretrained(init_from, pretrained)
 
     def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
-        return bd3_sft_loss(self, tokens, response, self.mask_id, self.config.block_size,
+        return block_diffusion.bd3_sft_loss(self, tokens, response, self.mask_id, self.config.block_size,
                             normalisation=self.hparams.normalisation, eps=self.hparams.mask_eps,
                             prompt_dropout=self.hparams.prompt_dropout)
 

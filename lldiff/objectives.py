@@ -164,15 +164,27 @@ def mdm_sft_loss(
     tokens (``token``, SMDM). ``prompt_dropout`` masks whole prompts of the model's input
     with that probability (classifier-free guidance training, see :func:`drop_prompts`).
     """
+    lengths = response_lengths(response, normalisation)
+    t = sample_mask_ratio(tokens.shape[0], eps=eps, device=tokens.device, generator=generator)
+    xt, masked = forward_mask(tokens, t, mask_id, maskable=response, generator=generator)
+    xt = drop_prompts(xt, response, mask_id, prompt_dropout, generator=generator)
+    return normalise_sft(weighted_masked_ce(model(xt), tokens, masked, t), lengths, normalisation)
+
+
+def response_lengths(response: Tensor, normalisation: str) -> Tensor:
+    """Each example's response length (B,), after checking the normalisation name and that
+    every example has a response token (what every diffusion SFT loss needs first)."""
     if normalisation not in SFT_NORMALISATIONS:
         raise ValueError(f"normalisation={normalisation!r}; allowed: {', '.join(SFT_NORMALISATIONS)}")
     lengths = response.sum(dim=1)
     if bool((lengths == 0).any()):
         raise ValueError("every example needs at least one response token")
-    t = sample_mask_ratio(tokens.shape[0], eps=eps, device=tokens.device, generator=generator)
-    xt, masked = forward_mask(tokens, t, mask_id, maskable=response, generator=generator)
-    xt = drop_prompts(xt, response, mask_id, prompt_dropout, generator=generator)
-    per_example = weighted_masked_ce(model(xt), tokens, masked, t)
+    return lengths
+
+
+def normalise_sft(per_example: Tensor, lengths: Tensor, normalisation: str) -> Tensor:
+    """``response_length`` (LLaDA): each example's sum by its response length, then the batch
+    mean; ``token`` (SMDM): the batch's sum by all its response tokens."""
     if normalisation == "response_length":
         return (per_example / lengths).mean()
     return per_example.sum() / lengths.sum()

@@ -11,7 +11,8 @@ import torch
 
 from lldiff import block_diffusion, registry
 from lldiff.checkpoint import load_model
-from lldiff.finetune import AutoregressiveSFT, BlockDiffusionSFT, MaskedDiffusionSFT, bd3_sft_loss, pretrained_shape
+from lldiff.block_diffusion import bd3_sft_loss
+from lldiff.finetune import AutoregressiveSFT, BlockDiffusionSFT, MaskedDiffusionSFT, pretrained_shape
 
 REPO = Path(__file__).resolve().parents[1]
 MASK = 8  # vocabulary 0..7, the mask token is id 8

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lldiff.interop.llada import unfused_block
 from lldiff.interop.safetensors_io import write_safetensors
 from lldiff.model import Transformer
 
@@ -45,23 +46,19 @@ def write_tokenizer_files(tokenizer: Any, out: Path, *, max_len: int) -> None:
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
+LLAMA_BLOCK_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                     "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+                     "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+
+
 def llama_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """Llama (transformers) names for an lldiff backbone's weights, fused projections split."""
     cfg, state = model.cfg, model.state_dict()
-    hd = cfg.head_dim
     out = {"model.embed_tokens.weight": state["embed.weight"][: cfg.vocab_size], "model.norm.weight": state["norm.weight"],
            "lm_head.weight": state["head.weight"]}
     for i in range(cfg.n_layer):
-        o, b = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = state[f"{o}attn.qkv.weight"].split([cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd])
-        gate, up = state[f"{o}mlp.gate_up.weight"].chunk(2, dim=0)
-        out.update({
-            f"{b}self_attn.q_proj.weight": q, f"{b}self_attn.k_proj.weight": k, f"{b}self_attn.v_proj.weight": v,
-            f"{b}self_attn.o_proj.weight": state[f"{o}attn.proj.weight"], f"{b}mlp.gate_proj.weight": gate,
-            f"{b}mlp.up_proj.weight": up, f"{b}mlp.down_proj.weight": state[f"{o}mlp.proj.weight"],
-            f"{b}input_layernorm.weight": state[f"{o}attn_norm.weight"],
-            f"{b}post_attention_layernorm.weight": state[f"{o}mlp_norm.weight"],
-        })
+        out.update({f"model.layers.{i}.{LLAMA_BLOCK_NAMES[piece]}.weight": tensor
+                    for piece, tensor in unfused_block(state, cfg, i).items()})
     return {name: t.detach().contiguous().clone() for name, t in out.items()}
 
 

@@ -221,23 +221,31 @@ def llada_to_lldiff(get: Any, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 def lldiff_to_llada(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """LLaDA tensors from an lldiff state dict (splitting the fused projections; an extra-row
     mask token gets a zero head row so the head covers every embedding row)."""
-    hd = cfg.head_dim
     head = state["head.weight"]
     if cfg.embedding_rows > cfg.vocab_size:
         head = torch.cat([head, head.new_zeros(cfg.embedding_rows - cfg.vocab_size, cfg.d_model)], dim=0)
     out = {f"{PREFIX}wte.weight": state["embed.weight"], f"{PREFIX}ln_f.weight": state["norm.weight"],
            f"{PREFIX}ff_out.weight": head}
     for i in range(cfg.n_layer):
-        b, o = f"{PREFIX}blocks.{i}.", f"blocks.{i}."
-        q, k, v = state[f"{o}attn.qkv.weight"].split([cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd])
-        gate, up = state[f"{o}mlp.gate_up.weight"].chunk(2, dim=0)
-        out.update({
-            f"{b}q_proj.weight": q, f"{b}k_proj.weight": k, f"{b}v_proj.weight": v,
-            f"{b}attn_out.weight": state[f"{o}attn.proj.weight"], f"{b}ff_proj.weight": gate,
-            f"{b}up_proj.weight": up, f"{b}ff_out.weight": state[f"{o}mlp.proj.weight"],
-            f"{b}attn_norm.weight": state[f"{o}attn_norm.weight"], f"{b}ff_norm.weight": state[f"{o}mlp_norm.weight"],
-        })
+        out.update({f"{PREFIX}blocks.{i}.{LLADA_BLOCK_NAMES[piece]}.weight": tensor
+                    for piece, tensor in unfused_block(state, cfg, i).items()})
     return {name: tensor.detach().contiguous().clone() for name, tensor in out.items()}
+
+
+LLADA_BLOCK_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out", "gate": "ff_proj", "up": "up_proj",
+                     "down": "ff_out", "attn_norm": "attn_norm", "mlp_norm": "ff_norm"}
+
+
+def unfused_block(state: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
+    """Block ``i`` of an lldiff state dict with its fused projections split: ``q, k, v`` from
+    ``attn.qkv`` (``[q | k | v]``), ``gate, up`` from ``mlp.gate_up``, plus ``o``, ``down`` and
+    the two norms (the names every exporter maps to its own)."""
+    o, hd = f"blocks.{i}.", cfg.head_dim
+    q, k, v = state[f"{o}attn.qkv.weight"].split([cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd])
+    gate, up = state[f"{o}mlp.gate_up.weight"].chunk(2, dim=0)
+    return {"q": q, "k": k, "v": v, "o": state[f"{o}attn.proj.weight"], "gate": gate, "up": up,
+            "down": state[f"{o}mlp.proj.weight"], "attn_norm": state[f"{o}attn_norm.weight"],
+            "mlp_norm": state[f"{o}mlp_norm.weight"]}
 
 
 def build_on_meta(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
