@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog.",
@@ -39,6 +40,16 @@ def _quiet_lightning():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module (restored after it): tiny models' many small
+    matmuls run faster alone than split across threads that other processes also use."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

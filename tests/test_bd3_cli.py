@@ -15,24 +15,10 @@ from lldiff.evaluation.cli import main as eval_main
 from lldiff.evaluation.exact_match import answers_for
 
 
-@pytest.fixture(scope="module")
-def bd3_ckpt(toy_corpus, cache_dir, tmp_path_factory) -> Path:
-    """A tiny BD3 (blocks of 4) fitted with `lldiff fit` on the toy corpus, as tests/conftest.py's tiny_runs."""
-    from lldiff.launch import lightning_cli
-
-    out = tmp_path_factory.mktemp("bd3run")
-    repo = Path(__file__).resolve().parents[1]
-    lightning_cli([
-        "fit", "--config", str(repo / "configs" / "bd3-tiny.yaml"), "--model.init_args.block_size", "4",
-        "--model.init_args.size", "tiny-0.1M", "--model.init_args.warmup_steps", "2",
-        "--model.init_args.random_length_prob", "0.0",
-        "--data.init_args.source", "files", "--data.init_args.paths", f"[{toy_corpus}]",
-        "--data.init_args.max_bytes", "null", "--data.init_args.vocab_size", "320",
-        "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "8",
-        "--data.init_args.cache_dir", str(cache_dir), "--trainer.max_steps", "20",
-        "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(out),
-    ])
-    return out / "bd3-tiny" / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def bd3_ckpt(tiny_bd3_run) -> Path:
+    """The session's tiny BD3 (blocks of 4; tests/conftest.py), fitted once for every test file."""
+    return tiny_bd3_run
 
 
 def test_the_checkpoint_is_a_bd3_model(bd3_ckpt):

@@ -29,12 +29,7 @@ from lldiff.model import Transformer
 V = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds contention
 
 
 def block_model(block_size: int, seed: int = 0) -> Transformer:

@@ -28,12 +28,7 @@ from lldiff.sampling import generate, generate_threshold
 V = 13
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds contention
 
 
 def block_model(block_size: int, seed: int = 0, max_seq_len: int = 64) -> Transformer:

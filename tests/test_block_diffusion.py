@@ -35,13 +35,7 @@ from lldiff.model import Transformer
 from lldiff.objectives import mdm_elbo_nats, mdm_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to oversubscribed CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds contention
 
 
 def _model(vocab: int, *, attention: str = "bidirectional", backend: str = "sdpa", seed: int = 0, **kw) -> Transformer:
