@@ -275,7 +275,11 @@ class Transformer(nn.Module):
                                  "with KVCache.spliced: an approximation)")
             if positions is None:
                 positions = torch.arange(past, past + t, device=input_ids.device)
-        if explicit_positions:  # the positions, not the input length, must fit the RoPE tables
+        if explicit_positions and positions.device.type != "cpu":
+            # the same check without a host sync on every step (BD3 trains with explicit positions)
+            torch._assert_async(((positions >= 0) & (positions < self.cfg.max_seq_len)).all(),
+                                "RoPE positions outside [0, max_seq_len)")
+        elif explicit_positions:  # the positions, not the input length, must fit the RoPE tables
             low, high = int(positions.min()), int(positions.max())
             if low < 0 or high >= self.cfg.max_seq_len:
                 raise ValueError(
