@@ -46,7 +46,7 @@ from lldiff.completion import article, option_owners
 from lldiff.likelihood import ar_loglik, bd3_conditional_loglik, mdm_conditional_loglik
 from lldiff.registry import Objective
 
-from .tasks import Example, validate_example
+from .tasks import Example, first_argmax, validate_example
 
 Scorer = Callable[[Tensor, Tensor], float]
 """``scorer(context_ids (P,), choice_ids (L,)) -> log p(choice | context)`` in nats."""
@@ -141,17 +141,6 @@ def example_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-TIE_RTOL = 1e-6
-"""Scores within this relative distance count as equal (float32 rounding of equal sums)."""
-
-
-def _argmax(values: Sequence[float]) -> int:
-    """Index of the largest value; near-ties (:data:`TIE_RTOL`) go to the lowest index."""
-    best = 0
-    for i, v in enumerate(values):
-        if v - values[best] > TIE_RTOL * max(1.0, abs(values[best])):
-            best = i
-    return best
 
 
 def _resolve(loaded_or_model: Any, tokenizer: Any, objective: str | Objective | None, mask_id: int | None):
@@ -275,7 +264,7 @@ def evaluate_multiple_choice(
                                         [torch.tensor(c, dtype=torch.long, device=device)])
             n_bytes = [len(c.encode("utf-8")) for c in ex.choices]
             norm = [ll / nb for ll, nb in zip(loglik, n_bytes)]
-            pred, pred_norm = _argmax(loglik), _argmax(norm)
+            pred, pred_norm = first_argmax(loglik), first_argmax(norm)
             predictions.append({
                 "index": i, "label": ex.label, "pred": pred, "pred_norm": pred_norm,
                 "correct": pred == ex.label, "correct_norm": pred_norm == ex.label,

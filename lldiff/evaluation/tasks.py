@@ -294,7 +294,8 @@ UNIGRAM_UNITS = ("char", "word")
 """Built-in units of :class:`UnigramScorer` (a tokenizer's ``encode`` may be given instead)."""
 
 _WORD = re.compile(r"\w+|[^\w\s]")
-_TIE_RTOL = 1e-6  # as lldiff.evaluation.multiple_choice.TIE_RTOL
+TIE_RTOL = 1e-6
+"""Scores within this relative distance count as equal (float32 rounding of equal sums)."""
 
 
 class UnigramScorer:
@@ -337,13 +338,14 @@ class UnigramScorer:
 
 
 def _tied(a: float, b: float) -> bool:
-    return abs(a - b) <= _TIE_RTOL * max(1.0, abs(a), abs(b))
+    return abs(a - b) <= TIE_RTOL * max(1.0, abs(a), abs(b))
 
 
-def _first_argmax(values: Sequence[float]) -> int:
+def first_argmax(values: Sequence[float]) -> int:
+    """Index of the largest value; near-ties (:data:`TIE_RTOL`) go to the lowest index."""
     best = 0
     for i, v in enumerate(values):
-        if v - values[best] > _TIE_RTOL * max(1.0, abs(values[best])):
+        if v - values[best] > TIE_RTOL * max(1.0, abs(values[best])):
             best = i
     return best
 
@@ -361,8 +363,8 @@ def unigram_baseline(examples: Sequence[Example], scorer: Callable[[str], float]
     preds, preds_norm = [], []
     for e in examples:
         scores = [float(scorer(c)) for c in e.choices]
-        preds.append(_first_argmax(scores))
-        preds_norm.append(_first_argmax([s / max(1, len(c.encode("utf-8"))) for s, c in zip(scores, e.choices)]))
+        preds.append(first_argmax(scores))
+        preds_norm.append(first_argmax([s / max(1, len(c.encode("utf-8"))) for s, c in zip(scores, e.choices)]))
     n = len(examples)
     return {
         "accuracy": sum(p == e.label for p, e in zip(preds, examples)) / n,
