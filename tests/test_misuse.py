@@ -55,25 +55,36 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def _kill_mid_write(target: Path, io: str, tmpdir: Path) -> None:
-    """Start the writer, wait until it has started writing the big checkpoint (a staging file
-    beside the target grows, or the target itself changes), then SIGKILL it."""
-    env = {**os.environ, "TMPDIR": str(tmpdir)}
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), io], stdout=subprocess.PIPE, text=True, env=env)
+def _kill_once(cmd: list[str], writing: callable, env: dict | None = None) -> None:
+    """Start a writer script, wait for its "ready" line (first checkpoint complete), poll until
+    ``writing()`` says it is in the middle of the next one, then SIGKILL it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        first = target.stat()
+        writing()  # the state before the next write
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            now = target.stat() if target.exists() else None
-            staged = [p for p in target.parent.iterdir() if p != target and p.is_file() and p.stat().st_size > 0]
-            if staged or now is None or (now.st_size, now.st_mtime_ns) != (first.st_size, first.st_mtime_ns):
-                break
+        while time.monotonic() < deadline and not writing():
             time.sleep(0.0005)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def _kill_mid_write(target: Path, io: str, tmpdir: Path) -> None:
+    """Kill the file writer once it has started the big checkpoint: a staging file beside the
+    target grows, or the target itself changes."""
+    first: list = []
+
+    def writing() -> bool:
+        now = target.stat() if target.exists() else None
+        if not first:
+            first.append(now)
+            return False
+        staged = [p for p in target.parent.iterdir() if p != target and p.is_file() and p.stat().st_size > 0]
+        return bool(staged) or now is None or (now.st_size, now.st_mtime_ns) != (first[0].st_size, first[0].st_mtime_ns)
+
+    _kill_once([sys.executable, "-c", WRITER, str(target), io], writing, env={**os.environ, "TMPDIR": str(tmpdir)})
 
 
 def test_killed_checkpoint_write_with_tmpdir_on_another_filesystem_keeps_a_loadable_checkpoint(tmp_path):
@@ -127,20 +138,13 @@ DIRECTORY_WRITER = textwrap.dedent("""
 
 def test_killed_sharded_checkpoint_write_keeps_the_previous_directory(tmp_path):
     target = tmp_path / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", DIRECTORY_WRITER, str(target)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        staging = staging_path(target)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            files = list(staging.glob("*")) if staging.is_dir() else []
-            if any(f.stat().st_size > 0 for f in files if f.exists()):
-                break
-            time.sleep(0.0005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+    staging = staging_path(target)
+
+    def writing() -> bool:  # the staging directory of the next checkpoint has bytes in it
+        files = list(staging.glob("*")) if staging.is_dir() else []
+        return any(f.stat().st_size > 0 for f in files if f.exists())
+
+    _kill_once([sys.executable, "-c", DIRECTORY_WRITER, str(target)], writing)
     import torch.distributed.checkpoint as dcp
 
     from lldiff.checkpoint_io import safe_filesystem_reader
