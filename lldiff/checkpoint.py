@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from lldiff.checkpoint_io import check_sharded_metadata, safe_filesystem_reader
 from lldiff import registry
+from lldiff.checkpoint_io import check_sharded_metadata, safe_filesystem_reader
 from lldiff.config import ModelConfig
 from lldiff.registry import Objective
 from lldiff.data.tokenizer import Tokenizer

@@ -13,8 +13,6 @@ import sys
 
 from lldiff import registry
 from lldiff.config import SIZES
-from lldiff.launch import lightning_cli
-from lldiff.strategies import PRESETS as STRATEGY_PRESETS
 
 LIGHTNING_COMMANDS = {
     "fit": "train a model (AR, MDM, BD3) from a YAML config: lldiff fit --config configs/mdm-tiny.yaml",
@@ -86,6 +84,12 @@ def _objective_lines() -> list[str]:
     return lines
 
 
+def _strategy_presets() -> list[str]:
+    from lldiff.strategies import PRESETS  # imports Lightning: only when the overview is printed
+
+    return list(PRESETS)
+
+
 def overview() -> str:
     lines = ["usage: lldiff COMMAND [options]", "", "Commands:"]
     lines += [f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items()]
@@ -99,7 +103,7 @@ def overview() -> str:
         *_objective_lines(),
         "Data classes (data.class_path): lldiff.data.PretrainDataModule, lldiff.data.SFTDataModule",
         "Model sizes (model.init_args.size): " + ", ".join(SIZES),
-        "Strategies (trainer.strategy): " + ", ".join(STRATEGY_PRESETS) + " (overlays: configs/strategies/)",
+        "Strategies (trainer.strategy): " + ", ".join(_strategy_presets()) + " (overlays: configs/strategies/)",
     ]
     return "\n".join(lines)
 
@@ -148,6 +152,8 @@ def _main(argv: list[str]) -> None:
         return
     command = argv[0]
     if command in LIGHTNING_COMMANDS:
+        from lldiff.launch import lightning_cli  # Lightning only for the commands that train or validate
+
         lightning_cli(argv)
         return
     if command in OTHER_COMMANDS:
