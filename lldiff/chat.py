@@ -5,14 +5,17 @@
     lldiff chat --ckpt X --message "hi" --message "and then?"                       # several turns, one-shot
     printf 'first question\\nfollow-up\\n' | lldiff chat --ckpt X                    # turns from stdin
 
-The template is the one the checkpoint was fine-tuned with (``data.init_args.template`` in
-the run's ``config.yaml``), or ``--template FILE.yaml``, or the default. Each turn's prompt
+The template is ``--template`` (a YAML file or a preset: ``plain``, ``llada``), else the one the
+checkpoint was fine-tuned with (``data.init_args.template`` in the run's ``config.yaml``, or
+``chat_template.json`` in its run directory), else an imported LLaDA's (LLaDA-Instruct's
+headers, whose special tokens encode to their ids), else ``plain``. Each turn's prompt
 is the whole conversation so far (oldest turns are dropped when it outgrows the context).
 The MDM answers with the LLaDA reverse process in semi-autoregressive blocks
 (``--block-length``, default ``min(32, --length)``; ``--length`` must be whole blocks) with
 low-confidence remasking, exactly or with Fast-dLLM's approximate ``--cache prefix`` /
 ``--cache dual`` (SPEC §10); the BD3 block by block in its own blocks (``--steps-per-block``),
-``--length`` a budget; the AR decodes with a KV cache. Answers end at the first EOS. After
+``--length`` a budget; the AR decodes with a KV cache. Answers end at the first EOS (or
+end-of-turn token, ``<|eot_id|>`` for LLaDA). After
 each answer a line on stderr gives the model calls, tokens/s and the token positions processed
 per answer token. In a terminal, ``/reset`` starts over and ``/quit`` (or Ctrl-D) leaves.
 
@@ -40,7 +43,8 @@ from lldiff.completion import (
     check_context,
     complete,
 )
-from lldiff.data.chat import ChatTemplate, Message
+from lldiff.data.chat import ChatTemplate, Message, saved_template
+from lldiff.data.sft import encode_prompt
 from lldiff.generate import (
     check_blocks,
     check_dual_cache,
@@ -72,7 +76,7 @@ class ChatSession:
         tok, context = self.loaded.tokenizer, self.loaded.config.max_seq_len
         history = list(self.history)
         while True:
-            ids = [tok.eos_id, *tok.encode(self.template.render_prompt(self.system + history))]
+            ids = encode_prompt(tok, self.template, self.system + history)
             if len(ids) + self.options.length <= context or len(history) <= 1:
                 check_context(len(ids), self.options.length, context)
                 return ids
@@ -85,7 +89,10 @@ class ChatSession:
         out = complete(self.loaded.model, [self.prompt_ids()], self.options, eos_id=tok.eos_id, pad_id=tok.pad_id,
                        generator=self.generator)
         self.last = (out, time.perf_counter() - start)
-        answer = tok.decode(out.answers[0], skip_special_tokens=True).strip()
+        answer_ids = list(out.answers[0])
+        if tok.eot_id is not None and tok.eot_id in answer_ids:  # the turn ends at its end-of-turn token
+            answer_ids = answer_ids[:answer_ids.index(tok.eot_id)]
+        answer = tok.decode(answer_ids, skip_special_tokens=True).strip()
         self.history.append(Message("assistant", answer))
         return answer
 
@@ -96,12 +103,26 @@ class ChatSession:
         return f"[{self.loaded.objective.label}: {stats(out, self.options, 1, seconds)}]"
 
 
-def run_template(ckpt: Path) -> dict[str, Any] | None:
-    """The chat template saved in the checkpoint's run directory, if it was fine-tuned here."""
+def run_template(ckpt: Path) -> ChatTemplate | None:
+    """The chat template of the checkpoint's run: the one it was fine-tuned with
+    (``data.init_args.template`` in ``config.yaml``, or ``chat_template.json`` beside its
+    tokenizer: an SFT run's resolved template, an imported LLaDA's), or a LLaDA directory's own."""
+    if ckpt.is_dir() and (ckpt / "config.json").is_file():  # a Hugging Face LLaDA directory
+        from lldiff.interop.llada import chat_template
+
+        fields = (chat_template(ckpt) or {}).get("template")
+        return ChatTemplate.from_config(fields) if fields else None
     for config in (ckpt.parent.parent / "config.yaml", ckpt.parent / "config.yaml"):
         if config.is_file():
             data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
-            return (data.get("init_args") or {}).get("template")
+            pattern = (data.get("init_args") or {}).get("template")
+            if pattern is not None:
+                return ChatTemplate.from_config(pattern)
+            break
+    for directory in (ckpt.parent.parent, ckpt.parent):
+        saved = saved_template(directory)
+        if saved is not None:
+            return saved
     return None
 
 
@@ -111,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True, help="checkpoint (usually of a fine-tuning run)")
     parser.add_argument("--message", action="append", help="a user turn (repeat for several); no terminal needed")
     parser.add_argument("--system", help="a system message opening the conversation")
-    parser.add_argument("--template", help="YAML {system, user, assistant} patterns (default: the run's)")
+    parser.add_argument("--template", help="YAML {system, user, assistant[, begin, close_response]} patterns, or a "
+                        "preset name (plain, llada) (default: the run's, or an imported LLaDA's)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's run directory)")
     parser.add_argument("--length", type=int, default=64,
                         help="answer tokens: MDM canvas / AR and BD3 budget (default 64)")
@@ -156,8 +178,11 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
             objective, length=args.length, temperature=args.temperature, steps=args.steps, block_length=block,
             remasking=args.remasking, threshold=args.threshold, cfg_scale=args.cfg_scale,
             steps_per_block=args.steps_per_block, cache=args.cache)
-        pattern = yaml.safe_load(Path(args.template).read_text()) if args.template else run_template(Path(args.ckpt))
-        template = ChatTemplate.from_config(pattern)
+        if args.template:
+            given = Path(args.template)
+            template = ChatTemplate.from_config(yaml.safe_load(given.read_text()) if given.is_file() else args.template)
+        else:
+            template = run_template(Path(args.ckpt)) or ChatTemplate()
         session = ChatSession(loaded, template, options, system=args.system, seed=seed)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))

@@ -13,6 +13,7 @@ The ``lldiff`` command (:mod:`lldiff.cli`) dispatches to it; nothing here import
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -62,6 +63,13 @@ class SaveRunConfig(SaveConfigCallback):
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if trainer.is_global_zero and log_dir is not None and tokenizer is not None:
             tokenizer.save(os.path.join(log_dir, "tokenizer.json"))  # the run dir is self-contained
+            template = getattr(trainer.datamodule, "template", None)
+            if template is not None:  # the SFT chat template as resolved (also one read beside the tokenizer)
+                from lldiff.atomic import write_text
+                from lldiff.data.chat import SAVED_TEMPLATE_FILE
+
+                write_text(os.path.join(log_dir, SAVED_TEMPLATE_FILE),
+                           json.dumps({"template": template.to_dict()}, indent=2) + "\n")
 
 
 class LLDiffCLI(LightningCLI):

@@ -129,11 +129,19 @@ class Objective:
     def mask_token(self) -> bool:
         return self.family.mask_token
 
-    def model_fields(self, vocab_size: int) -> dict[str, Any]:
+    def model_fields(self, vocab_size: int, mask_id: int | None = None) -> dict[str, Any]:
         """The ``ModelConfig`` fields this objective fixes: attention kind, block size and the
-        mask id (a new embedding row ``vocab_size``, or None without a mask token)."""
+        mask id (a new embedding row ``vocab_size``, or None without a mask token). ``mask_id``
+        below ``vocab_size`` keeps a mask token that lies inside the vocabulary (an imported
+        LLaDA's 126336); an objective without a mask token refuses one."""
+        if mask_id is not None and not self.mask_token:
+            raise ValueError(f"mask_id={mask_id}: {article(self.label)} {self.label} model has no mask token")
+        if mask_id is not None and (isinstance(mask_id, bool) or not isinstance(mask_id, int)
+                                    or not 0 <= mask_id <= vocab_size):
+            raise ValueError(f"mask_id={mask_id!r} must be an id in [0, vocab_size={vocab_size}]")
+        default = vocab_size if self.mask_token else None
         return {"attention": self.attention, "block_size": self.block_size,
-                "mask_id": vocab_size if self.mask_token else None}
+                "mask_id": default if mask_id is None else mask_id}
 
     # -- training --------------------------------------------------------------------------------
     @property

@@ -86,12 +86,19 @@ def write_llada_dir(path: Path, tokenizer, raw=None, weights=None, shards=1) -> 
     from tokenizers import Tokenizer as Backend
 
     backend = Backend.from_str(tokenizer.to_json())
-    backend.add_special_tokens(["<|eot_id|>"])  # id 301
+    backend.add_special_tokens(["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"])  # ids 301, 302, 303
     backend.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-        "chat_template": "{{ bos_token }}<|start_header_id|>{{ role }}<|end_header_id|>\n\n{{ content }}<|eot_id|>"}))
+        "bos_token": "<|bos|>", "eos_token": "<|eos|>", "chat_template": LLADA_JINJA}))
     return path
+
+
+# LLaDA-8B-Instruct's tokenizer_config.json chat_template (the Llama-3 header template)
+LLADA_JINJA = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+               "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+               "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+               "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
 def reference_forward(w, raw, ids):
@@ -174,8 +181,9 @@ def test_import_command_writes_a_run_that_load_model_reads(tmp_path, tokenizer):
         torch.testing.assert_close(direct.model(ids), ref, rtol=1e-5, atol=1e-5)
     assert (loaded.tokenizer.mask_id, loaded.tokenizer.eot_id, loaded.tokenizer.vocab_size) == (300, 301, ROWS)
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("the lazy dog")) == "the lazy dog"
-    template = json.loads((tmp_path / "run" / "chat_template.json").read_text())
-    assert template["roles"]["user"] == "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+    template = json.loads((tmp_path / "run" / "chat_template.json").read_text())["template"]
+    assert template["user"] == "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+    assert (template["begin"], template["close_response"]) == ("<|bos|>", True)
 
 
 def test_generation_suppresses_the_inside_mask_logit(tmp_path, tokenizer):
@@ -371,3 +379,127 @@ def test_import_command_reports_one_line(tmp_path, capsys):
         main(["import", "llada", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
     assert exit_.value.code == 2 and "has no config.json" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# -- LLaDA-Instruct's chat template and fine-tuning an imported LLaDA ----------------------------
+def hf_token_ids(backend_json: str, text: str) -> list[int]:
+    """What ``transformers`` does with a rendered chat: special-token names in the text match."""
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend.from_str(backend_json)
+    backend.encode_special_tokens = False
+    return backend.encode(text, add_special_tokens=False).ids
+
+
+def test_llada_template_encodes_as_the_jinja_rendering(tmp_path, tokenizer):
+    """Prompts rendered by lldiff's copy of LLaDA-Instruct's template are the ids of the Jinja
+    template rendered and tokenised the way transformers does (an independent path)."""
+    import jinja2
+
+    from lldiff.data.chat import Message, saved_template
+    from lldiff.data.sft import encode_prompt
+    from lldiff.data.tokenizer import Tokenizer
+
+    hf = write_llada_dir(tmp_path / "hf", tokenizer)
+    import_llada(hf, tmp_path / "run")
+    tok = Tokenizer.from_file(tmp_path / "run" / "tokenizer.json")
+    template = saved_template(tmp_path / "run")
+    history = [Message("system", "be brief."), Message("user", "the quick brown fox?"),
+               Message("assistant", "jumps over."), Message("user", "and the lazy dog?")]
+    rendered = jinja2.Template(LLADA_JINJA).render(messages=[m.__dict__ for m in history], bos_token="<|bos|>",
+                                                   add_generation_prompt=True)
+    ids = encode_prompt(tok, template, history)
+    assert ids == hf_token_ids(tok.to_json(), rendered)
+    assert ids[0] == tok.bos_id and ids.count(301) == 4 and ids.count(302) == 5  # BOS, 4 eot, 5 headers
+
+
+def test_special_token_names_in_messages_stay_text(tmp_path, tokenizer):
+    from lldiff.data.chat import LLADA, Message
+    from lldiff.data.sft import encode_prompt
+
+    loaded = load_model(write_llada_dir(tmp_path / "hf", tokenizer))
+    template = LLADA.__class__(**{**LLADA.to_dict(), "begin": "<|bos|>"})
+    ids = encode_prompt(loaded.tokenizer, template, [Message("user", "say <|eot_id|> now")])
+    assert ids.count(301) == 1  # only the template's own end of turn, not the one the user typed
+    with pytest.raises(ValueError, match=r"names \['<\|startoftext\|>'\], which the tokenizer does not have"):
+        encode_prompt(loaded.tokenizer, LLADA, [Message("user", "hi")])  # LLaDA-8B's BOS name: not in this one
+
+
+def test_sft_from_an_imported_llada_keeps_its_mask_and_template(tmp_path, tokenizer):
+    """Fine-tune an imported LLaDA: the mask stays inside the vocabulary, rows follow LLaDA's
+    SFT layout (BOS, header-wrapped prompt, response, <|eot_id|>, EOS padding), and the
+    fine-tuned run chats with the same template."""
+    import io
+
+    from lldiff.chat import main as chat_main
+    from lldiff.data.sft_datamodule import SFTDataModule
+    from lldiff.launch import lightning_cli
+
+    hf = write_llada_dir(tmp_path / "hf", tokenizer)
+    import_llada(hf, tmp_path / "run")
+    records = [{"prompt": t[:14], "response": t[14:30]} for t in TEXTS[:16]]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    dm = SFTDataModule([str(data)], str(tmp_path / "run"), val_fraction=0.0, max_length=64, batch_size=4)
+    dm.setup("fit")
+    example = dm.train_examples[0]
+    assert example.prompt[0] == 1 and example.prompt[1] == 302  # BOS, then <|start_header_id|>
+    assert example.response[-2:] == (301, 0)  # ... <|eot_id|> EOS
+    cli = lightning_cli([
+        "fit", "--seed_everything", "1", "--model", "lldiff.finetune.MaskedDiffusionSFT",
+        "--model.init_args.init_from", str(tmp_path / "run" / "checkpoints" / "imported.ckpt"),
+        "--model.init_args.warmup_steps", "1", "--model.init_args.val_mc_samples", "2",
+        "--data", "lldiff.data.SFTDataModule", "--data.init_args.train_files", f"[{data}]",
+        "--data.init_args.tokenizer_path", str(tmp_path / "run"), "--data.init_args.max_length", "64",
+        "--data.init_args.batch_size", "4", "--data.init_args.val_fraction", "0.25",
+        "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.check_val_every_n_epoch", "null",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "out"),
+        "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "out"), "--trainer.logger.init_args.name", "sft",
+        "--trainer.logger.init_args.version", "",
+    ])
+    assert cli.trainer.global_step == 3
+    assert (cli.model.config.mask_id, cli.model.config.vocab_size) == (300, ROWS)
+    ckpt = tmp_path / "out" / "sft" / "checkpoints" / "last.ckpt"
+    loaded = load_model(ckpt)
+    assert (loaded.config.mask_id, loaded.tokenizer.mask_id, loaded.tokenizer.eot_id) == (300, 300, 301)
+    assert json.loads((ckpt.parent.parent / "chat_template.json").read_text())["template"]["close_response"]
+    out = io.StringIO()
+    chat_main(["--ckpt", str(ckpt), "--message", "the quick brown", "--length", "8"], stdin=io.StringIO(""),
+              stdout=out)
+    assert len(out.getvalue().splitlines()) == 1
+
+
+def test_chat_on_a_llada_directory_uses_its_template(tmp_path, tokenizer):
+    import io
+
+    from lldiff.chat import main as chat_main, run_template
+
+    hf = write_llada_dir(tmp_path / "hf", tokenizer)
+    template = run_template(hf)
+    assert template.begin == "<|bos|>" and template.close_response
+    out = io.StringIO()
+    chat_main(["--ckpt", str(hf), "--message", "the quick brown", "--length", "8"], stdin=io.StringIO(""), stdout=out)
+    assert len(out.getvalue().splitlines()) == 1
+
+
+def test_an_imported_llada_scores_through_the_lm_eval_adapter(tmp_path, tokenizer):
+    """A one-token continuation's MDM lower bound is exact (its only masking is the whole answer):
+    log softmax of the SPEC §13 reference forward over [BOS] + context + [mask], at the mask."""
+    pytest.importorskip("lm_eval")
+    from lldiff.evaluation.lm_eval_adapter import LLDiffLM
+
+    raw, weights = llada_config(), llada_weights(llada_config())
+    hf = write_llada_dir(tmp_path / "hf", tokenizer, raw, weights)
+    lm = LLDiffLM(ckpt=str(hf), n_mc=4, batch_size=4)
+    (answer_id,) = lm.tok.encode(" sea")
+
+    class Request:
+        args = ("she sells sea shells on the", " sea")
+
+    (loglik, greedy), = lm.loglikelihood([Request()])
+    ids = torch.tensor([[lm.tok.bos_id, *lm.tok.encode(Request.args[0]), raw["mask_token_id"]]])
+    with torch.no_grad():
+        expected = torch.log_softmax(reference_forward(weights, raw, ids)[0, -1], dim=-1)[answer_id]
+    assert loglik == pytest.approx(float(expected), abs=1e-4)
+    assert isinstance(greedy, bool)

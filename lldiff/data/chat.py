@@ -18,12 +18,22 @@ when that turn is part of a later prompt. ``lldiff chat`` renders prompts the sa
 The default patterns are plain text: the byte-level BPE of a pre-training run has no
 dedicated chat tokens, and plain text is what a model pre-trained on prose or code can
 already read.
+
+A template trained elsewhere names special tokens in its patterns: LLaDA-Instruct's
+(:data:`LLADA`, also written by ``lldiff import llada`` as ``chat_template.json``) wraps each
+message in ``<|start_header_id|>role<|end_header_id|>\n\n ... <|eot_id|>``, starts every
+conversation with BOS (``begin``) and ends every response with ``<|eot_id|>`` before the EOS
+padding (``close_response``). The patterns' special-token names encode to their ids; the same
+text inside a message stays text (:meth:`lldiff.data.tokenizer.Tokenizer.encode_marked`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
@@ -51,6 +61,12 @@ class ChatTemplate:
     system: str = "System: {content}\n"
     user: str = "User: {content}\n"
     assistant: str = "Assistant: {content}\n"
+    begin: str | None = None
+    """Text every conversation starts with (e.g. ``"<|startoftext|>"``); None: the EOS token,
+    which starts every document in lldiff's pre-training packing."""
+    close_response: bool = False
+    """Whether a response ends with the assistant pattern's closing text (LLaDA: ``<|eot_id|>``)
+    before its EOS padding, so the model learns to close its turn."""
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -66,19 +82,53 @@ class ChatTemplate:
                     f"e.g. {getattr(ChatTemplate, role)!r}"
                 )
 
+        if self.begin is not None and not isinstance(self.begin, str):
+            raise ValueError(f"template.begin must be a string or null (the EOS token), got {self.begin!r}")
+        if not isinstance(self.close_response, bool):
+            raise ValueError(f"template.close_response must be true or false, got {self.close_response!r}")
+
     @classmethod
-    def from_config(cls, value: ChatTemplate | Mapping[str, str] | None) -> ChatTemplate:
+    def from_config(cls, value: ChatTemplate | Mapping[str, Any] | str | None) -> ChatTemplate:
+        """A template from a config value: None (the plain default), a preset name
+        (``plain``, ``llada``) or a mapping of patterns and options."""
         if value is None:
             return cls()
         if isinstance(value, ChatTemplate):
             return value
-        unknown = set(value) - set(ROLES)
+        if isinstance(value, str):
+            if value not in PRESETS:
+                raise ValueError(f"unknown chat template {value!r}; presets: {', '.join(PRESETS)}, "
+                                 f"or a mapping of {', '.join(FIELDS)}")
+            return PRESETS[value]
+        if not isinstance(value, Mapping):
+            raise ValueError(f"a chat template is a preset name or a mapping of {', '.join(FIELDS)}, got {value!r}")
+        unknown = set(value) - set(FIELDS)
         if unknown:
-            raise ValueError(f"unknown template role(s) {sorted(unknown)}; allowed: {', '.join(ROLES)}")
+            raise ValueError(f"unknown template role or field {sorted(unknown)}; allowed: {', '.join(FIELDS)}")
         return cls(**dict(value))
 
-    def to_dict(self) -> dict[str, str]:
-        return {role: getattr(self, role) for role in ROLES}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {role: getattr(self, role) for role in ROLES}
+        if self.begin is not None:
+            out["begin"] = self.begin
+        if self.close_response:
+            out["close_response"] = True
+        return out
+
+    def message_segments(self, message: Message) -> list[tuple[str, bool]]:
+        """``message`` rendered as ``(text, is_markup)`` pieces: the pattern's text around the
+        slot is markup (it may name special tokens), the content is plain text."""
+        before, after = getattr(self, message.role).split(SLOT)
+        return [(before, True), (message.content, False), (after, True)]
+
+    def prompt_segments(self, history: Sequence[Message]) -> list[tuple[str, bool]]:
+        """:meth:`render_prompt` as ``(text, is_markup)`` pieces."""
+        return [piece for m in history for piece in self.message_segments(m)] + [(self.generation_prefix, True)]
+
+    @property
+    def response_closing(self) -> str:
+        """Markup after every response, before its EOS padding (``close_response``), else ``""``."""
+        return self.assistant.split(SLOT)[1] if self.close_response else ""
 
     def render_message(self, message: Message) -> str:
         return getattr(self, message.role).replace(SLOT, message.content)
@@ -168,3 +218,36 @@ def _message(item: Any, where: str) -> Message:
 
 def messages_from_dicts(items: Iterable[Mapping[str, str]]) -> list[Message]:
     return [_message(dict(item), f"message {i + 1}") for i, item in enumerate(items)]
+
+
+FIELDS = (*ROLES, "begin", "close_response")
+
+LLADA = ChatTemplate(
+    system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+    user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+    assistant="<|start_header_id|>assistant<|end_header_id|>\n\n{content}<|eot_id|>",
+    begin="<|startoftext|>",
+    close_response=True,
+)
+"""LLaDA-Instruct's template (its ``tokenizer_config.json``: Llama-3 headers, BOS first); LLaDA's
+SFT data ends each response with ``<|eot_id|>`` and pads it with EOS (``<|endoftext|>``)."""
+
+PRESETS = {"plain": ChatTemplate(), "llada": LLADA}
+
+SAVED_TEMPLATE_FILE = "chat_template.json"
+"""Beside an imported model's ``tokenizer.json``: ``{"template": {...}, "jinja": "..."}``."""
+
+
+def saved_template(directory: str | os.PathLike) -> ChatTemplate | None:
+    """The chat template saved beside a tokenizer (``lldiff import llada`` writes LLaDA-Instruct's),
+    or None."""
+    path = Path(directory) / SAVED_TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    fields = json.loads(path.read_text()).get("template")
+    if fields is None:
+        return None
+    try:
+        return ChatTemplate.from_config(fields)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None

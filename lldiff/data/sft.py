@@ -5,7 +5,8 @@ Pure pieces (no Lightning): :func:`read_jsonl` (records with their line numbers)
 padding and the response mask). :class:`SFTDataModule` wires them to Lightning.
 
 Row layout (SPEC §3): ``[EOS] prompt response EOS EOS ...``. The leading EOS is the
-document separator the model saw before every pre-training document; the response is
+document separator the model saw before every pre-training document (a template's ``begin``
+replaces it: LLaDA's rows start with BOS, and its responses end with ``<|eot_id|>``); the response is
 followed by at least one EOS and padded with EOS to the batch's longest row (or to a fixed
 length). The response mask covers the response and all of its EOS padding, which are the
 tokens the MDM may mask and both objectives score; the prompt is never masked and never
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .chat import ChatTemplate, Turn, expand_turns, parse_record
+from .chat import ChatTemplate, Message, Turn, expand_turns, parse_record
 from .tokenizer import Tokenizer
 
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -77,6 +78,20 @@ def load_turns(paths: Sequence[str | Path]) -> list[Turn]:
     return turns
 
 
+def conversation_start(tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
+    """The ids every conversation starts with: the template's ``begin`` (LLaDA: BOS), else the
+    tokenizer's document start (lldiff: EOS)."""
+    if template.begin is None:
+        return [tokenizer.document_start_id]
+    return tokenizer.encode_marked([(template.begin, True)])
+
+
+def encode_prompt(tokenizer: Tokenizer, template: ChatTemplate, history: Sequence[Message]) -> list[int]:
+    """``start + rendered history + generation prefix``: what the model continues (SFT rows'
+    prompts and ``lldiff chat`` encode alike)."""
+    return [*conversation_start(tokenizer, template), *tokenizer.encode_marked(template.prompt_segments(history))]
+
+
 def encode_turns(
     turns: Iterable[Turn],
     tokenizer: Tokenizer,
@@ -85,10 +100,11 @@ def encode_turns(
     max_length: int,
     overlong: str = "truncate",
 ) -> tuple[list[EncodedTurn], EncodeStats]:
-    """Tokenise each turn as ``[EOS] + prompt`` and ``response + [EOS]``.
+    """Tokenise each turn as ``start + prompt`` and ``response + closing + [EOS]`` (``start``:
+    :func:`conversation_start`; ``closing``: the template's ``response_closing``, if any).
 
     An example longer than ``max_length`` tokens is dropped (``overlong="drop"``) or
-    truncated (``"truncate"``): the prompt loses its oldest tokens first (the leading EOS
+    truncated (``"truncate"``): the prompt loses its oldest tokens first (the start tokens
     and the generation prefix stay, the most recent context is kept), and only when the
     response alone does not fit is the response cut at its end (it then has no closing
     EOS, since the real answer goes on).
@@ -97,25 +113,28 @@ def encode_turns(
         raise ValueError(f"overlong={overlong!r}; allowed: {', '.join(OVERLONG_POLICIES)}")
     turns = list(turns)
     eos = tokenizer.eos_id
-    prefix = tokenizer.encode(template.generation_prefix)
-    if max_length < len(prefix) + 3:
-        raise ValueError(f"max_length={max_length} cannot hold EOS, the generation prefix "
-                         f"{template.generation_prefix!r} and a response token; use at least {len(prefix) + 3}")
-    histories = tokenizer.encode_batch(["".join(template.render_message(m) for m in t.history) for t in turns])
+    start = conversation_start(tokenizer, template)
+    prefix = tokenizer.encode_marked([(template.generation_prefix, True)])
+    closing = tokenizer.encode_marked([(template.response_closing, True)])
+    if max_length < len(start) + len(prefix) + 2:
+        raise ValueError(f"max_length={max_length} cannot hold the start, the generation prefix "
+                         f"{template.generation_prefix!r} and a response token; use at least {len(start) + len(prefix) + 2}")
+    histories = tokenizer.encode_marked_batch(
+        [[piece for m in t.history for piece in template.message_segments(m)] for t in turns])
     responses = tokenizer.encode_batch([t.response for t in turns])
     stats, encoded = EncodeStats(), []
     for history, response in zip(histories, responses):
-        prompt, answer = [eos, *history, *prefix], [*response, eos]
+        prompt, answer = [*start, *history, *prefix], [*response, *closing, eos]
         stats.examples += 1
         if len(prompt) + len(answer) > max_length:
             if overlong == "drop":
                 stats.dropped += 1
                 continue
             stats.truncated += 1
-            room_for_answer = max_length - 1 - len(prefix)
+            room_for_answer = max_length - len(start) - len(prefix)
             answer = answer[:room_for_answer]
-            keep_history = max_length - len(answer) - 1 - len(prefix)
-            prompt = [eos, *history[len(history) - keep_history:], *prefix] if keep_history else [eos, *prefix]
+            keep_history = max_length - len(answer) - len(start) - len(prefix)
+            prompt = [*start, *history[len(history) - keep_history:], *prefix] if keep_history else [*start, *prefix]
         encoded.append(EncodedTurn(tuple(prompt), tuple(answer)))
     return encoded, stats
 

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from .chat import ChatTemplate
+from .chat import ChatTemplate, saved_template
 from .packing import evenly_spaced
 from .resumable import TokenizedDataModule
 from .sft import (
@@ -57,9 +57,12 @@ class SFTDataModule(TokenizedDataModule):
         val_fraction: fraction of turns held out when ``val_files`` is None (0: no validation).
         tokenizer_path: the pre-trained model's ``tokenizer.json``, or its run directory or
             checkpoint (the run directory holds ``tokenizer.json``).
-        template: chat template patterns ``{system, user, assistant}``, each with one
-            ``{content}`` slot (default ``"User: {content}\\n"``, ``"Assistant: {content}\\n"``,
-            ``"System: {content}\\n"``).
+        template: chat template: a preset (``plain``, ``llada``) or patterns ``{system, user,
+            assistant}``, each with one ``{content}`` slot, plus optional ``begin`` (start text,
+            default the EOS token) and ``close_response`` (see :class:`lldiff.data.chat.ChatTemplate`).
+            None: the template saved beside the tokenizer (``chat_template.json``, written by
+            ``lldiff import llada``), else ``plain`` (``"User: {content}\\n"``,
+            ``"Assistant: {content}\\n"``, ``"System: {content}\\n"``).
         max_length: longest row in tokens (the model's context for fine-tuning).
         overlong: ``truncate`` (the oldest prompt tokens go first; the response is cut only
             if it alone does not fit) or ``drop``; the counts are logged.
@@ -77,7 +80,7 @@ class SFTDataModule(TokenizedDataModule):
         tokenizer_path: str,
         val_files: list[str] | None = None,
         val_fraction: float = 0.05,
-        template: dict[str, str] | None = None,
+        template: dict[str, str | bool | None] | str | None = None,
         max_length: int = 256,
         overlong: str = "truncate",
         pad_to: str = "batch",
@@ -105,6 +108,8 @@ class SFTDataModule(TokenizedDataModule):
         self.template = ChatTemplate.from_config(template)  # validates the patterns now
         self.tokenizer_file = resolve_tokenizer_path(tokenizer_path)
         self.tokenizer = Tokenizer.from_file(self.tokenizer_file)
+        if template is None:
+            self.template = saved_template(Path(self.tokenizer_file).parent) or self.template
         self.seq_len = max_length
         self.batch_size = batch_size
         self.seed = seed

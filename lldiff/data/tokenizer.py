@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -31,6 +32,8 @@ BYTE_ALPHABET_SIZE = 256
 SPECIAL_IDS_FILE = "special_ids.json"
 """Beside a ``tokenizer.json`` trained elsewhere: its special ids (see ``Tokenizer._init_external``)."""
 SPECIAL_ID_FIELDS = ("vocab_size", "mask_id", "eos_id", "bos_id", "pad_id", "eot_id")
+_SPECIAL_LOOKING = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+"""What a special token's name looks like in template markup (``<|eot_id|>``)."""
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS) - 1
 """Smallest trainable ``vocab_size`` (real tokens V): 256 byte symbols + eos/bos/pad (no merges)."""
 
@@ -61,6 +64,7 @@ class Tokenizer:
     def __init__(self, backend: _Backend, origin: str = "tokenizer", special_ids: Optional[dict] = None) -> None:
         self.eot_id: Optional[int] = None
         self._token_bytes: Optional[torch.Tensor] = None
+        self.external = special_ids is not None  # trained elsewhere: its ids live in special_ids.json
         if special_ids is not None:
             self._init_external(backend, origin, special_ids)
             return
@@ -116,6 +120,13 @@ class Tokenizer:
         self.eot_id = ids.get("eot_id")
 
     @property
+    def document_start_id(self) -> int:
+        """The id every pre-training document starts with: EOS in lldiff's packing (it also
+        separates documents), BOS for a tokenizer trained elsewhere that has one (LLaDA's
+        ``<|startoftext|>``). Prompts, SFT rows and scored contexts start with it."""
+        return self.bos_id if self.external and self.bos_id is not None else self.eos_id
+
+    @property
     def mask_inside(self) -> bool:
         """Whether the mask id is one of the vocabulary's (LLaDA) rather than one past it (lldiff)."""
         return self.mask_id < self.vocab_size
@@ -146,9 +157,14 @@ class Tokenizer:
         return cls(_Backend.from_str(json_str))
 
     def save(self, path: Union[str, os.PathLike]) -> Path:
-        """Write ``tokenizer.json`` atomically (temp file + rename); returns the path."""
+        """Write ``tokenizer.json`` atomically (temp file + rename), and for a tokenizer trained
+        elsewhere its ``special_ids.json`` beside it; returns the path."""
         path = Path(path)
         write_text(path, self.to_json())
+        if self.external:
+            import json
+
+            write_text(path.with_name(SPECIAL_IDS_FILE), json.dumps(self.special_id_dict(), indent=2) + "\n")
         return path
 
     def to_json(self) -> str:
@@ -176,6 +192,48 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_marked(self, segments: Sequence[tuple[str, bool]]) -> list[int]:
+        """Token ids of ``(text, is_markup)`` pieces (a chat template's rendering): special-token
+        names in markup (``<|eot_id|>``) become their ids, everything else is encoded as text
+        (plain pieces never yield a special id); text between special tokens is encoded whole,
+        so a template without special tokens encodes exactly as :meth:`encode` of its text."""
+        return self.encode_marked_batch([segments])[0]
+
+    def encode_marked_batch(self, batch: Sequence[Sequence[tuple[str, bool]]]) -> list[list[int]]:
+        """:meth:`encode_marked` of many renderings, with one batched call to the backend."""
+        specials = self._special_names()
+        pattern = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")") \
+            if specials else None
+        plans: list[list[int | str]] = []  # per rendering: special ids and text runs in order
+        for segments in batch:
+            plan: list[int | str] = []
+            run: list[str] = []
+            for text, markup in segments:
+                pieces = pattern.split(text) if (markup and pattern is not None) else [text]
+                for i, piece in enumerate(pieces):
+                    if i % 2:  # a special token's name (the split's captured group)
+                        if run:
+                            plan.append("".join(run))
+                            run = []
+                        plan.append(specials[piece])
+                    elif piece:
+                        run.append(piece)
+                if markup:
+                    unknown = _SPECIAL_LOOKING.findall("".join(p for i, p in enumerate(pieces) if not i % 2))
+                    if unknown:
+                        raise ValueError(f"chat template markup names {sorted(set(unknown))}, which the tokenizer "
+                                         f"does not have as special tokens (it has {sorted(specials)})")
+            if run:
+                plan.append("".join(run))
+            plans.append(plan)
+        texts = [item for plan in plans for item in plan if isinstance(item, str)]
+        encoded = iter(self.encode_batch(texts))
+        return [[i for item in plan for i in ([item] if isinstance(item, int) else next(encoded))] for plan in plans]
+
+    def _special_names(self) -> dict[str, int]:
+        """``{name: id}`` of the backend's special added tokens."""
+        return {token.content: i for i, token in self._backend.get_added_tokens_decoder().items() if token.special}
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; special tokens are rendered (e.g. ``<|eos|>``) unless skipped."""

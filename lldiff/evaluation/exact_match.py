@@ -30,6 +30,7 @@ from lightning.pytorch import Callback
 from lldiff import registry
 from lldiff.completion import DecodeOptions, complete
 from lldiff.data.chat import ChatTemplate, Message
+from lldiff.data.sft import encode_prompt
 from lldiff.data.tokenizer import Tokenizer
 from lldiff.model import Transformer
 from lldiff.sampling import infill
@@ -67,8 +68,7 @@ def expected_text(item: Mapping[str, str]) -> str:
 def instruction_answers(model: Transformer, tokenizer: Tokenizer, items: Sequence[Mapping[str, str]],
                         template: ChatTemplate, options: DecodeOptions) -> list[str]:
     """Greedy answers to ``items``' prompts, decoded and cut at EOS."""
-    prompts = [[tokenizer.eos_id, *tokenizer.encode(template.render_prompt([Message("user", item["prompt"])]))]
-               for item in items]
+    prompts = [encode_prompt(tokenizer, template, [Message("user", item["prompt"])]) for item in items]
     answers: list[str] = []
     for start in range(0, len(prompts), BATCH):
         out = complete(model, prompts[start:start + BATCH], options, eos_id=tokenizer.eos_id,

@@ -14,7 +14,7 @@ in the harness registry once this module is imported.
   ``is_greedy``: the registry's greedy check (AR: every continuation token is the argmax given
   its prefix; MDM: one forward over the fully masked continuation predicts it by argmax; BD3:
   the same per block, the earlier blocks clean).
-* ``loglikelihood_rolling``: the same scorer on the text given the EOS boundary (as the
+* ``loglikelihood_rolling``: the same scorer on the text given the document-start boundary (EOS; LLaDA: BOS) (as the
   harness's own models condition on their prefix token): AR exact, MDM and BD3 lower bounds.
 * ``generate_until``: the objective's decoder (AR with a KV cache; the MDM reverse process in
   blocks of ``block_length``; BD3 block by block); the text is cut at the first stop sequence.
@@ -72,7 +72,7 @@ class LLDiffLM(LM):
 
     # -- helpers -----------------------------------------------------------------------------
     def _ids(self, text: str, boundary: bool = True) -> torch.Tensor:
-        ids = ([self.tok.eos_id] if boundary else []) + self.tok.encode(text)
+        ids = ([self.tok.document_start_id] if boundary else []) + self.tok.encode(text)
         return torch.tensor(ids, dtype=torch.long, device=self._device)
 
     def _fit(self, context: torch.Tensor, answer_len: int) -> torch.Tensor:

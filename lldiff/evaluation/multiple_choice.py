@@ -212,7 +212,8 @@ def evaluate_multiple_choice(
             ``score_options`` include them (none for the exact AR; no ``cfg_scale`` for BD3);
             ``cfg_scale > 0`` where it does not apply raises ``ValueError``.
         seed: base seed of the Monte-Carlo draws (per-example seeds via :func:`example_seed`).
-        boundary_token: put ``tokenizer.eos_id`` before every context.
+        boundary_token: put the tokenizer's document start (``document_start_id``: EOS for
+            lldiff's tokenizers, BOS for LLaDA's) before every context.
         progress: optional ``progress(done, total)`` callback after each example.
 
     Returns a JSON-serialisable dict: ``accuracy``, ``accuracy_norm``, ``n_examples``,
@@ -228,10 +229,10 @@ def evaluate_multiple_choice(
         raise ValueError("no examples to evaluate")
     prefix: list[int] = []
     if boundary_token:
-        eos = getattr(tokenizer, "eos_id", None)
-        if eos is None:
+        start = getattr(tokenizer, "document_start_id", getattr(tokenizer, "eos_id", None))
+        if start is None:
             raise ValueError("boundary_token=True needs a tokenizer with an eos_id")
-        prefix = [int(eos)]
+        prefix = [int(start)]
     device = torch.device("cpu")
     if isinstance(model, torch.nn.Module):
         first = next(model.parameters(), None)

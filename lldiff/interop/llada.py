@@ -316,19 +316,25 @@ def read_tokenizer(directory: LLaDADirectory) -> Any:
 
 def chat_template(directory: Path) -> dict[str, Any] | None:
     """LLaDA-Instruct's chat template: the Jinja text of ``tokenizer_config.json`` and, when it
-    is the Llama-3-style header template, lldiff's per-role patterns for it (the BOS token
-    goes before the first message)."""
+    is the Llama-3-style header template, lldiff's :class:`~lldiff.data.chat.ChatTemplate` for it
+    (``template``: per-role patterns, the BOS token first, each response closed by ``<|eot_id|>``)."""
     config_file = directory / "tokenizer_config.json"
     if not config_file.is_file():
         return None
-    jinja = json.loads(config_file.read_text()).get("chat_template")
+    config = json.loads(config_file.read_text())
+    jinja = config.get("chat_template")
     if not isinstance(jinja, str):
         return None
     out: dict[str, Any] = {"jinja": jinja}
-    if "<|start_header_id|>" in jinja and "<|eot_id|>" in jinja:
-        out["roles"] = {role: f"<|start_header_id|>{role}<|end_header_id|>\n\n{{content}}<|eot_id|>"
-                        for role in ("system", "user", "assistant")}
-        out["bos_first"] = "bos_token" in jinja
+    if "<|start_header_id|>" in jinja and EOT_TOKEN in jinja:
+        template: dict[str, Any] = {role: f"<|start_header_id|>{role}<|end_header_id|>\n\n{{content}}{EOT_TOKEN}"
+                                    for role in ("system", "user", "assistant")}
+        bos = config.get("bos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        if "bos_token" in jinja and isinstance(bos, str):
+            template["begin"] = bos
+        template["close_response"] = True
+        out["template"] = template
     return out
 
 
@@ -342,8 +348,8 @@ def import_llada(hf_dir: str | Path, out: str | Path, *, dtype: torch.dtype | No
     ``chat`` and ``eval`` read; returns the checkpoint path."""
     from lldiff.checkpoint import TOKENIZER_KEY
     from lldiff.checkpoint_io import write_file_atomically
-    from lldiff.data.tokenizer import SPECIAL_IDS_FILE
     from lldiff.atomic import write_text
+    from lldiff.data.chat import SAVED_TEMPLATE_FILE
 
     out = Path(out)
     target = out / IMPORTED_CKPT
@@ -351,12 +357,10 @@ def import_llada(hf_dir: str | Path, out: str | Path, *, dtype: torch.dtype | No
         raise FileExistsError(f"{target} exists; choose another --out or remove it")
     model, tokenizer, directory = load_llada(hf_dir, dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out / "tokenizer.json")
-    if tokenizer.eot_id is not None or tokenizer.mask_inside:
-        write_text(out / SPECIAL_IDS_FILE, json.dumps(tokenizer.special_id_dict(), indent=2) + "\n")
+    tokenizer.save(out / "tokenizer.json")  # with special_ids.json for LLaDA's own tokenizer
     template = chat_template(directory.path)
     if template is not None:
-        write_text(out / "chat_template.json", json.dumps(template, indent=2) + "\n")
+        write_text(out / SAVED_TEMPLATE_FILE, json.dumps(template, indent=2) + "\n")
     state = {
         "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
         "lldiff": {"model_config": dataclasses.asdict(model.cfg), TOKENIZER_KEY: tokenizer.fingerprint,
