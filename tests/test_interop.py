@@ -319,6 +319,9 @@ BAD_CONFIGS = [
     ({"include_bias": True}, "include_bias=True means linear layers with biases"),
     ({"weight_tying": True}, "weight_tying=True means an LM head tied to the embedding"),
     ({"layer_norm_type": "default"}, "layer_norm_type='default'"),
+    ({"layer_norm_type": None}, "layer_norm_type=None means a norm other than RMSNorm (upstream's default"),
+    ({"activation_type": "swiglu"}, "activation_type='swiglu' means an activation other than SiLU"),
+    ({"block_type": None}, "block_type=None means a block type other than llama"),
     ({"mask_token_id": ROWS}, "mask_token_id=320 must be an id in [0, 320)"),
     ({"n_heads": 5}, "d_model=64 is not divisible by n_heads=5"),
 ]

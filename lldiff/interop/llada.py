@@ -69,13 +69,16 @@ _REQUIRED_VALUES = (
     ("include_bias", (False, None), "linear layers with biases"),
     ("include_qkv_bias", (False, None), "q/k/v biases"),
     ("bias_for_layer_norm", (False, None), "norm biases"),
-    ("weight_tying", (False, None), "an LM head tied to the embedding"),
-    ("rope", (True, None), "no RoPE"),
+    # upstream's defaults for these are not LLaDA-8B's (tied head, no RoPE, a fused "sequential"
+    # block, mean-centred LayerNorm, the halving "swiglu" activation): they must be stated
+    ("weight_tying", (False,), "an LM head tied to the embedding (upstream's default when absent)"),
+    ("rope", (True,), "no RoPE (upstream's default when absent)"),
     ("alibi", (False, None), "ALiBi position biases"),
-    ("block_type", ("llama", None), "a block type other than llama"),
-    ("layer_norm_type", ("rms", None), "a norm other than RMSNorm"),
+    ("block_type", ("llama",), "a block type other than llama (upstream's default when absent: sequential)"),
+    ("layer_norm_type", ("rms",), "a norm other than RMSNorm (upstream's default when absent: LayerNorm)"),
     ("layer_norm_with_affine", (True, None), "norms without weights"),
-    ("activation_type", ("silu", "swiglu", None), "an activation other than SiLU (SwiGLU)"),
+    ("activation_type", ("silu",), "an activation other than SiLU (upstream's default when absent: swiglu, "
+     "which halves ff_proj's output)"),
     ("attention_layer_norm", (False, None), "q/k layer norms"),
     ("input_emb_norm", (False, None), "a norm on the input embedding"),
     ("scale_logits", (False, None), "scaled logits"),
@@ -389,7 +392,7 @@ def llada_config(cfg: ModelConfig, tokenizer: Any, dtype: torch.dtype) -> dict[s
         "precision": "amp_bf16", "residual_dropout": 0.0, "rms_norm_eps": cfg.norm_eps, "rope": True,
         "rope_full_precision": True, "rope_theta": cfg.rope_base, "scale_logits": False,
         "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": False, "vocab_size": rows,
-        "weight_tying": False,
+        "weight_tying": False, "tie_word_embeddings": False,
     }
     if tokenizer is not None and tokenizer.bos_id is not None:
         raw["bos_token_id"] = tokenizer.bos_id
