@@ -10,9 +10,20 @@ backbone's logits under each backend for every objective's attention kind. After
 it wrote with ``lldiff.checkpoint.load_model`` on the CPU and compares logits.
 
     python benchmarks/scaleout_gpu.py --out OUT                     # H100: smdm-113M, 16 x 1024
+    python benchmarks/scaleout_gpu.py --out OUT --publish           # also benchmarks/results/scaleout_gpu-<gpu>.json
+    python benchmarks/scaleout_gpu.py --compile off --loss-chunk-tokens none   # the eager, one-chunk baseline
     python benchmarks/scaleout_gpu.py --device cpu --size tiny-0.1M --seq-len 64 --batch 4 --steps 12  # smoke test
 
-Writes ``OUT/scaleout.json`` (every figure) and prints a table.
+The modules run with their defaults unless told otherwise: regional ``torch.compile`` on a
+CUDA device (``--compile``), the LM head in chunks of 4096 scored rows (``--loss-chunk-tokens``),
+fused AdamW. Each case records its MFU, tokens/s, and peak device memory in total and per
+training token of the micro-batch; ``per_objective`` sums up the single-device cases (MDM,
+AR, BD3) and the MDM's tokens/s relative to the AR's.
+
+Writes ``OUT/scaleout.json`` (every figure, rewritten atomically after each case) and prints a
+table. ``--publish`` also writes ``benchmarks/results/scaleout_gpu-<gpu>.json``, which ``lldiff
+sweep plan`` reads for its GPU-hours (``lldiff.sweep.measured``; then refresh the table shipped
+in that module with ``python -m lldiff.sweep.measured``).
 """
 
 from __future__ import annotations
@@ -34,10 +45,12 @@ from torch.utils.data import DataLoader, Dataset
 from lightning.pytorch.cli import instantiate_class
 
 from lldiff import registry
+from lldiff.atomic import write_text
 from lldiff.attention import BACKENDS
 from lldiff.callbacks import RunCheckpoint
 from lldiff.checkpoint import is_sharded_checkpoint, load_model
 from lldiff.config import ModelConfig
+from lldiff.flops import gpu_table_key, matmul_precision
 from lldiff.model import Transformer
 
 OBJECTIVES = ("mdm", "ar", "bd3-16")  # registry names; one backbone check and at least one training case each
@@ -109,10 +122,15 @@ def scalars(logdir: Path) -> dict[str, list[float]]:
 def run_case(name: str, args: argparse.Namespace, *, objective: str, strategy: Any, precision: str,
              backend: str = "sdpa", ckpt: bool = False) -> dict[str, Any]:
     L.seed_everything(0, verbose=False)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     spec = registry.get(objective).module_config()
+    options = {"compile": {"auto": None, "on": True, "off": False}[args.compile]}
+    if args.loss_chunk_tokens != "default":
+        options["loss_chunk_tokens"] = None if args.loss_chunk_tokens == "none" else int(args.loss_chunk_tokens)
     module = instantiate_class((), {**spec, "init_args": {**spec["init_args"], "size": args.size, "vocab_size": args.vocab,
                                                           "attn_backend": backend, "lr": 3e-4, "warmup_steps": 2,
-                                                          "random_length_prob": 0.0}})
+                                                          "random_length_prob": 0.0, **options}})
     loader = DataLoader(RandomRows(args.vocab, args.seq_len, args.batch * 8), batch_size=args.batch, shuffle=True,
                         drop_last=True, generator=torch.Generator().manual_seed(0))
     logdir = args.out / "tb" / name
@@ -128,12 +146,19 @@ def run_case(name: str, args: argparse.Namespace, *, objective: str, strategy: A
     wall = time.perf_counter() - start
     logged = scalars(logdir)
     steady = lambda tag: statistics.median(logged[tag][1:] or logged[tag]) if tag in logged else None  # noqa: E731
+    tf32 = args.device == "cuda" and torch.get_float32_matmul_precision() != "highest"
+    max_memory = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
+    tokens_per_step = args.batch * args.seq_len
     result = {
         "objective": objective, "strategy": type(trainer.strategy).__name__, "precision": precision,
-        "backend": backend, "steps": trainer.global_step, "wall_s": wall,
+        "matmul_precision": matmul_precision(precision, tf32=tf32), "backend": backend,
+        "activation_checkpointing": bool(getattr(trainer.strategy, "activation_checkpointing", False)),
+        "compile": module.model.blocks_compiled, "loss_chunk_tokens": module.loss_chunk_tokens,
+        "steps": trainer.global_step, "wall_s": wall, "tokens_per_step": tokens_per_step,
         "tokens_per_s": steady("perf/tokens_per_s"), "flops_per_s": steady("perf/flops_per_s"),
         "mfu": steady("perf/mfu"), "final_loss": logged["train/loss"][-1],
-        "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
+        "max_memory_gib": max_memory / 2**30 if max_memory is not None else None,
+        "max_memory_mib_per_token": max_memory / 2**20 / tokens_per_step if max_memory is not None else None,
     }
     if ckpt:
         path = args.out / "ckpt" / name / "last.ckpt"
@@ -144,9 +169,21 @@ def run_case(name: str, args: argparse.Namespace, *, objective: str, strategy: A
         with torch.no_grad():
             result["ckpt_sharded"] = is_sharded_checkpoint(path)
             result["ckpt_logits_max_diff"] = (loaded(probe) - live).abs().max().item()
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     return result
+
+
+def per_objective(cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The single-device cases' figures by objective (mixed precision; the tf32 case is
+    apart), and the MDM's tokens/s over the AR's (the issue's goal: within 5%)."""
+    summary: dict[str, Any] = {}
+    for name, result in cases.items():
+        if not name.startswith("single-") or name.endswith("tf32") or "error" in result:
+            continue
+        summary[result["objective"]] = {k: result[k] for k in (
+            "mfu", "tokens_per_s", "max_memory_gib", "max_memory_mib_per_token", "compile", "loss_chunk_tokens")}
+    if "mdm" in summary and "ar" in summary and summary["ar"]["tokens_per_s"]:
+        summary["mdm_over_ar_tokens_per_s"] = summary["mdm"]["tokens_per_s"] / summary["ar"]["tokens_per_s"]
+    return summary
 
 
 def main() -> None:
@@ -159,7 +196,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="regional torch.compile of the blocks (auto: the modules' default, on for CUDA)")
+    parser.add_argument("--loss-chunk-tokens", default="default",
+                        help="rows per LM-head chunk: an integer, none (one chunk) or default (the modules')")
+    parser.add_argument("--publish", action="store_true",
+                        help="also write benchmarks/results/scaleout_gpu-<gpu>.json (read by `lldiff sweep plan`)")
     args = parser.parse_args()
+    if args.loss_chunk_tokens not in ("default", "none") and not args.loss_chunk_tokens.isdigit():
+        parser.error(f"--loss-chunk-tokens must be an integer, none or default, got {args.loss_chunk_tokens!r}")
     warnings.filterwarnings("ignore")
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"torch": torch.__version__, "lightning": L.__version__, "size": args.size,
@@ -176,6 +221,7 @@ def main() -> None:
     mixed = "bf16-mixed" if args.device == "cuda" else "32-true"
     cases = {
         "single-mdm": dict(objective="mdm", strategy="auto", precision=mixed),
+        "single-ar": dict(objective="ar", strategy="auto", precision=mixed),
         "fsdp2-mdm": dict(objective="mdm", strategy="fsdp2", precision=mixed, ckpt=True),
         "fsdp2-ar": dict(objective="ar", strategy="fsdp2", precision=mixed),
         "fsdp2_ac-mdm": dict(objective="mdm", strategy="fsdp2_ac", precision=mixed),
@@ -194,18 +240,34 @@ def main() -> None:
             report["cases"][name] = run_case(name, args, **case)
         except Exception as err:  # record and go on: one failing path must not hide the others
             report["cases"][name] = {"error": f"{type(err).__name__}: {err}"}
-        (args.out / "scaleout.json").write_text(json.dumps(report, indent=2))
+        finally:
+            if name.endswith("tf32"):
+                torch.set_float32_matmul_precision("highest")
+        report["per_objective"] = per_objective(report["cases"])
+        write_text(args.out / "scaleout.json", json.dumps(report, indent=2))
+    if args.publish:
+        key = gpu_table_key(report.get("device", "")) if args.device == "cuda" else None
+        if key is None:
+            print(f"--publish: {report.get('device', args.device)!r} is no GPU of lldiff.flops.PEAK_TFLOPS; not published")
+        else:
+            published = Path(__file__).resolve().parent / "results" / f"scaleout_gpu-{key}.json"
+            write_text(published, json.dumps(report, indent=2))
+            print(f"published {published}; refresh lldiff.sweep.measured.MEASURED with: python -m lldiff.sweep.measured")
     print(json.dumps(report["agreement"], indent=1))
-    print(f"{'case':<20} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'loss':>7}  extra")
+    print(f"{'case':<20} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'MiB/tok':>8} {'loss':>7}  extra")
     for name, r in report["cases"].items():
         if "error" in r:
             print(f"{name:<20} ERROR {r['error'][:200]}")
             continue
         mem = f"{r['max_memory_gib']:.1f}" if r["max_memory_gib"] is not None else "-"
+        per_token = f"{r['max_memory_mib_per_token']:.3f}" if r["max_memory_mib_per_token"] is not None else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         extra = {k: r[k] for k in ("ckpt_sharded", "ckpt_logits_max_diff") if k in r}
-        print(f"{name:<20} {r['tokens_per_s']:>10.0f} {r['flops_per_s'] / 1e12:>8.1f} {mfu:>6} {mem:>8} "
+        print(f"{name:<20} {r['tokens_per_s']:>10.0f} {r['flops_per_s'] / 1e12:>8.1f} {mfu:>6} {mem:>8} {per_token:>8} "
               f"{r['final_loss']:>7.3f}  {extra}")
+    summary = report["per_objective"]
+    if "mdm_over_ar_tokens_per_s" in summary:
+        print(f"MDM tokens/s / AR tokens/s (single device): {summary['mdm_over_ar_tokens_per_s']:.3f}")
 
 
 if __name__ == "__main__":

@@ -38,10 +38,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lldiff import objectives
+from lldiff.losses import logits_ce, token_ce
 
 BD3Model = Callable[..., Tensor]
 
@@ -211,6 +211,21 @@ def bd3_logits(
     ``key_padding_mask`` (B, L), True for real tokens, is applied to both halves and passed
     on as ``attention_mask``. ``flex`` chooses FlexAttention (a ``BlockMask``) over SDPA with
     a boolean mask; None: FlexAttention on CUDA (:func:`use_flex_attention`) without padding."""
+    inputs, kwargs = _bd3_call(model, xt, x0, block_size, ids=ids, key_padding_mask=key_padding_mask, flex=flex)
+    return model(inputs, **kwargs)[:, : x0.shape[1]]
+
+
+def _bd3_call(
+    model: BD3Model,
+    xt: Tensor,
+    x0: Tensor,
+    block_size: int | None,
+    *,
+    ids: Tensor | None,
+    key_padding_mask: Tensor | None,
+    flex: bool | None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """The input ``[x_t ⊕ x_0]`` and the keyword arguments of :func:`bd3_logits`'s one call."""
     if xt.shape != x0.shape:
         raise ValueError(f"x_t {tuple(xt.shape)} and x_0 {tuple(x0.shape)} must have the same shape")
     seq_len = x0.shape[1]
@@ -223,18 +238,42 @@ def bd3_logits(
         flex = key_padding_mask is None and use_flex_attention(model, x0.device)
     mask = block_diffusion_block_mask(ids) if flex else block_diffusion_mask_from_ids(ids)
     positions = torch.arange(seq_len, device=x0.device).repeat(2)
-    kwargs = {}
+    kwargs: dict[str, Any] = {"positions": positions, "attn_mask": mask}
     if key_padding_mask is not None:
         kwargs["attention_mask"] = torch.cat([key_padding_mask, key_padding_mask], dim=1)
-    logits = model(torch.cat([xt, x0], dim=1), positions=positions, attn_mask=mask, **kwargs)
-    return logits[:, :seq_len]
+    return torch.cat([xt, x0], dim=1), kwargs
 
 
 def bd3_weighted_ce(logits: Tensor, x0: Tensor, masked: Tensor, t_tok: Tensor) -> Tensor:
     """Per-sequence ``sum over masked tokens of CE(logits, x0) / t_block``, shape (B,)
     (SPEC §9). Unmasked tokens contribute exactly zero (also when their ratio is 0)."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none").view_as(x0)
-    return (ce * masked / t_tok.clamp_min(torch.finfo(torch.float32).tiny)).sum(dim=1)
+    return _over_ratios(logits_ce(logits, x0) * masked, t_tok)
+
+
+def _over_ratios(ce: Tensor, t_tok: Tensor) -> Tensor:
+    """Per-sequence sum of ``ce / t_tok`` (``ce`` already 0 at unmasked tokens)."""
+    return (ce / t_tok.clamp_min(torch.finfo(torch.float32).tiny)).sum(dim=1)
+
+
+def bd3_masked_ce(
+    model: BD3Model,
+    xt: Tensor,
+    x0: Tensor,
+    masked: Tensor,
+    t_tok: Tensor,
+    block_size: int | None = None,
+    *,
+    ids: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    flex: bool | None = None,
+    targets: Tensor | None = None,
+) -> Tensor:
+    """:func:`bd3_weighted_ce` of :func:`bd3_logits`, shape (B,), with the LM head run on the
+    masked positions of the ``x_t`` half only (:func:`lldiff.losses.token_ce`; the clean half's
+    states are never read out). ``targets`` (default ``x0``): the tokens scored, when the
+    context half differs from them (an SFT prompt dropped for classifier-free guidance)."""
+    inputs, kwargs = _bd3_call(model, xt, x0, block_size, ids=ids, key_padding_mask=key_padding_mask, flex=flex)
+    return _over_ratios(token_ce(model, inputs, x0 if targets is None else targets, masked, **kwargs), t_tok)
 
 
 def bd3_loss(
@@ -258,8 +297,7 @@ def bd3_loss(
         b, num_blocks(seq_len, block_size), eps, stratified, generator, device=x0.device
     )
     xt, masked, t_tok = block_forward_mask(x0, t, mask_id, block_size, generator=generator)
-    logits = bd3_logits(model, xt, x0, block_size)
-    return bd3_weighted_ce(logits, x0, masked, t_tok).sum() / x0.numel()
+    return bd3_masked_ce(model, xt, x0, masked, t_tok, block_size).sum() / x0.numel()
 
 
 def bd3_nelbo_nats(
@@ -292,7 +330,7 @@ def bd3_nelbo_nats(
     for k in range(num_samples):
         t = eps + (1.0 - eps) * ((offsets + k / num_samples) % 1.0)
         xt, masked, t_tok = block_forward_mask(x0, t, mask_id, block_size, maskable=maskable, generator=generator)
-        total += bd3_weighted_ce(bd3_logits(model, xt, x0, block_size), x0, masked, t_tok)
+        total += bd3_masked_ce(model, xt, x0, masked, t_tok, block_size)
     return total / num_samples
 
 
@@ -334,5 +372,6 @@ def bd3_sft_loss(
     # one draw per row (as in mdm_sft_loss); a dropped prompt is masked in both halves
     both = objectives.drop_prompts(torch.cat([xt, tokens], dim=1), torch.cat([response, response], dim=1), mask_id,
                                    prompt_dropout, generator=generator)
-    logits = bd3_logits(model, both[:, :seq_len], both[:, seq_len:], block_size)
-    return objectives.normalise_sft(bd3_weighted_ce(logits, tokens, masked, t_tok), lengths, normalisation)
+    per_example = bd3_masked_ce(model, both[:, :seq_len], both[:, seq_len:], masked, t_tok, block_size,
+                                targets=tokens)
+    return objectives.normalise_sft(per_example, lengths, normalisation)

@@ -10,8 +10,9 @@ always outputs the ``vocab_size`` real tokens, so an extra-row ``M`` is never pr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -205,7 +206,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token ids (B, T) -> logits (B, T, vocab_size)."""
+    """Token ids (B, T) -> logits (B, T, vocab_size), or a readout of the final hidden states
+    (``forward(..., readout=f)``: :func:`lldiff.losses.token_ce` reads the CE of selected rows
+    in chunks without building the whole logits tensor)."""
+
+    loss_chunk_tokens: int | None = None
+    """Rows per LM-head chunk when a loss reads this model out (:mod:`lldiff.losses`); None (the
+    class's): losses score the full logits. A LightningModule has its own (``LMBase``'s)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -247,6 +254,8 @@ class Transformer(nn.Module):
         positions: Tensor | None = None,
         kv_cache: KVCache | None = None,
         attn_mask: Tensor | None = None,
+        *,
+        readout: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> Tensor:
         """Args:
             input_ids: (B, T) token ids in ``[0, embedding_rows)``.
@@ -261,6 +270,10 @@ class Transformer(nn.Module):
             attn_mask: optional boolean (T, S) or (B|1, 1, T, S), True where a query may
                 attend a key; when given it replaces the mask of ``config.attention``
                 (and is ANDed with ``attention_mask``).
+            readout: optional ``f(hidden, head_weight)``: the call returns ``f`` of the final
+                normed hidden states (B, T, d) and the head's weight (V, d) instead of the
+                logits (how :func:`lldiff.losses.token_ce` scores selected rows in chunks; it
+                runs inside this forward, so FSDP2's gathered weights and autocast apply).
         """
         t = input_ids.shape[1]
         past = 0
@@ -305,4 +318,21 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, attention_mask, None if kv_cache is None else kv_cache.layers[i], attn_mask)
-        return self.head(self.norm(x))
+        hidden = self.norm(x)
+        return self.head(hidden) if readout is None else readout(hidden, self.head.weight)
+
+    def compile_blocks(self, **options: Any) -> None:
+        """Regional ``torch.compile``: each block compiled in place (``Block.compile``), so
+        compilation covers one block's code, which every (identical) block reuses, and the
+        state-dict keys stay those of the plain model. Embedding, final norm, head and loss
+        stay eager. Idempotent."""
+        for block in self.blocks:
+            inner = getattr(block, "_checkpoint_wrapped_module", block)
+            if getattr(inner, "_compiled_call_impl", None) is None:
+                inner.compile(**options)
+
+    @property
+    def blocks_compiled(self) -> bool:
+        """Whether :meth:`compile_blocks` has compiled the blocks."""
+        return all(getattr(getattr(b, "_checkpoint_wrapped_module", b), "_compiled_call_impl", None) is not None
+                   for b in self.blocks)

@@ -9,6 +9,7 @@ an upper bound on the NLL), ``val/bpb``, ``trainer/tokens``, ``trainer/flops``
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -25,6 +26,7 @@ from lldiff import block_diffusion, objectives, registry
 from lldiff.checkpoint import TOKENIZER_KEY, check_tokenizer
 from lldiff.config import ModelConfig
 from lldiff.flops import ThroughputWindow, device_peak_flops, mfu, scaling_flops
+from lldiff.losses import DEFAULT_CHUNK_TOKENS, check_chunk_tokens
 from lldiff.model import Transformer
 from lldiff.optim import build_optimizer
 from lldiff.registry import Objective
@@ -59,7 +61,22 @@ class LMBase(L.LightningModule):
         random_length_prob: probability that a step's batch is cut to a length uniform on
             {1..L} (LLaDA/SMDM 0.01). Applied identically to MDM and AR so both see the
             same tokens and compute.
-        compile: wrap the backbone in ``torch.compile`` (off by default: no gain on CPU).
+        compile: regional ``torch.compile``: each transformer block compiled in place (one
+            block's code, reused by every block; embedding, head and loss stay eager;
+            state-dict keys unchanged, so checkpoints of compiled and plain runs
+            interchange). None (default): on when the run trains on a CUDA device, off on a
+            CPU (compiling costs tens of seconds there and gains little). Decided in
+            ``configure_model``, when the trainer's device is known; a module used without
+            a trainer is not compiled unless ``compile`` is true.
+        loss_chunk_tokens: rows per LM-head chunk of the training and validation losses
+            (:mod:`lldiff.losses`): the head runs on the scored rows only (the MDM's and
+            BD3's masked positions, the AR's every position), at most this many at a time,
+            each chunk but the last recomputed in the backward, so the ``B x T x V`` fp32
+            logits never exist at once. Losses and gradients are those of the plain head up
+            to float rounding. Steps scoring fewer rows (the CPU tiny runs) run in one chunk,
+            nothing recomputed. Counting the masked rows reads one number back from the
+            device per MDM / BD3 step. None: the plain loss, full logits of every position
+            (no chunks, no read-back; the most memory).
         peak_tflops: peak dense TFLOP/s of one device for ``perf/mfu``; None looks the GPU
             up in ``lldiff.flops.PEAK_TFLOPS`` (by name and the run's matmul precision) or,
             on a CPU, measures an fp32 matmul once per process.
@@ -79,11 +96,15 @@ class LMBase(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int | None = None,
         random_length_prob: float = 0.01,
-        compile: bool = False,
+        compile: bool | None = None,
         peak_tflops: float | None = None,
+        loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_chunk_tokens(loss_chunk_tokens)
+        if compile is not None and not isinstance(compile, bool):
+            raise ValueError(f"compile must be true, false or null (on for a CUDA run), got {compile!r}")
         if peak_tflops is not None and peak_tflops <= 0:
             raise ValueError(f"peak_tflops must be > 0 (TFLOP/s per device) or null, got {peak_tflops}")
         if vocab_size is None:
@@ -95,12 +116,16 @@ class LMBase(L.LightningModule):
         if lr <= 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"need lr > 0 and min_lr_ratio in [0, 1], got lr={lr}, min_lr_ratio={min_lr_ratio}")
         self.config = ModelConfig.from_name(
-            size, **{**(model_overrides or {}), "vocab_size": vocab_size, **self.objective.model_fields(vocab_size),
+            size, **{**(model_overrides or {}), "vocab_size": vocab_size,
+                     **self.objective.model_fields(vocab_size, (model_overrides or {}).get("mask_id")),
                      "attn_backend": attn_backend}
         )
-        self.model = Transformer(self.config)
+        # a subclass about to assign stored weights (finetune's init_from) builds the backbone on
+        # the meta device: no random initialisation, no full-size copy before the real tensors
+        with torch.device("meta") if getattr(self, "_backbone_on_meta", False) else contextlib.nullcontext():
+            self.model = Transformer(self.config)
         if compile:
-            self.model.compile()  # in place: state-dict keys stay model.*
+            self.model.compile_blocks()  # in place: state-dict keys stay model.*
         self.tokens_seen = 0
         self.matmul_flops_seen = 0.0
         self._window: ThroughputWindow | None = None
@@ -113,6 +138,11 @@ class LMBase(L.LightningModule):
         """This module's entry in the objective registry."""
         return registry.get(self.objective_name)
 
+    @property
+    def loss_chunk_tokens(self) -> int | None:
+        """Rows per LM-head chunk of the losses (:mod:`lldiff.losses` reads it)."""
+        return self.hparams.get("loss_chunk_tokens", DEFAULT_CHUNK_TOKENS)
+
     # -- objective hooks -----------------------------------------------------------------
     def loss(self, rows: Tensor) -> Tensor:
         """Training loss on packed rows (B, L+1)."""
@@ -124,7 +154,8 @@ class LMBase(L.LightningModule):
 
     # -- Lightning ------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        """The backbone's logits; ``kwargs`` (``positions``, ``attn_mask``) go to it unchanged."""
+        """The backbone's logits; ``kwargs`` (``positions``, ``attn_mask``, ``readout``) go to it
+        unchanged."""
         return self.model(input_ids, attention_mask, **kwargs)
 
     def setup(self, stage: str) -> None:
@@ -164,9 +195,13 @@ class LMBase(L.LightningModule):
         self._window = None  # validation time is not training throughput
 
     def configure_model(self) -> None:
-        """Under ``ModelParallelStrategy`` (``trainer.strategy: fsdp2``): shard the backbone
-        with FSDP2, per block then the root, over the data-parallel mesh, with the
-        strategy's activation-checkpointing and resharding options. No-op otherwise."""
+        """Regional compile of the blocks when :func:`compile_on` says so (``compile`` and the
+        trainer's device), then, under ``ModelParallelStrategy`` (``trainer.strategy:
+        fsdp2``): shard the backbone with FSDP2, per block then the root, over the
+        data-parallel mesh, with the strategy's activation-checkpointing and resharding
+        options (compile first, then shard, as torchtitan does)."""
+        if self._trainer is not None and compile_on(self.hparams.get("compile"), self.trainer.strategy.root_device):
+            self.model.compile_blocks()
         mesh = self.device_mesh
         if mesh is None:
             return
@@ -257,7 +292,9 @@ class LMBase(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val")
-        self.log("trainer/tokens", float(self.tokens_seen))
+        # already global on every rank (like the epoch metrics below): the mean over ranks is the
+        # same value, and saying so keeps Lightning from recommending sync_dist on every validation
+        self.log("trainer/tokens", float(self.tokens_seen), sync_dist=True)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -266,11 +303,12 @@ class LMBase(L.LightningModule):
         self._log_eval_metrics("test")
 
     def _log_eval_metrics(self, prefix: str) -> None:
-        """``{prefix}/nll_per_token`` and ``{prefix}/bpb`` over the epoch (summed across devices)."""
+        """``{prefix}/nll_per_token`` and ``{prefix}/bpb`` over the epoch (summed across devices by
+        the SumMetrics, so every rank holds the same value)."""
         nats, tokens = self.val_nats.compute(), self.val_tokens.compute()
-        self.log(f"{prefix}/nll_per_token", nats / tokens, prog_bar=prefix == "val")
+        self.log(f"{prefix}/nll_per_token", nats / tokens, prog_bar=prefix == "val", sync_dist=True)
         if self.token_bytes.numel():
-            self.log(f"{prefix}/bpb", nats / (math.log(2) * self.val_bytes.compute()))
+            self.log(f"{prefix}/bpb", nats / (math.log(2) * self.val_bytes.compute()), sync_dist=True)
         for metric in (self.val_nats, self.val_tokens, self.val_bytes):
             metric.reset()
 
@@ -342,6 +380,11 @@ class LMBase(L.LightningModule):
 SETTINGS_NOT_SHAPE = ("name", "attn_backend", "max_seq_len", "rope_base", "norm_eps")
 """ModelConfig fields a resumed run may differ in without a word: the name and what fine-tuning may override
 (lldiff.finetune.ADJUSTABLE_FIELDS); every other field is the weights' shape or meaning."""
+
+
+def compile_on(compile: bool | None, device: torch.device) -> bool:
+    """Whether a run compiles its blocks: as ``compile`` says, or (None) on a CUDA device only."""
+    return bool(compile) if compile is not None else torch.device(device).type == "cuda"
 
 
 def _rank_seed(seed: int, rank: int) -> int:

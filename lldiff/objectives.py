@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from lldiff.losses import logits_ce, token_ce
 
 Model = Callable[[Tensor], Tensor]
 
@@ -59,8 +60,13 @@ def forward_mask(
 
 def weighted_masked_ce(logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor) -> Tensor:
     """Per-sequence ``sum over masked positions of CE(logits, x0) / t``, shape (B,)."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), x0.flatten(), reduction="none").view_as(x0)
-    return (ce * masked).sum(dim=1) / t
+    return (logits_ce(logits, x0) * masked).sum(dim=1) / t
+
+
+def masked_ce_over_t(model: Model, xt: Tensor, x0: Tensor, masked: Tensor, t: Tensor) -> Tensor:
+    """:func:`weighted_masked_ce` of ``model(xt)``, the LM head run on the masked positions
+    only (:func:`lldiff.losses.token_ce`), shape (B,)."""
+    return token_ce(model, xt, x0, masked).sum(dim=1) / t
 
 
 def mdm_loss(
@@ -79,15 +85,12 @@ def mdm_loss(
     """
     t = sample_mask_ratio(x0.shape[0], eps=eps, stratified=stratified, device=x0.device, generator=generator)
     xt, masked = forward_mask(x0, t, mask_id, generator=generator)
-    return weighted_masked_ce(model(xt), x0, masked, t).sum() / x0.numel()
+    return masked_ce_over_t(model, xt, x0, masked, t).sum() / x0.numel()
 
 
 def ar_nll(model: Model, tokens: Tensor) -> Tensor:
     """Per-token next-token NLL, shape (B, L-1): tokens[:, 1:] given their prefixes."""
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none").view(
-        tokens.shape[0], -1
-    )
+    return token_ce(model, tokens[:, :-1], tokens[:, 1:])
 
 
 def ar_loss(model: Model, tokens: Tensor) -> Tensor:
@@ -118,7 +121,7 @@ def mdm_elbo_nats(
     for k in range(num_samples):
         t = eps + (1.0 - eps) * ((offsets + k / num_samples) % 1.0)
         xt, masked = forward_mask(x0, t, mask_id, maskable=maskable, generator=generator)
-        total += weighted_masked_ce(model(xt), x0, masked, t)
+        total += masked_ce_over_t(model, xt, x0, masked, t)
     return total / num_samples
 
 
@@ -168,7 +171,7 @@ def mdm_sft_loss(
     t = sample_mask_ratio(tokens.shape[0], eps=eps, device=tokens.device, generator=generator)
     xt, masked = forward_mask(tokens, t, mask_id, maskable=response, generator=generator)
     xt = drop_prompts(xt, response, mask_id, prompt_dropout, generator=generator)
-    return normalise_sft(weighted_masked_ce(model(xt), tokens, masked, t), lengths, normalisation)
+    return normalise_sft(masked_ce_over_t(model, xt, tokens, masked, t), lengths, normalisation)
 
 
 def response_lengths(response: Tensor, normalisation: str) -> Tensor:
@@ -196,7 +199,7 @@ def ar_sft_loss(model: Model, tokens: Tensor, response: Tensor) -> Tensor:
     targets = response[:, 1:]
     if not bool(targets.any()):
         raise ValueError("no response tokens to predict")
-    return (ar_nll(model, tokens) * targets).sum() / targets.sum()
+    return token_ce(model, tokens[:, :-1], tokens[:, 1:], targets).sum() / targets.sum()
 
 
 def drop_prompts(

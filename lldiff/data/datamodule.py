@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from ..loading import loader_options
 from . import pipeline
 from .cache import cache_root
 from .corpora import Corpus, Document, build_corpus
@@ -294,8 +295,7 @@ class PretrainDataModule(TokenizedDataModule):
             sampler=self._sampler,
             drop_last=True,
             generator=torch.Generator().manual_seed(self.seed),  # worker seeds; keeps the global RNG untouched
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            **loader_options(self.trainer, self.num_workers),  # workers, persistent; pinned on CUDA
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -312,7 +312,7 @@ class PretrainDataModule(TokenizedDataModule):
             batch_size=self.batch_size,
             shuffle=False,
             generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
-            num_workers=self.num_workers,
+            **loader_options(self.trainer, self.num_workers),  # workers, persistent; pinned on CUDA
         )
 
     @staticmethod

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from ..loading import loader_options
 from .chat import ChatTemplate, saved_template
 from .packing import evenly_spaced
 from .resumable import TokenizedDataModule
@@ -148,7 +149,7 @@ class SFTDataModule(TokenizedDataModule):
         examples = self._require(self.train_examples)
         sampler = self.train_sampler(len(examples))
         return DataLoader(examples, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=self._collate(), num_workers=self.hparams.num_workers,
+                          collate_fn=self._collate(), **loader_options(self.trainer, self.hparams.num_workers),
                           generator=torch.Generator().manual_seed(self.seed))  # keeps the global RNG untouched
 
     def val_dataloader(self) -> DataLoader | list:
@@ -156,7 +157,8 @@ class SFTDataModule(TokenizedDataModule):
         if not examples:
             return []
         return DataLoader(examples, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
-                          num_workers=self.hparams.num_workers, generator=torch.Generator().manual_seed(0))
+                          **loader_options(self.trainer, self.hparams.num_workers),
+                          generator=torch.Generator().manual_seed(0))
 
     @staticmethod
     def _require(examples: list[EncodedTurn] | None) -> list[EncodedTurn]:

@@ -26,6 +26,16 @@ def _parallel(value: str) -> int | str:
     return k
 
 
+def _mfu(value: str) -> float:
+    try:
+        mfu = float(value)
+    except ValueError:
+        mfu = 0.0
+    if not 0 < mfu <= 1:
+        raise argparse.ArgumentTypeError(f"--mfu must be a fraction in (0, 1] (0.4 is 40%), got {value!r}")
+    return mfu
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lldiff sweep",
@@ -46,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--preset", help="a built-in spec instead: " + ", ".join(preset_names()))
     plan.add_argument("--emit", type=Path, metavar="DIR", help="write sweep.slurm and torchrun.sh into DIR")
     plan.add_argument("--out", type=Path, help="sweep directory the emitted jobs write to (default: DIR)")
-    plan.add_argument("--mfu", type=float, help="override the spec's model FLOP utilisation for the estimate")
+    plan.add_argument("--mfu", type=_mfu, help="model FLOP utilisation in (0, 1] for the GPU-hours, instead of the "
+                      "spec's cluster.mfu or the one benchmarks/scaleout_gpu.py measured on cluster.gpu")
 
     analyze = sub.add_parser("analyze", help="iso-FLOP fits, scaling laws, compute multiplier, figures, report")
     analyze.add_argument("run_dir", type=Path, help="a sweep directory with results.csv")
@@ -98,15 +109,11 @@ def main(argv: list[str]) -> None:
         run_sweep(spec, args.out, only=args.only, parallel=args.parallel)
         print(f"results: {args.out / 'results.csv'}   analyse: lldiff sweep analyze {args.out}")
         return
-    import dataclasses
-
     from lldiff.sweep.cluster import emit, plan_table
     from lldiff.sweep.plan import make_plan
 
-    if args.mfu is not None:
-        spec = dataclasses.replace(spec, cluster=dataclasses.replace(spec.cluster, mfu=args.mfu))
     plan_runs = make_plan(spec)
-    print(plan_table(spec, plan_runs))
+    print(plan_table(spec, plan_runs, mfu=args.mfu))
     if args.emit:
         from lldiff.sweep.runner import prepare_out_dir
 

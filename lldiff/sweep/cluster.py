@@ -8,22 +8,99 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from lldiff.flops import PEAK_TFLOPS, matmul_precision
+from lldiff.sweep.measured import BENCHMARK, DEFAULT_MFU, Measurement, MfuChoice, choose_mfu, measurements
 from lldiff.sweep.plan import RunPlan, matmul_flops
 from lldiff.atomic import write_text
 from lldiff.sweep.spec import COMPUTE_AXES, SweepSpec
 
 
-def gpu_hours(spec: SweepSpec, run: RunPlan) -> float:
-    """Estimated GPU-hours of a run at the spec's MFU: real matmul FLOPs (head and attention
-    included) over ``mfu * peak`` per GPU."""
-    return matmul_flops(spec, run) / (spec.cluster.mfu * spec.cluster.peak_tflops * 1e12) / 3600.0
+def plan_precision(spec: SweepSpec) -> str:
+    """The matmul precision of the spec's runs (``trainer.precision``; lldiff leaves TF32 off,
+    so ``32-true`` is fp32)."""
+    precision = str(spec.trainer.get("precision", "32-true"))
+    try:
+        return matmul_precision(precision, tf32=False)
+    except ValueError as err:
+        raise ValueError(f"sweep spec {spec.name!r}: trainer.precision={precision!r}: {err}") from None
 
 
-def plan_table(spec: SweepSpec, plan: list[RunPlan]) -> str:
+def plan_peak(spec: SweepSpec) -> tuple[float, str]:
+    """(peak TFLOP/s per GPU, where it comes from): ``cluster.peak_tflops`` if given, else the
+    dense peak of ``cluster.gpu`` at the runs' matmul precision."""
+    cluster = spec.cluster
+    if cluster.peak_tflops is not None:
+        return float(cluster.peak_tflops), "cluster.peak_tflops"
+    precision = plan_precision(spec)
+    peak = PEAK_TFLOPS[cluster.gpu].get(precision)
+    if peak is None:
+        raise ValueError(f"sweep spec {spec.name!r}: {cluster.gpu} has no {precision} peak in lldiff.flops.PEAK_TFLOPS; "
+                         "set cluster.peak_tflops")
+    return peak, f"{cluster.gpu} dense {precision} peak"
+
+
+def plan_mfu(spec: SweepSpec, objective: str, mfu: float | None = None,
+             found: list[Measurement] | None = None) -> MfuChoice:
+    """The MFU of one objective's runs: ``mfu`` (``--mfu``), else ``cluster.mfu``, else the one
+    measured on ``cluster.gpu`` at the runs' precision (``lldiff.sweep.measured``), else 40%."""
+    given = mfu if mfu is not None else spec.cluster.mfu
+    found = measurements() if found is None else found
+    return choose_mfu(objective, spec.cluster.gpu, plan_precision(spec), given, found)
+
+
+def gpu_hours(spec: SweepSpec, run: RunPlan, mfu: float | None = None) -> float:
+    """Estimated GPU-hours of a run: real matmul FLOPs (head and attention included) over
+    ``MFU x peak`` per GPU (:func:`plan_mfu`, :func:`plan_peak`)."""
+    return matmul_flops(spec, run) / (plan_mfu(spec, run.objective, mfu).value * plan_peak(spec)[0] * 1e12) / 3600.0
+
+
+def _percent(value: float) -> str:
+    return f"{value:.1%}".replace(".0%", "%")
+
+
+def mfu_source(spec: SweepSpec, choices: dict[str, MfuChoice], mfu: float | None,
+               found: list[Measurement]) -> str:
+    """One line saying where the plan's MFU comes from."""
+    gpu, precision = spec.cluster.gpu, plan_precision(spec)
+    here = [m for m in found if m.gpu == gpu and m.precision == precision]
+    measured_here = ""
+    if here:
+        measured_here = (f"; measured on {gpu} at {precision} by {BENCHMARK} for {here[0].size}: "
+                         + ", ".join(m.describe() for m in here) + f" ({here[0].source})")
+    origins = {c.origin for c in choices.values()}
+    if origins == {"given"}:
+        where = "given by --mfu" if mfu is not None else "from the spec's cluster.mfu, not measured"
+        return f"MFU {_percent(next(iter(choices.values())).value)} {where}{measured_here}"
+    if origins == {"assumed"}:
+        elsewhere = sorted({f"{m.gpu} at {m.precision}" for m in found})
+        return (f"MFU {_percent(DEFAULT_MFU)} assumed: nothing measured on {gpu} at {precision}"
+                + (f" (measured: {', '.join(elsewhere)})" if elsewhere else "")
+                + f"; give --mfu or cluster.mfu, or run {BENCHMARK} on that GPU")
+    first = next(c.measurement for c in choices.values() if c.measurement is not None)
+    parts = []
+    for objective, choice in choices.items():
+        if choice.origin == "measured":
+            parts.append(choice.measurement.describe())
+        else:  # measured-other-objective
+            parts.append(f"{objective} not measured: the lowest measured, {_percent(choice.value)}")
+    return (f"MFU measured by {BENCHMARK} on {first.device_name} at {precision} for {first.size}, "
+            f"{first.batch} x {first.seq_len} tokens per step: {', '.join(parts)} ({first.source}); "
+            "the same assumed for every size")
+
+
+def plan_table(spec: SweepSpec, plan: list[RunPlan], mfu: float | None = None) -> str:
+    """The runs with their GPU-hours, totals, and where the MFU and the peak come from;
+    ``mfu`` (``--mfu``) overrides the spec's and the measured one."""
+    found = measurements()
+    choices = {o: plan_mfu(spec, o, mfu, found) for o in dict.fromkeys(r.objective for r in plan)}
+    peak, peak_source = plan_peak(spec)
     points = (f"{len(spec.epochs)} epoch counts over U={plan[0].unique_tokens:,} unique tokens" if spec.epochs
               else f"{len(spec.budgets)} budgets")
     cells = len({(r.size, r.budget) for r in plan})
     window = f", D/N in [{spec.tokens_per_param[0]:g}, {spec.tokens_per_param[1]:g}]" if spec.tokens_per_param else ""
+    values = {c.value for c in choices.values()}
+    mfus = (_percent(values.pop()) if len(values) == 1
+            else ", ".join(f"{o} {_percent(c.value)}" for o, c in choices.items()))
     lines = [
         f"sweep {spec.name!r}: {len(plan)} runs = {len(spec.objectives)} objectives x {cells} cells (of "
         f"{len(spec.sizes)} sizes x {points}{window}) x {len(spec.seeds)} seed(s), {plan[0].tokens_per_step:.0f} "
@@ -32,7 +109,7 @@ def plan_table(spec: SweepSpec, plan: list[RunPlan]) -> str:
     ]
     total_hours = 0.0
     for run in plan:
-        hours = gpu_hours(spec, run)
+        hours = matmul_flops(spec, run) / (choices[run.objective].value * peak * 1e12) / 3600.0
         total_hours += hours
         lines.append(
             f"{run.index:>3} {run.run_id:<34} {run.n_nonemb:>13,} {run.max_steps:>8} {run.tokens:>10.3g} "
@@ -41,8 +118,9 @@ def plan_table(spec: SweepSpec, plan: list[RunPlan]) -> str:
     lines.append(
         f"total: {sum(r.tokens for r in plan):.3g} tokens, {sum(r.flops for r in plan):.3g} FLOPs ({spec.compute}), "
         f"{sum(matmul_flops(spec, r) for r in plan):.3g} real matmul FLOPs, "
-        f"~{total_hours:.3g} GPU-hours at MFU {spec.cluster.mfu:.0%} of {spec.cluster.peak_tflops:g} TFLOP/s"
+        f"~{total_hours:.3g} GPU-hours at MFU {mfus} of {peak:g} TFLOP/s ({peak_source})"
     )
+    lines.append(mfu_source(spec, choices, mfu, found))
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ A spec is a YAML file (or a named preset in ``lldiff/sweep/presets``)::
     warmup_fraction: 0.1              # warmup as a fraction of each run's steps (else model.warmup_steps / SMDM rule)
     evals_per_run: 4                  # validation points along each run (curves)
     final_val_mc_samples: 32          # K Monte-Carlo draws for the MDM's final ELBO (SMDM 128)
-    cluster: {partition: gpu, time: "04:00:00", gpus_per_run: 1, mfu: 0.4, peak_tflops: 989}
+    cluster: {partition: gpu, time: "04:00:00", gpus_per_run: 1, gpu: h100-sxm}   # mfu, peak_tflops: see ClusterSpec
 
 Each objective's runs use the registry's module class and init args
 (``lldiff.registry.get(name).module_config()``: ``BlockDiffusionLM`` with ``block_size: B``
@@ -67,15 +67,27 @@ PRESET_PACKAGE = "lldiff.sweep.presets"
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """How the sweep maps onto GPU nodes (used by ``plan`` and the emitted scripts)."""
+    """How the sweep maps onto GPU nodes (used by ``plan`` and the emitted scripts).
+
+    The plan's GPU-hours are real matmul FLOPs / (MFU x peak FLOP/s):
+
+    * ``gpu``: the GPU the jobs run on, a key of ``lldiff.flops.PEAK_TFLOPS`` (``h100-sxm``,
+      ``h200-sxm``, ``a100``, ...);
+    * ``mfu``: None (default) uses the MFU measured by ``benchmarks/scaleout_gpu.py`` on that
+      GPU at the spec's precision, per objective (``lldiff.sweep.measured``), or assumes 40%
+      when there is none; a number is used as given. The plan says which;
+    * ``peak_tflops``: None (default) is the GPU's dense peak at the matmul precision of
+      ``trainer.precision`` (bf16-* -> bf16; 32-true -> fp32: lldiff leaves TF32 off).
+    """
 
     partition: str = "gpu"
     time: str = "04:00:00"
     gpus_per_run: int = 1
     nodes_per_run: int = 1
     cpus_per_task: int = 8
-    mfu: float = 0.4
-    peak_tflops: float = 989.0  # H100 SXM dense bf16
+    mfu: float | None = None
+    peak_tflops: float | None = None
+    gpu: str = "h100-sxm"
     setup: str = ""  # shell lines run before each job (module load, conda activate, ...)
 
 
@@ -198,6 +210,20 @@ def _validate(spec: SweepSpec) -> None:
         fail(f"warmup_fraction must be in [0, 1], got {spec.warmup_fraction}")
     if spec.evals_per_run < 1 or spec.final_val_mc_samples < 1:
         fail("evals_per_run and final_val_mc_samples must be >= 1")
+    _validate_cluster(spec.cluster, fail)
+
+
+def _validate_cluster(cluster: ClusterSpec, fail) -> None:
+    from lldiff.flops import PEAK_TFLOPS
+
+    if cluster.gpu not in PEAK_TFLOPS:
+        fail(f"cluster.gpu={cluster.gpu!r} is unknown; allowed: {', '.join(PEAK_TFLOPS)}")
+    mfu = cluster.mfu
+    if mfu is not None and (isinstance(mfu, bool) or not isinstance(mfu, (int, float)) or not 0 < mfu <= 1):
+        fail(f"cluster.mfu must be in (0, 1] (a fraction of the peak) or null (measured), got {mfu!r}")
+    peak = cluster.peak_tflops
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak <= 0):
+        fail(f"cluster.peak_tflops must be > 0 (TFLOP/s per GPU) or null (cluster.gpu's), got {peak!r}")
 
 
 def _validate_data_budget(spec: SweepSpec, fail) -> None:
