@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from lldiff import registry
-from lldiff.checkpoint_io import check_sharded_metadata, safe_filesystem_reader
+from lldiff.checkpoint_io import check_sharded_metadata, load_sharded_metadata, safe_filesystem_reader
 from lldiff.config import ModelConfig
 from lldiff.registry import Objective
 from lldiff.data.tokenizer import Tokenizer
+from lldiff.lora import LoraOptions, has_lora_keys, merge_lora_state_dict
 from lldiff.model import Transformer
 
 
@@ -79,8 +80,8 @@ def read_checkpoint_meta(path: str | Path, map_location: str = "cpu") -> dict:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if not zipfile.is_zipfile(path):  # torch.save's format; a text file or tokenizer.json is not one
         raise ValueError(f"{path} is not a checkpoint (expected a .ckpt file or sharded directory written by lldiff fit)")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+    try:  # memory-mapped: tensors are read when used (an 8B checkpoint is not copied into memory here)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=map_location == "cpu")
     except pickle.UnpicklingError as error:  # weights_only refused an object: say so in one line
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path} holds objects a checkpoint never needs; refused to load it ({first})") from None
@@ -94,17 +95,42 @@ def read_model_weights(path: str | Path, state: dict, model: Transformer) -> dic
     ``state`` is :func:`read_checkpoint_meta`'s dict. For a sharded checkpoint the DCP
     shards are read into tensors shaped like ``model``'s, on this process alone (DCP needs
     no process group when none is initialised); optimizer shards are not read.
+
+    A LoRA fine-tuning checkpoint's adapters are merged into the plain backbone's weights
+    (:func:`lldiff.lora.merge_lora_state_dict`, with the run's ``lldiff.lora`` settings): the
+    result loads into a plain ``Transformer``, without peft.
     """
     if not is_sharded_checkpoint(path):
-        return {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+        weights = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+        return _merge_lora(weights, state, path)
     import torch.distributed.checkpoint as dcp
 
-    weights = {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
+    saved = {k[len("state_dict.model."):]: m for k, m in load_sharded_metadata(path).state_dict_metadata.items()
+             if k.startswith("state_dict.model.")}
+    if has_lora_keys(saved):  # a LoRA run's shards: read the adapted keys, shaped as saved
+        weights = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in saved.items()}
+    else:
+        weights = {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
     request = {"state_dict": {f"model.{k}": v for k, v in weights.items()}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*assuming the intent is to load in a single process.*")
         dcp.load(request, storage_reader=safe_filesystem_reader(path), no_dist=True)
-    return {k[len("model."):]: v for k, v in request["state_dict"].items()}
+    return _merge_lora({k[len("model."):]: v for k, v in request["state_dict"].items()}, state, path)
+
+
+def _merge_lora(weights: dict[str, torch.Tensor], state: dict, path: str | Path) -> dict[str, torch.Tensor]:
+    """``weights`` with LoRA adapters (if any) merged in; the rank and alpha come from the
+    checkpoint's ``lldiff.lora`` (else its hyper-parameters' ``lora``)."""
+    if not has_lora_keys(weights):
+        return weights
+    settings = state.get("lldiff", {}).get("lora")
+    if settings is None:
+        settings = (state.get("hyper_parameters") or {}).get("lora")
+    if settings is None:
+        raise ValueError(f"{path} holds LoRA adapter weights but not their settings (lldiff.lora: r, alpha); "
+                         "cannot merge them")
+    options = LoraOptions.from_dict(settings)
+    return merge_lora_state_dict(weights, r=options.r, alpha=options.alpha)
 
 
 def consolidate_checkpoint(path: str | Path, out: str | Path) -> Path:

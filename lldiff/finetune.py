@@ -19,6 +19,7 @@ from torch import Tensor
 from lldiff import block_diffusion, objectives, registry
 from lldiff.checkpoint import TOKENIZER_KEY, check_tokenizer, read_checkpoint_meta, read_model_weights
 from lldiff.config import SIZES, ModelConfig
+from lldiff.lora import LoraOptions, apply_lora, fp32_restorer, fp32_snapshot, lora_options
 from lldiff.modules import AutoregressiveLM, BlockDiffusionLM, MaskedDiffusionLM
 from lldiff.registry import Objective
 
@@ -66,10 +67,6 @@ def pretrained_shape(
             f"{vocab_size} real tokens; fine-tune with the pre-training run's tokenizer.json "
             "(data.init_args.tokenizer_path: the run directory or the checkpoint)"
         )
-    mask_id = objective.model_fields(config.vocab_size)["mask_id"]
-    if config.mask_id != mask_id:
-        raise ValueError(f"init_from {init_from!r} has its mask token at id {config.mask_id}, not at {mask_id} where "
-                         f"the {objective.label} objective puts it; fine-tuning it is not supported")
     overrides = dict(overrides or {})
     changed = sorted(set(overrides) - set(ADJUSTABLE_FIELDS))
     if changed:
@@ -77,6 +74,8 @@ def pretrained_shape(
                          f"only override {', '.join(ADJUSTABLE_FIELDS)}")
     shape = {k: v for k, v in config.__dict__.items()
              if k not in ("name", "vocab_size", "attn_backend", *OBJECTIVE_FIELDS)}
+    if config.mask_id is not None and config.mask_id != config.vocab_size:
+        shape["mask_id"] = config.mask_id  # inside the vocabulary (an imported LLaDA): kept where it is
     if size is not None:
         registered = ModelConfig.from_name(size)
         differs = [f for f in shape if f not in ADJUSTABLE_FIELDS and getattr(registered, f) != shape[f]]
@@ -91,10 +90,59 @@ class _SFTMixin:
     """What both fine-tuning modules share: start from ``init_from``, score responses only."""
 
     def _load_pretrained(self: Any, init_from: str | None, state: dict[str, Any] | None) -> None:
+        """Assign ``init_from``'s weights to the backbone, which was built on the meta device:
+        the tensors are the checkpoint's own (memory-mapped from a full file, in its stored dtype),
+        so nothing full-size is allocated here; :meth:`configure_model` brings them to the run's
+        dtype after FSDP2 has sharded them (each process then holds and converts its shard only)."""
         self._pretrained_tokenizer, self._init_from = None, init_from
         if init_from is not None and state is not None:
-            self.model.load_state_dict(read_model_weights(init_from, state, self.model))
+            self.model.load_state_dict(read_model_weights(init_from, state, self.model), assign=True)
+            self.model.reset_rope(device="cpu")  # non-persistent: still on the meta device
             self._pretrained_tokenizer = state["lldiff"].get(TOKENIZER_KEY)
+
+    def configure_model(self: Any) -> None:
+        """Compile and shard as pre-training does (``LMBase.configure_model``), then give the
+        assigned weights the dtype the run trains in (:func:`training_dtype`; LoRA adapters stay
+        float32, see :meth:`_apply`)."""
+        super().configure_model()  # type: ignore[misc]
+        if self._trainer is None:
+            return
+        dtype = training_dtype(str(self.trainer.precision))
+        if any(p.is_floating_point() and p.dtype != dtype for p in self.model.parameters()):
+            self.to(dtype)  # through _apply, as Lightning's own precision conversion goes
+
+    def _use_lora(self: Any, options: LoraOptions | None) -> None:
+        """LoRA adapters on the (loaded) backbone, everything else frozen (``lldiff.lora``):
+        only the adapters reach the optimizer (``build_optimizer`` takes trainable parameters)."""
+        self._lora = options
+        if options is not None:
+            apply_lora(self.model, options)
+
+    def _apply(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Conversions keep the LoRA adapters in float32 (as peft's own ``PeftModel`` does):
+        under ``bf16-true``/``16-true`` the frozen weights become 16-bit while the adapters,
+        their gradients and AdamW states stay float32, with their exact values (a resumed
+        run's too: Lightning loads the weights before converting the module)."""
+        snapshot = fp32_snapshot(self.model) if getattr(self, "_lora", None) is not None else {}
+        result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        restore = fp32_restorer(self.model, snapshot) if snapshot else None
+        if restore is not None:  # a second pass, so that FSDP2 re-registers its sharded adapters
+            super()._apply(restore, *args, **kwargs)  # type: ignore[misc]
+        return result
+
+    def on_save_checkpoint(self: Any, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        if self._lora is not None:  # read by lldiff.checkpoint.load_model to merge the adapters
+            checkpoint["lldiff"]["lora"] = self._lora.to_dict()
+
+    def on_load_checkpoint(self: Any, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("lldiff", {}).get("lora")
+        mine = None if self._lora is None else self._lora.to_dict()
+        shape = ("r", "alpha", "target_modules")  # dropout may change on resume
+        if (saved is None) != (mine is None) or (saved and any(saved.get(k) != mine[k] for k in shape)):
+            raise ValueError(f"the checkpoint was trained with lora={saved} but this module has lora={mine}; "
+                             "resume with the run's own model.init_args.lora (its config.yaml)")
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
     def setup(self: Any, stage: str) -> None:
         super().setup(stage)  # type: ignore[misc]
@@ -128,6 +176,15 @@ class _SFTMixin:
         self.val_tokens.update(response.sum())
 
 
+def training_dtype(precision: str) -> torch.dtype:
+    """The parameters' dtype under a Lightning ``precision``: 16-bit for ``bf16-true`` /
+    ``16-true``, float64 for ``64-true``, else float32 (the ``*-mixed`` settings autocast over
+    float32 weights). A bf16 checkpoint (an imported LLaDA) fine-tuned under ``bf16-mixed`` gets
+    float32 master weights."""
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}.get(
+        precision, torch.float32)
+
+
 def _resolve_shape(objective: Objective, kwargs: dict[str, Any], init_from: str | None,
                    state: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Set ``size``/``model_overrides`` from ``init_from`` (a checkpoint of ``objective``);
@@ -159,6 +216,10 @@ class MaskedDiffusionSFT(_SFTMixin, MaskedDiffusionLM):
             padding, then the batch mean: LLaDA) or ``token`` (over all response tokens: SMDM).
         prompt_dropout: probability that an example's prompt is replaced by mask tokens,
             so the model learns the unconditional distribution for classifier-free guidance.
+        lora: LoRA adapters instead of full fine-tuning (``lldiff.lora.LoraOptions``: ``r``,
+            ``alpha``, ``dropout``, ``target_modules``; ``{}`` for the defaults r=16, alpha=32,
+            dropout 0.05 on every attention and MLP projection), applied after the pre-trained
+            weights are loaded; only the adapters train. Needs peft (``pip install 'lldiff[lora]'``).
     """
 
     def __init__(
@@ -168,13 +229,17 @@ class MaskedDiffusionSFT(_SFTMixin, MaskedDiffusionLM):
         size: str | None = None,
         normalisation: str = "response_length",
         prompt_dropout: float = 0.0,
+        lora: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         _check_sft_options(normalisation, prompt_dropout)
+        adapters = lora_options(lora)  # refused before any checkpoint is read
         kwargs["size"] = size
         pretrained = _resolve_shape(registry.get(self.objective_name), kwargs, init_from)
+        self.__dict__["_backbone_on_meta"] = pretrained is not None  # LMBase: the weights come from init_from
         super().__init__(*args, **kwargs)
         self._load_pretrained(init_from, pretrained)
+        self._use_lora(adapters)
 
     def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
         return objectives.mdm_sft_loss(self, tokens, response, self.mask_id, normalisation=self.hparams.normalisation,
@@ -194,13 +259,21 @@ class AutoregressiveSFT(_SFTMixin, AutoregressiveLM):
 
     Args (beyond AutoregressiveLM's; ``random_length_prob`` does not apply):
         init_from: pre-trained AR checkpoint; its shape is used (``size`` may stay unset).
+        lora: LoRA adapters instead of full fine-tuning (``lldiff.lora.LoraOptions``: ``r``,
+            ``alpha``, ``dropout``, ``target_modules``; ``{}`` for the defaults r=16, alpha=32,
+            dropout 0.05 on every attention and MLP projection), applied after the pre-trained
+            weights are loaded; only the adapters train. Needs peft (``pip install 'lldiff[lora]'``).
     """
 
-    def __init__(self, *args: Any, init_from: str | None = None, size: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, init_from: str | None = None, size: str | None = None,
+                 lora: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        adapters = lora_options(lora)  # refused before any checkpoint is read
         kwargs["size"] = size
         pretrained = _resolve_shape(registry.get(self.objective_name), kwargs, init_from)
+        self.__dict__["_backbone_on_meta"] = pretrained is not None  # LMBase: the weights come from init_from
         super().__init__(*args, **kwargs)
         self._load_pretrained(init_from, pretrained)
+        self._use_lora(adapters)
 
     def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
         return objectives.ar_sft_loss(self, tokens, response)
@@ -222,6 +295,10 @@ class BlockDiffusionSFT(_SFTMixin, BlockDiffusionLM):
         normalisation: ``response_length`` (LLaDA) or ``token`` (SMDM), as for the MDM.
         prompt_dropout: probability that an example's prompt is replaced by mask tokens
             (classifier-free guidance training).
+        lora: LoRA adapters instead of full fine-tuning (``lldiff.lora.LoraOptions``: ``r``,
+            ``alpha``, ``dropout``, ``target_modules``; ``{}`` for the defaults r=16, alpha=32,
+            dropout 0.05 on every attention and MLP projection), applied after the pre-trained
+            weights are loaded; only the adapters train. Needs peft (``pip install 'lldiff[lora]'``).
     """
 
     def __init__(
@@ -232,9 +309,11 @@ class BlockDiffusionSFT(_SFTMixin, BlockDiffusionLM):
         block_size: int | None = None,
         normalisation: str = "response_length",
         prompt_dropout: float = 0.0,
+        lora: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         _check_sft_options(normalisation, prompt_dropout)
+        adapters = lora_options(lora)  # refused before any checkpoint is read
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                        or block_size < 1):
             raise ValueError(f"block_size must be a positive integer or null (the checkpoint's), got {block_size!r}")
@@ -251,8 +330,10 @@ class BlockDiffusionSFT(_SFTMixin, BlockDiffusionLM):
         if block_size is None:
             block_size = 16
         pretrained = _resolve_shape(registry.get(f"bd3-{block_size}"), kwargs, init_from, state)
+        self.__dict__["_backbone_on_meta"] = pretrained is not None  # LMBase: the weights come from init_from
         super().__init__(*args, block_size=block_size, **kwargs)
         self._load_pretrained(init_from, pretrained)
+        self._use_lora(adapters)
 
     def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
         return block_diffusion.bd3_sft_loss(self, tokens, response, self.mask_id, self.config.block_size,

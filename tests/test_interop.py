@@ -506,3 +506,128 @@ def test_an_imported_llada_scores_through_the_lm_eval_adapter(tmp_path, tokenize
         expected = torch.log_softmax(reference_forward(weights, raw, ids)[0, -1], dim=-1)[answer_id]
     assert loglik == pytest.approx(float(expected), abs=1e-4)
     assert isinstance(greedy, bool)
+
+
+def test_sft_from_a_bf16_import_assigns_the_stored_tensors_then_trains_in_float32(tmp_path, tokenizer, monkeypatch):
+    """No random initialisation and no full-size float32 copy at construction: the backbone is
+    built on the meta device and the (memory-mapped) bf16 tensors are assigned; the run's
+    configure_model then gives them the training dtype (float32 master weights under 32-true /
+    bf16-mixed)."""
+    import lightning as L
+
+    from lldiff.data.sft_datamodule import SFTDataModule
+    from lldiff.finetune import MaskedDiffusionSFT
+
+    hf = write_llada_dir(tmp_path / "hf", tokenizer)
+    ckpt = import_llada(hf, tmp_path / "run", dtype=torch.bfloat16)
+    stored = {k[len("model."):]: v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
+    touched = []
+    real_normal = torch.nn.init.normal_
+    def recording_normal(tensor, *args, **kwargs):
+        touched.append(tensor.device.type)
+        return real_normal(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", recording_normal)
+    module = MaskedDiffusionSFT(init_from=str(ckpt), vocab_size=ROWS, warmup_steps=1)
+    assert touched and set(touched) == {"meta"}  # the random initialisation ran on no real memory
+    for name, value in module.model.state_dict().items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, stored[name]), name
+    records = [{"prompt": t[:14], "response": t[14:30]} for t in TEXTS[:8]]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    seen = {}
+
+    class FirstWeights(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update({k: v.clone() for k, v in pl_module.model.state_dict().items()})
+
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[FirstWeights()],
+              precision="32-true").fit(
+        module, SFTDataModule([str(data)], str(tmp_path / "run"), val_fraction=0.0, max_length=48, batch_size=4))
+    for name, value in seen.items():
+        assert value.dtype == torch.float32 and torch.equal(value, stored[name].float()), name
+    assert all(p.dtype == torch.float32 for p in module.model.parameters())
+
+
+FSDP2_LOAD_SCRIPT = """
+import json, sys, warnings
+import lightning as L, torch
+from lldiff.data.sft_datamodule import SFTDataModule
+from lldiff.finetune import MaskedDiffusionSFT
+warnings.filterwarnings("ignore")
+ckpt, run, data, out = sys.argv[1:5]
+stored = {k[len("model."):]: v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
+found = {}
+
+class Shards(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        rank, world = trainer.global_rank, trainer.world_size
+        for name, param in pl_module.model.named_parameters():
+            clean = name.replace("_checkpoint_wrapped_module.", "")
+            local = param.to_local()
+            rows = stored[clean].chunk(world, dim=0)
+            expected = rows[rank].float() if rank < len(rows) else stored[clean][:0].float()
+            found[clean] = [str(local.dtype), bool(torch.equal(local[:expected.shape[0]], expected))]
+
+model = MaskedDiffusionSFT(init_from=ckpt, vocab_size=int(sys.argv[5]), warmup_steps=1)
+L.seed_everything(0, verbose=False)
+fit = L.Trainer(accelerator="cpu", devices=2, strategy="fsdp2_ac", precision="bf16-mixed", max_steps=2, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                callbacks=[Shards()])
+fit.fit(model, SFTDataModule([data], run, val_fraction=0.0, max_length=48, batch_size=4))
+json.dump(found, open(out + f"/rank{fit.global_rank}.json", "w"))
+"""
+
+
+def test_fsdp2_fine_tuning_of_a_bf16_import_holds_float32_shards_of_the_stored_weights(tmp_path, tokenizer):
+    """Two CPU processes, fsdp2_ac, bf16-mixed: each rank's shard of every parameter is float32
+    and equals its rows of the stored bf16 weights when training starts."""
+    import subprocess
+    import sys
+
+    hf = write_llada_dir(tmp_path / "hf", tokenizer)
+    ckpt = import_llada(hf, tmp_path / "run", dtype=torch.bfloat16)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": t[:14], "response": t[14:30]}) + "\n" for t in TEXTS[:16]))
+    script = tmp_path / "fsdp2_load.py"
+    script.write_text(FSDP2_LOAD_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script), str(ckpt), str(tmp_path / "run"), str(data), str(tmp_path), str(ROWS)],
+                            check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(found) == 3 + 6 * SHAPE["n_layers"]  # embed, norm, head; per block 2 norms and 4 (fused) matrices
+        assert all(v == ["torch.float32", True] for v in found.values()), found
+
+
+@pytest.mark.parametrize("config", ["sft-llada-8b.yaml", "sft-llada-8b-lora.yaml"])
+def test_the_llada_8b_sft_configs_run_on_a_tiny_import(config, tmp_path, tokenizer):
+    """The GPU-node configs as shipped (strategy fsdp2_ac, their precision, the saved LLaDA
+    template), on one CPU process with the tiny import in place of LLaDA-8B."""
+    from lldiff.launch import lightning_cli
+
+    REPO = Path(__file__).parents[1]
+    hf = write_llada_dir(tmp_path / "hf", tokenizer)
+    ckpt = import_llada(hf, tmp_path / "run", dtype=torch.bfloat16)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": t[:14], "response": t[14:30]}) + "\n" for t in TEXTS[:24]))
+    args = [
+        "fit", "--config", str(REPO / "configs" / config), "--model.init_args.init_from", str(ckpt),
+        "--data.init_args.tokenizer_path", str(tmp_path / "run"), "--data.init_args.train_files", f"[{data}]",
+        "--data.init_args.max_length", "48", "--data.init_args.num_workers", "0", "--data.init_args.val_fraction", "0.2",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "2",
+        "--trainer.accumulate_grad_batches", "1", "--trainer.val_check_interval", "2",
+        "--model.init_args.warmup_steps", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "out"),
+    ]
+    try:
+        cli = lightning_cli(args)
+    finally:  # fsdp2_ac in this process: its process group must not outlive the test
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert cli.trainer.global_step == 2
+    name = config.removesuffix(".yaml")
+    loaded = load_model(tmp_path / "out" / name / "checkpoints" / "last.ckpt")
+    assert (loaded.config.mask_id, loaded.config.vocab_size, loaded.tokenizer.bos_id) == (300, ROWS, 1)
