@@ -52,13 +52,13 @@ def _tune(argv: list[str]) -> None:
 
 
 def _import(argv: list[str]) -> None:
-    from lldiff.interop.hf import import_main
+    from lldiff.interop.convert import import_main
 
     import_main(argv)
 
 
 def _export(argv: list[str]) -> None:
-    from lldiff.interop.hf import export_main
+    from lldiff.interop.convert import export_main
 
     export_main(argv)
 

@@ -31,6 +31,7 @@ from lldiff.lora import (
 )
 from lldiff.model import Transformer
 from lldiff.sweep.figures import read_scalars
+from test_sft_training import _sft_file  # the SFT tests' word-pair data
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_TEMPLATE = {"system": "{content}", "user": "{content}=", "assistant": "{content}"}
@@ -198,15 +199,6 @@ class Crash(L.Callback):
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == self.step:
             raise RuntimeError("simulated crash")
-
-
-def _sft_file(path: Path) -> Path:
-    rng = random.Random(0)
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog"]
-    records = [{"messages": [{"role": "user", "content": " ".join(rng.sample(words, 3))},
-                             {"role": "assistant", "content": " ".join(rng.sample(words, 2))}]} for _ in range(64)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def test_lora_sft_through_the_cli_resumes_and_loads_everywhere(tiny_runs, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """LLaDA checkpoints (Hugging Face format, SPEC §13) into lldiff's backbone, and back out.
 
-Reading (:func:`load_llada`, ``lldiff import llada HF_DIR --out RUN_DIR``):
+Reading (:func:`load_llada`; ``lldiff import llada HF_DIR --out RUN_DIR`` is
+:func:`lldiff.interop.convert.import_llada`):
 
 * ``config.json`` is checked first (``model_type`` llada, no biases, untied head, RoPE,
   RMSNorm, SwiGLU, no q/k norm, no logit scaling), then every tensor's name and shape from
@@ -49,6 +50,7 @@ from typing import Any
 import torch
 
 from lldiff.config import ModelConfig
+from lldiff.interop.common import unfused_block, write_tokenizer_files
 from lldiff.interop.safetensors_io import TensorReader, all_shapes, describe, weight_files, write_safetensors
 from lldiff.model import Transformer
 
@@ -239,18 +241,6 @@ LLADA_BLOCK_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out
                      "down": "ff_out", "attn_norm": "attn_norm", "mlp_norm": "ff_norm"}
 
 
-def unfused_block(state: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
-    """Block ``i`` of an lldiff state dict with its fused projections split: ``q, k, v`` from
-    ``attn.qkv`` (``[q | k | v]``), ``gate, up`` from ``mlp.gate_up``, plus ``o``, ``down`` and
-    the two norms (the names every exporter maps to its own)."""
-    o, hd = f"blocks.{i}.", cfg.head_dim
-    q, k, v = state[f"{o}attn.qkv.weight"].split([cfg.n_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd])
-    gate, up = state[f"{o}mlp.gate_up.weight"].chunk(2, dim=0)
-    return {"q": q, "k": k, "v": v, "o": state[f"{o}attn.proj.weight"], "gate": gate, "up": up,
-            "down": state[f"{o}mlp.proj.weight"], "attn_norm": state[f"{o}attn_norm.weight"],
-            "mlp_norm": state[f"{o}mlp_norm.weight"]}
-
-
 def build_on_meta(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
     """The backbone with ``state`` assigned as its parameters (built on the meta device: no
     allocation or initialisation of its own), RoPE tables computed on the weights' device."""
@@ -341,37 +331,6 @@ def chat_template(directory: Path) -> dict[str, Any] | None:
     return out
 
 
-# -- import: a run directory -------------------------------------------------------------------
-IMPORTED_CKPT = "checkpoints/imported.ckpt"
-
-
-def import_llada(hf_dir: str | Path, out: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write ``out`` as an lldiff run directory (``checkpoints/imported.ckpt``, ``tokenizer.json``,
-    ``special_ids.json``, ``chat_template.json``) that ``load_model``, ``lldiff generate``,
-    ``chat`` and ``eval`` read; returns the checkpoint path."""
-    from lldiff.checkpoint import TOKENIZER_KEY
-    from lldiff.checkpoint_io import write_file_atomically
-    from lldiff.atomic import write_text
-    from lldiff.data.chat import SAVED_TEMPLATE_FILE
-
-    out = Path(out)
-    target = out / IMPORTED_CKPT
-    if target.exists():
-        raise FileExistsError(f"{target} exists; choose another --out or remove it")
-    model, tokenizer, directory = load_llada(hf_dir, dtype=dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out / "tokenizer.json")  # with special_ids.json for LLaDA's own tokenizer
-    template = chat_template(directory.path)
-    if template is not None:
-        write_text(out / SAVED_TEMPLATE_FILE, json.dumps(template, indent=2) + "\n")
-    state = {
-        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-        "lldiff": {"model_config": dataclasses.asdict(model.cfg), TOKENIZER_KEY: tokenizer.fingerprint,
-                   "imported_from": str(Path(hf_dir).resolve())},
-    }
-    return write_file_atomically(target, lambda handle: torch.save(state, handle))
-
-
 # -- export ------------------------------------------------------------------------------------
 def llada_config(cfg: ModelConfig, tokenizer: Any, dtype: torch.dtype) -> dict[str, Any]:
     """LLaDA's ``config.json`` for a backbone of shape ``cfg``."""
@@ -407,8 +366,6 @@ def llada_config(cfg: ModelConfig, tokenizer: Any, dtype: torch.dtype) -> dict[s
 
 def export_llada(model: Transformer, tokenizer: Any, out: str | Path, *, max_shard_bytes: int | None = None) -> Path:
     """Write ``model`` (a mask-token backbone: MDM or BD3) as a LLaDA-format directory."""
-    from lldiff.interop.hf import write_tokenizer_files
-
     out = Path(out)
     cfg = model.cfg
     if cfg.mask_id is None:
