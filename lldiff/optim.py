@@ -66,6 +66,12 @@ def build_optimizer(
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused_adamw_supported(params))
+    # The fused kernel can unscale fp16 gradients itself, and says so; Lightning then refuses
+    # gradient clipping under *any* mixed precision, bf16 included (which has no scaler at all),
+    # because the clip would see scaled gradients. lldiff clips, so the optimizer declines:
+    # under 16-mixed the GradScaler unscales before the clip and calls the plain step, under
+    # bf16-mixed nothing reads the flag.
+    optimizer._step_supports_amp_scaling = False
     schedule = LambdaLR(
         optimizer,
         partial(warmup_cosine, max_steps=max_steps, warmup_steps=warmup, min_ratio=min_lr_ratio),

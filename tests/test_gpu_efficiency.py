@@ -105,6 +105,19 @@ def test_the_built_optimizer_follows_the_choice():
     assert optimizer.defaults["fused"] is fused_adamw_supported(list(model.parameters())) is True
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_fused_adamw_trains_with_gradient_clipping_under_mixed_precision(precision, toy_corpus, cache_dir):
+    """Lightning refuses to clip gradients for an optimizer that says it unscales them itself
+    (the fused kernel does), under every mixed precision: every bf16-mixed GPU fit, all of
+    which clip, stopped at its first step. The optimizer declines, and the fit clips and trains
+    (bf16 autocast runs on the CPU too)."""
+    dm = make_dm(toy_corpus, cache_dir, batch_size=4, seq_len=16)
+    module = make_module("mdm", dm, size="tiny-0.002M")
+    fit = trainer(2, precision=precision, gradient_clip_val=1.0)
+    fit.fit(module, dm)
+    assert fit.global_step == 2 and fit.optimizers[0].defaults["fused"]
+
+
 # -- no host-device sync in the training step ----------------------------------------------------
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero",
             "aten::equal", "aten::item", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
