@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from lldiff import block_diffusion, objectives, registry
-from lldiff.checkpoint import TOKENIZER_KEY, check_tokenizer, read_checkpoint_meta, read_model_weights
+from lldiff.checkpoint import (TOKENIZER_KEY, check_tokenizer, is_hf_directory, read_checkpoint_meta,
+                               read_model_weights)
 from lldiff.config import SIZES, ModelConfig
 from lldiff.lora import LoraOptions, apply_lora, fp32_restorer, fp32_snapshot, lora_options
 from lldiff.modules import AutoregressiveLM, BlockDiffusionLM, MaskedDiffusionLM
@@ -32,6 +33,10 @@ def read_pretrained(path: str | Path) -> dict[str, Any]:
     checked to carry its ``model_config``."""
     if not Path(path).exists():
         raise FileNotFoundError(f"init_from checkpoint {str(path)!r} does not exist")
+    if is_hf_directory(Path(path)):  # generate/chat/eval read one in place; training starts from a run
+        raise ValueError(f"init_from {str(path)!r} is a Hugging Face directory; import it first: "
+                         f"lldiff import llada {path} --out RUN_DIR, then init_from RUN_DIR/checkpoints/imported.ckpt "
+                         "and data.init_args.tokenizer_path RUN_DIR")
     state = read_checkpoint_meta(path)
     if state.get("lldiff", {}).get("model_config") is None:
         raise ValueError(f"init_from {str(path)!r} is not an lldiff checkpoint (no model config inside)")

@@ -631,3 +631,11 @@ def test_the_llada_8b_sft_configs_run_on_a_tiny_import(config, tmp_path, tokeniz
     name = config.removesuffix(".yaml")
     loaded = load_model(tmp_path / "out" / name / "checkpoints" / "last.ckpt")
     assert (loaded.config.mask_id, loaded.config.vocab_size, loaded.tokenizer.bos_id) == (300, ROWS, 1)
+
+
+def test_init_from_a_hugging_face_directory_says_to_import_it(tmp_path, tokenizer):
+    from lldiff.finetune import MaskedDiffusionSFT
+
+    hf = write_llada_dir(tmp_path / "hf", tokenizer)
+    with pytest.raises(ValueError, match=r"is a Hugging Face directory; import it first: lldiff import llada"):
+        MaskedDiffusionSFT(init_from=str(hf), vocab_size=ROWS)
