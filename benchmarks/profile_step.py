@@ -780,9 +780,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     peak, peak_source = device_peak_flops(device, args.precision)
@@ -859,5 +856,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def quiet() -> None:
+    """The command line's console: Lightning's banners and third-party warnings off (not when
+    :func:`main` is called from a test, whose process other tests share)."""
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 if __name__ == "__main__":
+    quiet()
     main()
