@@ -94,6 +94,21 @@ def pretrained_shape(
 class _SFTMixin:
     """What both fine-tuning modules share: start from ``init_from``, score responses only."""
 
+    def _before_init(self: Any, objective: Objective, kwargs: dict[str, Any], init_from: str | None,
+                     state: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Before ``LMBase.__init__``: the shape from ``init_from`` (:func:`_resolve_shape`; its
+        checkpoint, read once, is returned), and a backbone built on the meta device when the
+        weights will come from it."""
+        pretrained = _resolve_shape(objective, kwargs, init_from, state)
+        self.__dict__["_backbone_on_meta"] = pretrained is not None  # read by LMBase.__init__
+        return pretrained
+
+    def _after_init(self: Any, init_from: str | None, pretrained: dict[str, Any] | None,
+                    adapters: LoraOptions | None) -> None:
+        """After ``LMBase.__init__``: the pre-trained weights, then the LoRA adapters (if any)."""
+        self._load_pretrained(init_from, pretrained)
+        self._use_lora(adapters)
+
     def _load_pretrained(self: Any, init_from: str | None, state: dict[str, Any] | None) -> None:
         """Assign ``init_from``'s weights to the backbone, which was built on the meta device:
         the tensors are the checkpoint's own (memory-mapped from a full file, in its stored dtype),
@@ -240,20 +255,16 @@ class MaskedDiffusionSFT(_SFTMixin, MaskedDiffusionLM):
         _check_sft_options(normalisation, prompt_dropout)
         adapters = lora_options(lora)  # refused before any checkpoint is read
         kwargs["size"] = size
-        pretrained = _resolve_shape(registry.get(self.objective_name), kwargs, init_from)
-        self.__dict__["_backbone_on_meta"] = pretrained is not None  # LMBase: the weights come from init_from
+        pretrained = self._before_init(registry.get(self.objective_name), kwargs, init_from)
         super().__init__(*args, **kwargs)
-        self._load_pretrained(init_from, pretrained)
-        self._use_lora(adapters)
+        self._after_init(init_from, pretrained, adapters)
 
     def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
         return objectives.mdm_sft_loss(self, tokens, response, self.mask_id, normalisation=self.hparams.normalisation,
                                        eps=self.hparams.mask_eps, prompt_dropout=self.hparams.prompt_dropout)
 
     def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:
-        generator = torch.Generator(device=tokens.device).manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        draws = self.hparams.val_mc_samples if fitting else self.hparams.eval_mc_samples
+        generator, draws = self.validation_draws(tokens.device, batch_idx)
         return objectives.mdm_elbo_nats(self, tokens, self.mask_id, num_samples=draws, eps=self.hparams.mask_eps,
                                         maskable=response, generator=generator)
 
@@ -274,11 +285,9 @@ class AutoregressiveSFT(_SFTMixin, AutoregressiveLM):
                  lora: dict[str, Any] | None = None, **kwargs: Any) -> None:
         adapters = lora_options(lora)  # refused before any checkpoint is read
         kwargs["size"] = size
-        pretrained = _resolve_shape(registry.get(self.objective_name), kwargs, init_from)
-        self.__dict__["_backbone_on_meta"] = pretrained is not None  # LMBase: the weights come from init_from
+        pretrained = self._before_init(registry.get(self.objective_name), kwargs, init_from)
         super().__init__(*args, **kwargs)
-        self._load_pretrained(init_from, pretrained)
-        self._use_lora(adapters)
+        self._after_init(init_from, pretrained, adapters)
 
     def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
         return objectives.ar_sft_loss(self, tokens, response)
@@ -334,11 +343,9 @@ class BlockDiffusionSFT(_SFTMixin, BlockDiffusionLM):
                 block_size = saved_block  # None for a checkpoint of another objective: refused just below
         if block_size is None:
             block_size = 16
-        pretrained = _resolve_shape(registry.get(f"bd3-{block_size}"), kwargs, init_from, state)
-        self.__dict__["_backbone_on_meta"] = pretrained is not None  # LMBase: the weights come from init_from
+        pretrained = self._before_init(registry.get(f"bd3-{block_size}"), kwargs, init_from, state)
         super().__init__(*args, block_size=block_size, **kwargs)
-        self._load_pretrained(init_from, pretrained)
-        self._use_lora(adapters)
+        self._after_init(init_from, pretrained, adapters)
 
     def sft_loss(self, tokens: Tensor, response: Tensor) -> Tensor:
         return block_diffusion.bd3_sft_loss(self, tokens, response, self.mask_id, self.config.block_size,
@@ -346,8 +353,6 @@ class BlockDiffusionSFT(_SFTMixin, BlockDiffusionLM):
                             prompt_dropout=self.hparams.prompt_dropout)
 
     def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:
-        generator = torch.Generator(device=tokens.device).manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        draws = self.hparams.val_mc_samples if fitting else self.hparams.eval_mc_samples
+        generator, draws = self.validation_draws(tokens.device, batch_idx)
         return block_diffusion.bd3_nelbo_nats(self, tokens, self.mask_id, self.config.block_size, num_samples=draws,
                                               eps=self.hparams.mask_eps, maskable=response, generator=generator)

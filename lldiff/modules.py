@@ -433,11 +433,17 @@ class MaskedDiffusionLM(LMBase):
             self, rows[:, 1:], self.mask_id, eps=self.hparams.mask_eps, stratified=self.hparams.stratified_t
         )
 
+    def validation_draws(self, device: torch.device, batch_idx: int) -> tuple[torch.Generator, int]:
+        """(a generator seeded by ``val_seed`` and the batch, the number of Monte-Carlo draws):
+        ``val_mc_samples`` while fitting, ``eval_mc_samples`` for ``lldiff validate`` / ``test``,
+        so every evaluation of every checkpoint sees the same draws."""
+        generator = torch.Generator(device=device).manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        return generator, self.hparams.val_mc_samples if fitting else self.hparams.eval_mc_samples
+
     def validation_nats(self, rows: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
         x0 = rows[:, 1:]
-        generator = torch.Generator(device=x0.device).manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        draws = self.hparams.val_mc_samples if fitting else self.hparams.eval_mc_samples
+        generator, draws = self.validation_draws(x0.device, batch_idx)
         nats = objectives.mdm_elbo_nats(
             self, x0, self.mask_id, num_samples=draws, eps=self.hparams.mask_eps,
             generator=generator,
@@ -487,9 +493,7 @@ class BlockDiffusionLM(MaskedDiffusionLM):
 
     def validation_nats(self, rows: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:
         x0 = rows[:, 1:]
-        generator = torch.Generator(device=x0.device).manual_seed(self.hparams.val_seed * 1_000_003 + batch_idx)
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        draws = self.hparams.val_mc_samples if fitting else self.hparams.eval_mc_samples
+        generator, draws = self.validation_draws(x0.device, batch_idx)
         nats = block_diffusion.bd3_nelbo_nats(self, x0, self.mask_id, self.config.block_size, num_samples=draws,
                                               eps=self.hparams.mask_eps, generator=generator)
         return nats, x0
