@@ -639,3 +639,13 @@ def test_init_from_a_hugging_face_directory_says_to_import_it(tmp_path, tokenize
     hf = write_llada_dir(tmp_path / "hf", tokenizer)
     with pytest.raises(ValueError, match=r"is a Hugging Face directory; import it first: lldiff import llada"):
         MaskedDiffusionSFT(init_from=str(hf), vocab_size=ROWS)
+
+
+def test_exporting_an_import_keeps_its_chat_template(tmp_path, tokenizer):
+    """LLaDA-Instruct's Jinja template survives import -> export (from the run and from the
+    directory itself), where transformers' apply_chat_template reads it."""
+    hf = write_llada_dir(tmp_path / "hf", tokenizer)
+    ckpt = import_llada(hf, tmp_path / "run")
+    for source, out in ((ckpt, tmp_path / "from-run"), (hf, tmp_path / "from-dir")):
+        export_hf(source, out)
+        assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == LLADA_JINJA

@@ -65,8 +65,26 @@ def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str | None = None, ma
     loaded = load_model(ckpt, tokenizer=tokenizer)
     model = loaded.model if dtype is None else loaded.model.to(DTYPES[dtype])
     if loaded.objective.mask_token:
-        return export_llada(model, loaded.tokenizer, out, max_shard_bytes=max_shard_bytes), "llada"
-    return export_llama(model, loaded.tokenizer, out, max_shard_bytes=max_shard_bytes), "llama"
+        written, kind = export_llada(model, loaded.tokenizer, out, max_shard_bytes=max_shard_bytes), "llada"
+    else:
+        written, kind = export_llama(model, loaded.tokenizer, out, max_shard_bytes=max_shard_bytes), "llama"
+    jinja = _jinja_template(Path(ckpt))
+    if jinja is not None and (written / "tokenizer_config.json").is_file():  # what apply_chat_template reads
+        config = json.loads((written / "tokenizer_config.json").read_text())
+        write_text(written / "tokenizer_config.json", json.dumps({**config, "chat_template": jinja}, indent=2) + "\n")
+    return written, kind
+
+
+def _jinja_template(ckpt: Path) -> str | None:
+    """The Jinja chat template an imported LLaDA came with (its run's ``chat_template.json``, or
+    the LLaDA directory's own ``tokenizer_config.json``), so an export keeps it; None otherwise."""
+    if ckpt.is_dir() and (ckpt / "tokenizer_config.json").is_file():
+        return (chat_template(ckpt) or {}).get("jinja")
+    for directory in (ckpt.parent.parent, ckpt.parent):
+        saved = directory / SAVED_TEMPLATE_FILE
+        if saved.is_file():
+            return json.loads(saved.read_text()).get("jinja")
+    return None
 
 
 # -- commands ----------------------------------------------------------------------------------
