@@ -12,7 +12,7 @@ tokens are identical, and the cache's speed-up.
 
 Two backbones per block size: ``random`` (``--size``, random weights: speed does not depend on
 them, but under the threshold rule a random model reveals about one token per call) and
-``toy`` (a small BD3 trained here, in a minute or so, on lldiff.toy's counting language at the
+``toy`` (a small BD3 trained here, in a minute or so, on benchmarks/toy.py's counting language at the
 benchmark's length, so the threshold rule reveals several tokens per call; its exact match
 against the language is printed too). fp32 on CPU, ``--threads`` threads.
 """
@@ -24,12 +24,12 @@ import time
 
 import torch
 
-from lldiff import registry
-from lldiff.block_decoding import block_generate
-from lldiff.block_diffusion import bd3_loss
+from lldiff import objectives as registry
+from lldiff.objectives.bd3.decoding import block_generate
+from lldiff.objectives.bd3.loss import bd3_loss
 from lldiff.config import ModelConfig
 from lldiff.model import Transformer
-from lldiff.toy import VOCAB, counting_sequences
+from toy import VOCAB, counting_sequences
 
 
 def random_bd3(size: str, vocab: int, block: int) -> Transformer:
@@ -40,7 +40,7 @@ def random_bd3(size: str, vocab: int, block: int) -> Transformer:
 
 def toy_bd3(block: int, seq_len: int, steps: int, batch: int = 8) -> Transformer:
     """A 2-layer BD3 trained on the counting language at ``seq_len`` (plain PyTorch loop, as
-    lldiff.toy, with a context long enough for the benchmark)."""
+    benchmarks/toy.py, with a context long enough for the benchmark)."""
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, d_model=64, n_heads=4, d_ff=128, vocab_size=VOCAB, max_seq_len=seq_len,
                       **registry.get(f"bd3-{block}").model_fields(VOCAB))

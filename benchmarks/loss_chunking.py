@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 from lightning.pytorch.cli import instantiate_class
 
-from lldiff import losses, registry
+from lldiff import losses, objectives as registry
 from lldiff.optim import build_optimizer
 
 

@@ -5,7 +5,7 @@ AR step (``--objectives``, also ``bd3-16``) of the real LightningModules, by ker
     python benchmarks/profile_step.py --out /tmp/prof --trace  # also a chrome trace per objective (trace-<name>.json.gz)
     python benchmarks/profile_step.py --device cpu --size tiny-0.1M --batch 4 --seq-len 64 --steps 2 --out /tmp/p  # CPU smoke test
 
-Each objective's module comes from its registry entry (``lldiff.registry.get(name).module`` and
+Each objective's module comes from its registry entry (``lldiff.objectives.get(name).module`` and
 ``module_args()``) with the modules' defaults (regional ``torch.compile`` of the blocks on CUDA,
 ``--compile``; the LM head in chunks of ``loss_chunk_tokens``; fused AdamW from the module's own
 ``configure_optimizers``). It trains on one fixed random batch of packed rows (B, L+1).
@@ -74,7 +74,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.atomic import write_text
 from lldiff.flops import device_peak_flops
 
@@ -732,7 +732,7 @@ def _dig(obj: Any, keys: tuple[str, ...]) -> Any:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/profile-step"))
-    parser.add_argument("--objectives", default="mdm,ar", help=f"comma-separated registry names ({registry.ALLOWED})")
+    parser.add_argument("--objectives", default="mdm,ar", help=f"comma-separated registry names ({registry.allowed()})")
     parser.add_argument("--size", default="smdm-113M")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--batch", type=int, default=16)
@@ -761,7 +761,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.objectives = [n.strip() for n in args.objectives.split(",") if n.strip()]
     for name in args.objectives:
         if not registry.is_known(name):
-            parser.error(f"--objectives: unknown objective {name!r}; allowed: {registry.ALLOWED}")
+            parser.error(f"--objectives: unknown objective {name!r}; allowed: {registry.allowed()}")
     if args.loss_chunk_tokens not in ("default", "none") and not args.loss_chunk_tokens.isdigit():
         parser.error(f"--loss-chunk-tokens must be an integer, none or default, got {args.loss_chunk_tokens!r}")
     if args.device == "cuda" and not torch.cuda.is_available():

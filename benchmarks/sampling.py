@@ -6,7 +6,7 @@ its exact KV cache (+ threshold), all fp32 on the CPU.
     python benchmarks/sampling.py --skip-speed --skip-text     # part 1 alone (--skip-toy: without it)
 
 Part 1, the one comparison table: every objective's backbone of the SAME size (2 layers,
-d_model 64) trained here on the toy counting language (``lldiff.toy``: ``x[i+1] = x[i] + 1
+d_model 64) trained here on the toy counting language (``benchmarks/toy.py``: ``x[i+1] = x[i] + 1
 mod 12``), the same prompts (``--toy-prompts`` of ``--toy-prompt-len`` tokens) and answer length
 (``--toy-new-tokens``). Columns: tokens/s (answer positions / wall-clock seconds), model calls
 (forward passes), tokens processed per answer token (positions fed to the backbone over all
@@ -38,14 +38,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lldiff import registry
-from lldiff.ar_decoding import ar_generate
-from lldiff.block_decoding import block_generate
+from lldiff import objectives as registry
+from lldiff.objectives.ar.decoding import ar_generate
+from lldiff.objectives.bd3.decoding import block_generate
 from lldiff.config import ModelConfig
 from lldiff.model import Transformer
-from lldiff.objectives import ar_loss
-from lldiff.sampling import generate, generate_threshold
-from lldiff.toy import _train, counting_sequences, train_toy_bd3, train_toy_mdm
+from lldiff.objectives.ar.loss import ar_loss
+from lldiff.objectives.mdm.decoding import generate, generate_threshold
+from toy import _train, counting_sequences, train_toy_bd3, train_toy_mdm
 
 BD3_CACHE = "use_cache" in inspect.signature(block_generate).parameters
 DEFAULT_TEXT_CKPT = "runs/sweep-demo-long/tb/mdm/tiny-0.2M/C1.6e+12-seed0/checkpoints/last.ckpt"
@@ -85,8 +85,8 @@ def table(rows: list[dict[str, Any]]) -> None:
 
 
 def toy_ar(steps: int, seq_len: int, batch: int) -> Transformer:
-    """The toy language's AR of the same backbone as ``lldiff.toy``'s MDM and BD3 models."""
-    return _train("ar", ar_loss, steps, seq_len, batch, 0)
+    """The toy language's AR of the same backbone as ``benchmarks/toy.py``'s MDM and BD3 models."""
+    return _train(registry.get("ar"), ar_loss, steps, seq_len, batch, 0)
 
 
 def part1(args: argparse.Namespace) -> None:

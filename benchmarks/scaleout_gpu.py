@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning.pytorch.cli import instantiate_class
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.atomic import write_text
 from lldiff.attention import BACKENDS
 from lldiff.callbacks import RunCheckpoint

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning.pytorch.cli import instantiate_class
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.modules import LMBase
 from lldiff.optim import build_optimizer
 
@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps per round (default 12; with --breakdown 100)")
     parser.add_argument("--objectives", default="mdm,ar,bd3-16",
                         help="comma-separated registry names (default mdm,ar,bd3-16; allowed: "
-                        f"{registry.ALLOWED})")
+                        f"{registry.allowed()})")
     parser.add_argument("--rounds", type=int, help="rounds, alternating which loop runs first (default 4; "
                         "with --quick 2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
@@ -216,7 +216,7 @@ def main() -> None:
     args.objectives = [name.strip() for name in args.objectives.split(",") if name.strip()]
     for name in args.objectives:
         if not registry.is_known(name):
-            parser.error(f"--objectives: unknown objective {name!r}; allowed: {registry.ALLOWED}")
+            parser.error(f"--objectives: unknown objective {name!r}; allowed: {registry.allowed()}")
     if args.quick and args.breakdown:
         parser.error("--quick and --breakdown are two modes; choose one")
     warnings.filterwarnings("ignore")

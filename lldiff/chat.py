@@ -30,19 +30,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import torch
 import yaml
 
 from lldiff.checkpoint import LoadedModel, load_model
-from lldiff.completion import (
-    REMASKING,
-    Completion,
-    DecodeOptions,
-    check_context,
-    complete,
-)
+from lldiff.objectives.common.remasking import DECODER_REMASKING
+from lldiff.objectives.common.decoding import Completion, DecodeOptions
+from lldiff.completion import check_context, complete
 from lldiff.data.chat import ChatTemplate, Message, saved_template
 from lldiff.data.sft import encode_prompt
 from lldiff.generate import (
@@ -151,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd3 = parser.add_argument_group("BD3")
     bd3.add_argument("--steps-per-block", type=int, help="model calls per block (default: the block size)")
     diffusion = parser.add_argument_group("diffusion (MDM and BD3)")
-    diffusion.add_argument("--remasking", choices=REMASKING, help="default low_confidence")
+    diffusion.add_argument("--remasking", choices=DECODER_REMASKING, help="default low_confidence")
     diffusion.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] for --remasking "
                            "threshold (default 0.9)")
     diffusion.add_argument("--cfg-scale", type=float, help="classifier-free guidance w (default 0: off)")

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.checkpoint_io import check_sharded_metadata, load_sharded_metadata, safe_filesystem_reader
 from lldiff.config import ModelConfig
-from lldiff.registry import Objective
+from lldiff.objectives import Objective
 from lldiff.data.tokenizer import Tokenizer
 from lldiff.lora import LoraOptions, has_lora_keys, merge_lora_state_dict
 from lldiff.model import Transformer
@@ -179,7 +179,7 @@ def load_model(
     if "lldiff" not in state or "model_config" not in state["lldiff"]:
         raise ValueError(f"{path} is not an lldiff checkpoint (no model config inside)")
     config = ModelConfig.from_dict(state["lldiff"]["model_config"])  # also checkpoints from before `attention`
-    objective = registry.of_config(config)
+    objective = registry.of_checkpoint(state["lldiff"], config)
     if expect is not None and objective.name != expect:
         wanted = registry.get(expect).label
         raise ValueError(f"{path} holds {registry.article(objective.label)} {objective.label} model; this needs "
@@ -189,6 +189,7 @@ def load_model(
     model.load_state_dict(read_model_weights(path, state, model), assign=True)
     model.reset_rope()
     model.to(device).eval()
+    model.objective = objective  # the objective it was trained as (objectives.of_model reads it)
     tokenizer_path = Path(tokenizer) if tokenizer else find_tokenizer(path)
     loaded_tokenizer = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
     if loaded_tokenizer is not None and loaded_tokenizer.vocab_size != config.vocab_size:
@@ -209,7 +210,7 @@ def _load_hf_directory(path: Path, *, expect: str | None, tokenizer: str | Path 
     from lldiff.interop.llada import load_llada
 
     model, loaded_tokenizer, _ = load_llada(path, device=device)
-    objective = registry.of_config(model.cfg)
+    objective = registry.of_model(model)  # set by the importer: a LLaDA directory is an MDM
     if expect is not None and objective.name != expect:
         wanted = registry.get(expect).label
         raise ValueError(f"{path} holds {registry.article(objective.label)} {objective.label} model; this needs "

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.config import SIZES
 
 LIGHTNING_COMMANDS = {
@@ -76,11 +76,11 @@ OTHER_COMMANDS = {
 
 
 def _objective_lines() -> list[str]:
-    """One line per registry family: its name in sweep specs, LightningModule and SFT module."""
+    """One line per registry family: its name in sweep specs, its folder and what it is."""
     lines = []
     for name, family in registry.FAMILIES.items():
-        spelled = name if registry.is_known(name) else f"{name}-B"  # a family with a parameter (bd3-4, bd3-16)
-        lines.append(f"  {spelled:<6} {family.module}, SFT {family.sft_module}: {family.description}")
+        spelled = f"{name}-B" if family.parameter else name  # a family with a parameter (bd3-4, bd3-16)
+        lines.append(f"  {spelled:<6} lldiff/objectives/{name}/: {family.description}")
     return lines
 
 

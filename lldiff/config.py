@@ -5,7 +5,7 @@ One backbone serves every objective; what differs is the attention kind (SPEC §
 ``block_size`` tokens), and the mask token. A model with a mask token embeds ``mask_id``:
 by default a new row ``M = vocab_size`` (lldiff's own MDM and BD3), or an id inside the
 vocabulary (an imported LLaDA checkpoint). The LM head always has ``vocab_size`` outputs.
-Which objective sets which fields is :mod:`lldiff.registry`'s business, not this module's.
+Which objective sets which fields is :mod:`lldiff.objectives`'s business, not this module's.
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ class ModelConfig:
         attention: ``causal``, ``bidirectional`` or ``block`` (block-causal: a token attends
             every token of its own block and of earlier blocks).
         block_size: tokens per block for ``attention="block"`` (None otherwise).
-        mask_id: the mask token's id; None for a causal model (no mask token). For the
-            other kinds None means ``vocab_size`` (an extra embedding row); an id below
-            ``vocab_size`` reuses a vocabulary row (LLaDA's 126336).
+        mask_id: the mask token's id; None without a mask token, or (with one) ``vocab_size``:
+            an extra embedding row. An id below ``vocab_size`` reuses a vocabulary row (LLaDA's 126336).
+        mask_token: whether the backbone embeds a mask token. The objective decides it
+            (``Objective.model_fields`` sets it for every model lldiff builds); None, for a
+            config written by hand or stored before this field, keeps the old convenience rule:
+            a mask token for bidirectional and block attention, none for causal.
         attn_backend: one of ``sdpa`` (default), ``xformers`` (CUDA only), ``reference``.
     """
 
@@ -55,6 +58,7 @@ class ModelConfig:
     attention: str = "bidirectional"
     block_size: int | None = None
     mask_id: int | None = None
+    mask_token: bool | None = None
     attn_backend: str = "sdpa"
 
     def __post_init__(self) -> None:
@@ -65,12 +69,15 @@ class ModelConfig:
                 raise ValueError(f"attention='block' needs block_size >= 1, got {self.block_size!r}")
         elif self.block_size is not None:
             raise ValueError(f"block_size={self.block_size} applies to attention='block' only, not {self.attention!r}")
-        if self.attention == "causal":
+        if self.mask_token not in (None, True, False):
+            raise ValueError(f"mask_token must be true, false or null, got {self.mask_token!r}")
+        if self.mask_token is False or (self.mask_token is None and self.attention == "causal"):
             if self.mask_id is not None:
-                raise ValueError(f"mask_id={self.mask_id}: a causal model has no mask token")
+                why = "mask_token=false" if self.mask_token is False else "a causal model (mask_token unset)"
+                raise ValueError(f"mask_id={self.mask_id}: {why} has no mask token")
         elif self.mask_id is None:
             object.__setattr__(self, "mask_id", self.vocab_size)
-        elif not isinstance(self.mask_id, int) or not 0 <= self.mask_id <= self.vocab_size:
+        elif isinstance(self.mask_id, bool) or not isinstance(self.mask_id, int) or not 0 <= self.mask_id <= self.vocab_size:
             raise ValueError(f"mask_id={self.mask_id!r} must be in [0, vocab_size={self.vocab_size}]")
         for field in ("n_layer", "d_model", "n_heads", "d_ff", "vocab_size", "max_seq_len"):
             value = getattr(self, field)
@@ -107,6 +114,16 @@ class ModelConfig:
     def embedding_rows(self) -> int:
         """Vocabulary rows plus the mask token's own row when it is outside the vocabulary."""
         return self.vocab_size + (1 if self.mask_id == self.vocab_size else 0)
+
+    @property
+    def llama_compatible(self) -> bool:
+        """Causal attention and no mask token: the backbone a Llama checkpoint describes."""
+        return self.attention == "causal" and self.mask_id is None
+
+    @property
+    def full_attention(self) -> bool:
+        """Every token attends every token (bidirectional): the backbone a LLaDA checkpoint describes."""
+        return self.attention == "bidirectional"
 
     @property
     def earlier_states_fixed(self) -> bool:

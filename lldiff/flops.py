@@ -10,7 +10,7 @@ Two counts, used for different things:
   the full ``T x T`` score matrix is counted for the causal model too, as PaLM does).
   Throughput (achieved FLOP/s, MFU) uses it. It is per token of the backbone's input: an
   objective whose training forward runs on more than the sequence asks the registry
-  (``lldiff.registry.Objective.matmul_flops_per_token``): BD3 runs the backbone on
+  (``lldiff.objectives.Objective.matmul_flops_per_token``): BD3 runs the backbone on
   ``[x_t ⊕ x_0]``, ``2L`` tokens with attention over ``2L`` keys, so its training costs
   ``2 * step_flops_per_token(cfg, 2L)`` per sequence token, about twice the MDM's. Sweeps
   plan their ``matmul`` axis with the registry's count, their ``6nd`` axis with ``6 N D``

@@ -33,8 +33,9 @@ from typing import NoReturn
 import torch
 
 from lldiff.checkpoint import load_model
-from lldiff.completion import Completion, DecodeOptions, article, complete
-from lldiff.registry import Objective
+from lldiff.objectives.common.decoding import Completion, DecodeOptions
+from lldiff.completion import article, complete
+from lldiff.objectives import Objective
 
 # the DecodeOptions field each decoding flag sets; which fields apply to an objective is the registry's
 FLAG_FIELDS = {"steps": "steps", "block_length": "block_length", "remasking": "remasking", "threshold": "threshold",

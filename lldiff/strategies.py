@@ -146,6 +146,26 @@ def shard_transformer(
     return model
 
 
+def compile_on(compile: bool | None, device: torch.device) -> bool:
+    """Whether a run compiles its blocks: as ``compile`` says, or (None) on a CUDA device only."""
+    return bool(compile) if compile is not None else torch.device(device).type == "cuda"
+
+
+def prepare_backbone(model: Transformer, trainer: Any, compile: bool | None, device_mesh: Any) -> None:
+    """A LightningModule's ``configure_model``: regional compile of the blocks when
+    :func:`compile_on` says so, then, under ``ModelParallelStrategy`` (``trainer.strategy:
+    fsdp2``), FSDP2 sharding per block then the root over the data-parallel mesh (compile
+    first, then shard, as torchtitan does)."""
+    if trainer is not None and compile_on(compile, trainer.strategy.root_device):
+        model.compile_blocks()
+    if device_mesh is None:
+        return
+    strategy = trainer.strategy
+    shard_transformer(model, device_mesh["data_parallel"],
+                      activation_checkpointing=getattr(strategy, "activation_checkpointing", False),
+                      reshard_after_forward=getattr(strategy, "reshard_after_forward", True))
+
+
 def count_sharded_blocks(model: nn.Module) -> int:
     """How many transformer blocks are FSDP2 units (for tests and logs)."""
     from torch.distributed.fsdp import FSDPModule

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.atomic import write_text
 from lldiff.sweep.figures import read_scalars as read_event_scalars
 
@@ -42,8 +42,8 @@ def objective_of(run_dir: Path, model: dict) -> registry.Objective | None:
         from lldiff.config import ModelConfig
 
         try:
-            saved = read_checkpoint_meta(ckpt)["lldiff"]["model_config"]
-            return registry.of_config(ModelConfig.from_dict(saved))
+            state = read_checkpoint_meta(ckpt)["lldiff"]
+            return registry.of_checkpoint(state, ModelConfig.from_dict(state["model_config"]))
         except (KeyError, ValueError, OSError):
             pass
     return None

@@ -13,7 +13,7 @@ Two tasks, one protocol:
   forward order; forward asks for the next line, reversal for the previous one.
 
 1. **Pre-train** every objective (AR, MDM by default; ``--objectives ar,mdm,bd3-8`` adds
-   others from ``lldiff.registry``) of the same size on the same text, same batches
+   others from ``lldiff.objectives``) of the same size on the same text, same batches
    and steps (same tokens, same compute). An ``ExactMatchProbe`` measures, every
    ``probe_every`` steps, recall of the held-out items by **infilling** their own
    pre-training text: the answer's tokens masked, a model that sees the right context
@@ -46,10 +46,10 @@ from typing import Any
 import torch
 import yaml
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.atomic import write_text
 from lldiff.checkpoint import load_model
-from lldiff.completion import DecodeOptions
+from lldiff.objectives.common.decoding import DecodeOptions
 from lldiff.config import ModelConfig
 from lldiff.data.chat import ChatTemplate
 from lldiff.data.fact_tasks import fact_tasks, write_fact_tasks
@@ -57,7 +57,7 @@ from lldiff.data.line_tasks import corpus_text, distinct_lines, line_tasks, writ
 from lldiff.data.split import split_score
 from lldiff.evaluation.exact_match import accuracy, answers_for, expected_text, read_items
 
-OBJECTIVES = ("ar", "mdm")  # the default; any names of lldiff.registry (--objectives)
+OBJECTIVES = ("ar", "mdm")  # the default; any names of lldiff.objectives (--objectives)
 NOTES = {"mdm": "LLaDA objective"}  # presentation only: a word after an objective's label in the table
 # the question ends the prompt, right before the answer, as in pre-training ("X\nY")
 STUDY_TEMPLATE = ChatTemplate(system="{content}\n", user="{content}\n", assistant="{content}\n")
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-steps", type=int, help="override the preset's pre-training steps")
     parser.add_argument("--sft-steps", type=int, help="override the preset's fine-tuning steps")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES),
-                        help=f"comma-separated objectives (default {','.join(OBJECTIVES)}; allowed: {registry.ALLOWED})")
+                        help=f"comma-separated objectives (default {','.join(OBJECTIVES)}; allowed: {registry.allowed()})")
     args = parser.parse_args(argv)
     objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
     for objective in objectives:

@@ -92,3 +92,17 @@ def tiny_bd3_run(toy_corpus, cache_dir, tmp_path_factory):
         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(out),
     ])
     return out / "bd3-tiny" / "checkpoints" / "last.ckpt"
+
+
+def load_benchmark(name: str):
+    """A module of ``benchmarks/`` (not a package), loaded by path: e.g. ``load_benchmark("toy")``."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if str(path.parent) not in sys.path:  # benchmarks import their neighbours (toy) by name
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

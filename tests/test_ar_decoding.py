@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from lldiff.ar_decoding import ar_generate, filter_logits, next_token
+from lldiff.objectives.ar.decoding import ar_generate, filter_logits, next_token
 from lldiff.config import ModelConfig
 from lldiff.model import KVCache, Transformer
 

@@ -117,7 +117,7 @@ def test_exact_match_infill_sees_the_left_context_only(bd3_ckpt):
 def test_lm_eval_adapter_on_a_bd3_checkpoint(bd3_ckpt):
     pytest.importorskip("lm_eval")
     from lldiff.evaluation.lm_eval_adapter import LLDiffLM
-    from lldiff.likelihood import bd3_conditional_loglik
+    from lldiff.objectives.bd3.likelihood import bd3_conditional_loglik
 
     lm = LLDiffLM(ckpt=str(bd3_ckpt), n_mc=4, gen_length=9, steps_per_block=2)
 

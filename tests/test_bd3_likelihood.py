@@ -16,14 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lldiff import registry
-from lldiff.block_decoding import block_generate
-from lldiff.block_diffusion import bd3_logits
+from lldiff import objectives as registry
+from lldiff.objectives.bd3.decoding import block_generate
+from lldiff.objectives.bd3.loss import bd3_logits
 from lldiff.config import ModelConfig
 from lldiff.evaluation import evaluate_multiple_choice
-from lldiff.evaluation.multiple_choice import bd3_scorer, make_scorer
+from lldiff.objectives.bd3.likelihood import bd3_scorer
+from lldiff.evaluation.multiple_choice import make_scorer
 from lldiff.evaluation.tasks import Example
-from lldiff.likelihood import bd3_conditional_loglik, bd3_is_greedy
+from lldiff.objectives.bd3.likelihood import bd3_conditional_loglik, bd3_is_greedy
 from lldiff.model import Transformer
 
 V = 7

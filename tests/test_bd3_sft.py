@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lldiff import block_diffusion, registry
+from lldiff import objectives as registry
+from lldiff.objectives.bd3 import loss as block_diffusion
 from lldiff.checkpoint import load_model
-from lldiff.block_diffusion import bd3_sft_loss
-from lldiff.finetune import AutoregressiveSFT, BlockDiffusionSFT, MaskedDiffusionSFT, pretrained_shape
+from lldiff.objectives.bd3.loss import bd3_sft_loss
+from lldiff.objectives.ar.modules import AutoregressiveSFT
+from lldiff.objectives.bd3.modules import BlockDiffusionSFT
+from lldiff.objectives.mdm.modules import MaskedDiffusionSFT
+from lldiff.objectives.common.finetuning import pretrained_shape
 
 REPO = Path(__file__).resolve().parents[1]
 MASK = 8  # vocabulary 0..7, the mask token is id 8

@@ -18,12 +18,13 @@
 import pytest
 import torch
 
-from lldiff import registry
-from lldiff.block_decoding import block_generate
-from lldiff.completion import DecodeOptions, check_options, complete
+from lldiff import objectives as registry
+from lldiff.objectives.bd3.decoding import block_generate
+from lldiff.objectives.common.decoding import DecodeOptions
+from lldiff.completion import check_options, complete
 from lldiff.config import ModelConfig
 from lldiff.model import Transformer
-from lldiff.sampling import generate, generate_threshold
+from lldiff.objectives.mdm.decoding import generate, generate_threshold
 
 V = 13
 
@@ -313,7 +314,7 @@ def test_a_cache_that_counts_blocks_in_canvas_columns_fails_the_padding_test(mon
     """The padding test has teeth: under left padding canvas columns are not positions, and a
     cached call whose block mask counted key blocks in columns (what the model's own mask does
     with a cache) lets rows attend across their block boundaries and changes the answers."""
-    from lldiff import block_decoding
+    from lldiff.objectives.bd3 import decoding as block_decoding
     from lldiff import model as model_module
 
     def column_blocks(query_positions, key_positions, block_size):

@@ -18,21 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from lldiff.attention import reference_attention, sdpa_attention, xformers_attention
-from lldiff.block_diffusion import (
-    bd3_logits,
-    bd3_loss,
-    bd3_nelbo_nats,
-    bd3_weighted_ce,
-    block_diffusion_mask,
-    block_diffusion_mask_from_ids,
-    block_forward_mask,
-    block_ids,
-    num_blocks,
-    sample_block_mask_ratios,
-)
+from lldiff.objectives.bd3.loss import bd3_logits, bd3_loss, bd3_nelbo_nats, bd3_weighted_ce, block_diffusion_mask, block_diffusion_mask_from_ids, block_forward_mask, block_ids, num_blocks, sample_block_mask_ratios
 from lldiff.config import SIZES, ModelConfig
 from lldiff.model import Transformer
-from lldiff.objectives import mdm_elbo_nats, mdm_loss
+from lldiff.objectives.mdm.loss import mdm_elbo_nats, mdm_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds contention
@@ -468,7 +457,7 @@ def test_bad_attn_masks_are_refused():
 def test_flex_attention_mask_equals_the_boolean_mask(block_size, kv_heads):
     """The FlexAttention BlockMask (used on CUDA) gives the logits of SDPA with the boolean
     mask; checked here with eager FlexAttention on the CPU (forward only)."""
-    from lldiff.block_diffusion import bd3_logits, block_diffusion_block_mask, flex_available
+    from lldiff.objectives.bd3.loss import bd3_logits, block_diffusion_block_mask, flex_available
 
     if not flex_available():
         pytest.skip("this torch has no FlexAttention")

@@ -117,7 +117,7 @@ def test_checkpoint_of_the_other_objective_is_named(toy_corpus, cache_dir, tmp_p
     of the other objective is named before any weight loads."""
     import lightning as L
 
-    from lldiff.modules import MaskedDiffusionLM
+    from lldiff.objectives.mdm.modules import MaskedDiffusionLM
 
     cli = lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path))
     ar_ckpt = tmp_path / "ar-tiny" / "checkpoints" / "last.ckpt"

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from lldiff import chat, generate
-from lldiff.ar_decoding import ar_generate
-from lldiff.completion import DecodeOptions, complete
+from lldiff.objectives.ar.decoding import ar_generate
+from lldiff.objectives.common.decoding import DecodeOptions
+from lldiff.completion import complete
 from lldiff.config import ModelConfig
 from lldiff.model import Transformer
-from lldiff.sampling import generate as mdm_generate
-from lldiff.sampling import generate_threshold
+from lldiff.objectives.mdm.decoding import generate as mdm_generate
+from lldiff.objectives.mdm.decoding import generate_threshold
 
 NO_CKPT = "/nonexistent/never-loaded.ckpt"
 

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DistributedSampler
 
 from lldiff import flops
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.checkpoint import consolidate_checkpoint, is_sharded_checkpoint, load_model, read_checkpoint_meta
 from lldiff.config import ModelConfig
 from lldiff.data import PretrainDataModule

@@ -16,11 +16,11 @@ from lldiff.evaluation import (
     evaluate_multiple_choice,
     load_jsonl_task,
     save_jsonl_task,
-    score_choices,
 )
 from lldiff.evaluation.cli import main
-from lldiff.evaluation.multiple_choice import mdm_scorer
-from lldiff.likelihood import ar_loglik
+from lldiff.objectives.common.scoring import score_choices
+from lldiff.objectives.mdm.likelihood import mdm_scorer
+from lldiff.objectives.ar.likelihood import ar_loglik
 from lldiff.model import Transformer
 
 # ----------------------------------------------------------------------------- helpers

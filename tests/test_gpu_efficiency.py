@@ -12,14 +12,18 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lldiff
-from lldiff import objectives
 from lldiff.config import ModelConfig
 from lldiff.loading import loader_options
 from lldiff.model import Transformer
-from lldiff.modules import AutoregressiveLM, MaskedDiffusionLM, compile_on
+from lldiff.objectives.ar.modules import AutoregressiveLM
+from lldiff.objectives.mdm.modules import MaskedDiffusionLM
+from lldiff.strategies import compile_on
 from lldiff.optim import build_optimizer, fused_adamw_supported
 
 from test_training import make_dm, make_module, trainer
+from lldiff.objectives.ar.loss import ar_loss
+from lldiff.objectives.common.masking import draw_random_length
+from lldiff.objectives.mdm.loss import mdm_loss
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -70,8 +74,8 @@ def test_compiled_blocks_give_the_plain_loss_and_gradients(attention):
 
     def loss_of(model):
         if attention == "causal":
-            return objectives.ar_loss(model, x)
-        return objectives.mdm_loss(model, x[:, 1:], vocab, generator=torch.Generator().manual_seed(2))
+            return ar_loss(model, x)
+        return mdm_loss(model, x[:, 1:], vocab, generator=torch.Generator().manual_seed(2))
 
     results = []
     for model in (plain, compiled):
@@ -174,7 +178,7 @@ class SyncWatch(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-HOST_ONLY = {("tolist", "objectives.draw_random_length")}
+HOST_ONLY = {("tolist", "draw_random_length")}
 """The random length is drawn from a CPU generator (a host tensor: no device involved)."""
 EXPECTED = {
     "ar": HOST_ONLY,

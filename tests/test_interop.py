@@ -189,7 +189,7 @@ def test_import_command_writes_a_run_that_load_model_reads(tmp_path, tokenizer):
 def test_generation_suppresses_the_inside_mask_logit(tmp_path, tokenizer):
     """The head has a logit for the mask id (inside the vocabulary); a model that prefers it
     everywhere must still never write it."""
-    from lldiff.sampling import generate
+    from lldiff.objectives.mdm.decoding import generate
 
     hf = write_llada_dir(tmp_path / "hf", tokenizer)
     loaded = load_model(hf)
@@ -516,7 +516,7 @@ def test_sft_from_a_bf16_import_assigns_the_stored_tensors_then_trains_in_float3
     import lightning as L
 
     from lldiff.data.sft_datamodule import SFTDataModule
-    from lldiff.finetune import MaskedDiffusionSFT
+    from lldiff.objectives.mdm.modules import MaskedDiffusionSFT
 
     hf = write_llada_dir(tmp_path / "hf", tokenizer)
     ckpt = import_llada(hf, tmp_path / "run", dtype=torch.bfloat16)
@@ -634,7 +634,7 @@ def test_the_llada_8b_sft_configs_run_on_a_tiny_import(config, tmp_path, tokeniz
 
 
 def test_init_from_a_hugging_face_directory_says_to_import_it(tmp_path, tokenizer):
-    from lldiff.finetune import MaskedDiffusionSFT
+    from lldiff.objectives.mdm.modules import MaskedDiffusionSFT
 
     hf = write_llada_dir(tmp_path / "hf", tokenizer)
     with pytest.raises(ValueError, match=r"is a Hugging Face directory; import it first: lldiff import llada"):

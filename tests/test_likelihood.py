@@ -11,14 +11,10 @@ import torch.nn.functional as F
 from scipy.special import beta as beta_fn
 from scipy.special import betainc
 
-from lldiff.likelihood import (
-    ar_loglik,
-    mdm_conditional_loglik,
-    mdm_elbo,
-    sample_answer_masks,
-    sample_mask_counts,
-)
-from lldiff.objectives import mdm_elbo_nats
+from lldiff.objectives.ar.likelihood import ar_loglik
+from lldiff.objectives.mdm.likelihood import mdm_conditional_loglik, mdm_elbo
+from lldiff.objectives.common.likelihood import sample_answer_masks, sample_mask_counts
+from lldiff.objectives.mdm.loss import mdm_elbo_nats
 
 V = 4  # real tokens 0..3
 M = V  # mask id

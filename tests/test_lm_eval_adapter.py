@@ -12,7 +12,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from lldiff.evaluation.cli import main as eval_main  # noqa: E402
 from lldiff.evaluation.lm_eval_adapter import LLDiffLM  # noqa: E402
-from lldiff.likelihood import ar_loglik  # noqa: E402
+from lldiff.objectives.ar.likelihood import ar_loglik
 
 TASK_YAML = """task: lldiff_toy_mc
 dataset_path: json

@@ -20,7 +20,9 @@ from lldiff import lora
 from lldiff.chat import main as chat_main
 from lldiff.checkpoint import load_model
 from lldiff.config import ModelConfig
-from lldiff.finetune import AutoregressiveSFT, BlockDiffusionSFT, MaskedDiffusionSFT
+from lldiff.objectives.ar.modules import AutoregressiveSFT
+from lldiff.objectives.bd3.modules import BlockDiffusionSFT
+from lldiff.objectives.mdm.modules import MaskedDiffusionSFT
 from lldiff.launch import lightning_cli
 from lldiff.lora import (
     BLOCK_LINEARS,

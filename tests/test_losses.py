@@ -8,10 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lldiff import block_diffusion, objectives
+from lldiff.objectives.bd3 import loss as block_diffusion
 from lldiff.config import ModelConfig
 from lldiff.losses import linear_cross_entropy, selected_ce, token_ce
 from lldiff.model import Transformer
+from lldiff.objectives.ar.loss import ar_loss, ar_nll, ar_sft_loss
+from lldiff.objectives.common.masking import forward_mask, sample_mask_ratio
+from lldiff.objectives.mdm.loss import masked_ce_over_t, mdm_elbo_nats, mdm_loss, mdm_sft_loss
 
 V, D = 37, 16
 
@@ -93,13 +96,13 @@ def rows(b=3, t=12, seed=0):
 @pytest.mark.parametrize("chunk", [None, 5, 13, 1000])
 def test_ar_loss(chunk):
     x = rows(t=13)
-    assert_same(lambda m: objectives.ar_loss(m, x), backbone("causal"), chunk)
+    assert_same(lambda m: ar_loss(m, x), backbone("causal"), chunk)
 
 
 @pytest.mark.parametrize("chunk", [None, 4, 7, 1000])
 def test_mdm_loss_masked_rows_weighted_one_over_t(chunk):
     x0 = rows()
-    loss = assert_same(lambda m: objectives.mdm_loss(m, x0, V, generator=torch.Generator().manual_seed(5)),
+    loss = assert_same(lambda m: mdm_loss(m, x0, V, generator=torch.Generator().manual_seed(5)),
                        backbone("bidirectional"), chunk)
     assert loss > 0
 
@@ -109,10 +112,10 @@ def test_mdm_loss_matches_the_formula_with_its_own_draws():
     mask drawn as forward_mask draws them."""
     model, x0 = backbone("bidirectional"), rows()
     model.loss_chunk_tokens = 3
-    loss = objectives.mdm_loss(model, x0, V, generator=torch.Generator().manual_seed(5))
+    loss = mdm_loss(model, x0, V, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
-    t = objectives.sample_mask_ratio(3, generator=g)
-    xt, masked = objectives.forward_mask(x0, t, V, generator=g)
+    t = sample_mask_ratio(3, generator=g)
+    xt, masked = forward_mask(x0, t, V, generator=g)
     with torch.no_grad():
         ce = F.cross_entropy(model(xt).flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
     torch.testing.assert_close(loss.detach(), ((ce * masked).sum(1) / t).sum() / x0.numel(), atol=1e-6, rtol=1e-5)
@@ -123,10 +126,10 @@ def test_an_all_unmasked_mdm_batch_behaves_as_the_plain_one():
     selection)."""
     model, x0 = backbone("bidirectional"), rows()
     nothing, t = torch.zeros_like(x0, dtype=torch.bool), torch.full((3,), 0.5)
-    loss = assert_same(lambda m: objectives.masked_ce_over_t(m, x0, x0, nothing, t).sum(), model, 4)
+    loss = assert_same(lambda m: masked_ce_over_t(m, x0, x0, nothing, t).sum(), model, 4)
     assert loss == 0
     model.zero_grad()
-    objectives.masked_ce_over_t(model, x0, x0, nothing, t).sum().backward()
+    masked_ce_over_t(model, x0, x0, nothing, t).sum().backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
@@ -149,9 +152,9 @@ def sft_batch():
 def test_sft_losses(normalisation):
     tokens, response = sft_batch()
     g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
-    assert_same(lambda m: objectives.mdm_sft_loss(m, tokens, response, V, normalisation=normalisation,
+    assert_same(lambda m: mdm_sft_loss(m, tokens, response, V, normalisation=normalisation,
                                                   prompt_dropout=0.5, generator=g()), backbone("bidirectional"), 4)
-    assert_same(lambda m: objectives.ar_sft_loss(m, tokens, response), backbone("causal"), 4)
+    assert_same(lambda m: ar_sft_loss(m, tokens, response), backbone("causal"), 4)
     assert_same(lambda m: block_diffusion.bd3_sft_loss(m, tokens, response, V, 3, normalisation=normalisation,
                                                        prompt_dropout=0.5, generator=g()), backbone("block", 3), 4)
 
@@ -164,8 +167,8 @@ def test_validation_scores_use_the_same_path():
             ar, mdm, bd3 = backbone("causal"), backbone("bidirectional"), backbone("block", 4)
             for m in (ar, mdm, bd3):
                 m.loss_chunk_tokens = chunk
-            torch.testing.assert_close(objectives.ar_nll(ar, x), objectives.ar_nll(logits_only(ar), x))
-            draws = lambda m: objectives.mdm_elbo_nats(m, x, V, num_samples=3, generator=torch.Generator().manual_seed(1))  # noqa: E731
+            torch.testing.assert_close(ar_nll(ar, x), ar_nll(logits_only(ar), x))
+            draws = lambda m: mdm_elbo_nats(m, x, V, num_samples=3, generator=torch.Generator().manual_seed(1))  # noqa: E731
             torch.testing.assert_close(draws(mdm), draws(logits_only(mdm)))
             nelbo = lambda m: block_diffusion.bd3_nelbo_nats(m, x, V, 4, num_samples=2,  # noqa: E731
                                                              generator=torch.Generator().manual_seed(1))
@@ -209,7 +212,7 @@ def test_no_logits_tensor_larger_than_a_chunk(chunk):
     model.loss_chunk_tokens = chunk
     x = torch.randint(0, vocab, (4, 129))
     with LargestLogits(vocab) as mode:
-        objectives.ar_loss(model, x).backward()
+        ar_loss(model, x).backward()
     if chunk is None:
         assert mode.largest == 4 * 128 * vocab
     else:

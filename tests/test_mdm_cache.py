@@ -15,10 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lldiff.completion import DecodeOptions, complete
+from lldiff.objectives.common.decoding import DecodeOptions
+from lldiff.completion import complete
 from lldiff.config import ModelConfig
 from lldiff.model import Transformer
-from lldiff.sampling import generate, generate_threshold
+from lldiff.objectives.mdm.decoding import generate, generate_threshold
 
 V = 11  # real tokens 0..10; the mask is V (an extra row) unless said otherwise
 CACHED = ("prefix", "dual")
@@ -246,7 +247,10 @@ def test_complete_decodes_with_a_cache_and_counts_tokens_processed():
 
 
 def test_agreement_with_exact_decoding_on_the_toy_language_is_reported(capsys):
-    from lldiff.toy import counting_sequences, train_toy_mdm
+    from conftest import load_benchmark
+
+    toy = load_benchmark("toy")
+    counting_sequences, train_toy_mdm = toy.counting_sequences, toy.train_toy_mdm
 
     model = train_toy_mdm(steps=150, batch=32)
     seqs = counting_sequences(32, 16, generator=torch.Generator().manual_seed(1))

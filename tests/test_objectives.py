@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from lldiff import objectives
 from lldiff.optim import smdm_warmup_steps, warmup_cosine
+from lldiff.objectives.ar.loss import ar_nll
+from lldiff.objectives.common.masking import draw_random_length, expected_length, forward_mask, sample_mask_ratio
+from lldiff.objectives.mdm.loss import mdm_elbo_nats, mdm_loss
 
 
 class ConstantPredictor(torch.nn.Module):
@@ -27,7 +29,7 @@ def test_masking_rate_matches_t(t):
     g = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, 10, (64, 512), generator=g)
     ratios = torch.full((64,), t)
-    xt, masked = objectives.forward_mask(x0, ratios, mask_id=10, generator=g)
+    xt, masked = forward_mask(x0, ratios, mask_id=10, generator=g)
     n = masked.numel()
     tolerance = 5 * math.sqrt(t * (1 - t) / n)  # 5 sigma binomial
     assert abs(masked.float().mean().item() - t) < tolerance
@@ -38,7 +40,7 @@ def test_maskable_restricts_masking():
     x0 = torch.randint(0, 10, (8, 20))
     maskable = torch.zeros(8, 20, dtype=torch.bool)
     maskable[:, 12:] = True
-    xt, masked = objectives.forward_mask(x0, torch.ones(8), 10, maskable=maskable)
+    xt, masked = forward_mask(x0, torch.ones(8), 10, maskable=maskable)
     assert masked[:, 12:].all() and not masked[:, :12].any()
     assert (xt[:, :12] == x0[:, :12]).all()
 
@@ -47,13 +49,13 @@ def test_maskable_restricts_masking():
 def test_mask_ratio_marginal_is_uniform(stratified):
     g = torch.Generator().manual_seed(1)
     eps = 1e-3
-    t = torch.cat([objectives.sample_mask_ratio(16, eps=eps, stratified=stratified, generator=g) for _ in range(500)])
+    t = torch.cat([sample_mask_ratio(16, eps=eps, stratified=stratified, generator=g) for _ in range(500)])
     assert t.min() >= eps and t.max() <= 1
     assert stats.kstest(((t - eps) / (1 - eps)).numpy(), "uniform").pvalue > 1e-3
 
 
 def test_stratified_ratios_cover_the_interval():
-    t = objectives.sample_mask_ratio(8, eps=0.0, stratified=True, generator=torch.Generator().manual_seed(0))
+    t = sample_mask_ratio(8, eps=0.0, stratified=True, generator=torch.Generator().manual_seed(0))
     assert sorted(torch.floor(t * 8).long().tolist()) == list(range(8))  # one per stratum
 
 
@@ -67,7 +69,7 @@ def test_weighted_loss_expectation_is_the_cross_entropy(stratified):
     x0 = torch.randint(0, 4, (32, 16))
     exact = -probs.log()[x0].mean().item()
     g = torch.Generator().manual_seed(2)
-    draws = torch.stack([objectives.mdm_loss(model, x0, 4, stratified=stratified, generator=g) for _ in range(3000)])
+    draws = torch.stack([mdm_loss(model, x0, 4, stratified=stratified, generator=g) for _ in range(3000)])
     sem = draws.std().item() / math.sqrt(len(draws))
     assert abs(draws.mean().item() - exact) < 5 * sem + 1e-4
     assert sem < 0.02 * exact  # the test has power
@@ -80,7 +82,7 @@ def test_elbo_estimator_expectation():
     x0 = torch.randint(0, 3, (4, 12))
     exact = -probs.log()[x0].sum(dim=1)  # nats per sequence
     g = torch.Generator().manual_seed(3)
-    draws = torch.stack([objectives.mdm_elbo_nats(model, x0, 3, num_samples=4, generator=g) for _ in range(2000)])
+    draws = torch.stack([mdm_elbo_nats(model, x0, 3, num_samples=4, generator=g) for _ in range(2000)])
     sem = draws.std(dim=0) / math.sqrt(len(draws))
     assert ((draws.mean(dim=0) - exact).abs() < 5 * sem + 1e-4).all()
 
@@ -88,20 +90,20 @@ def test_elbo_estimator_expectation():
 def test_elbo_of_a_perfect_predictor_is_zero():
     x0 = torch.randint(0, 5, (2, 10))
     oracle = lambda xt: torch.nn.functional.one_hot(x0, 5).float() * 100.0  # noqa: E731
-    assert objectives.mdm_elbo_nats(oracle, x0, 5, num_samples=3).abs().max() < 1e-6
+    assert mdm_elbo_nats(oracle, x0, 5, num_samples=3).abs().max() < 1e-6
 
 
 def test_ar_nll_is_chain_rule():
     probs = torch.tensor([0.7, 0.2, 0.1])
     x = torch.tensor([[0, 1, 2, 0]])
-    nll = objectives.ar_nll(ConstantPredictor(probs), x)
+    nll = ar_nll(ConstantPredictor(probs), x)
     torch.testing.assert_close(nll, -probs.log()[x[:, 1:]])
 
 
 def test_random_length_frequency_and_uniformity():
     g = torch.Generator().manual_seed(0)
     seq_len, p, n = 16, 0.2, 20000
-    lengths = torch.tensor([objectives.draw_random_length(seq_len, p, generator=g) for _ in range(n)])
+    lengths = torch.tensor([draw_random_length(seq_len, p, generator=g) for _ in range(n)])
     # a truncated draw equals seq_len with probability 1/L, so P(length < L) = p (L-1)/L
     short = (lengths < seq_len).float().mean().item()
     expected_short = p * (seq_len - 1) / seq_len
@@ -109,13 +111,13 @@ def test_random_length_frequency_and_uniformity():
     counts = torch.bincount(lengths[lengths < seq_len], minlength=seq_len)[1:seq_len]
     assert stats.chisquare(counts.numpy()).pvalue > 1e-3  # uniform over {1..L-1}
     mean_len = lengths.float().mean().item()
-    assert mean_len == pytest.approx(objectives.expected_length(seq_len, p), rel=0.01)
+    assert mean_len == pytest.approx(expected_length(seq_len, p), rel=0.01)
 
 
 def test_random_length_default_never_truncates_at_zero():
-    assert all(objectives.draw_random_length(32, 0.0) == 32 for _ in range(100))
+    assert all(draw_random_length(32, 0.0) == 32 for _ in range(100))
     with pytest.raises(ValueError, match="probability"):
-        objectives.draw_random_length(32, 1.5)
+        draw_random_length(32, 1.5)
 
 
 def test_schedule_warmup_then_cosine_to_floor():

@@ -1,4 +1,4 @@
-"""The objective registry (lldiff.registry): names and refusals, the backbone fields each objective
+"""The objective registry (lldiff.objectives): names and refusals, the backbone fields each objective
 fixes and back (every family), FLOPs per training token by hand, plot styles; and checkpoints
 written by the code before the registry (commit bb6fffa, `causal` in their model config): they
 load with the logits that code computed, `lldiff generate` answers from them, and a fit resumes
@@ -17,7 +17,7 @@ import pytest
 import torch
 from lightning.pytorch.cli import instantiate_class
 
-from lldiff import flops, registry
+from lldiff import flops, objectives as registry
 from lldiff.checkpoint import load_model
 from lldiff.cli import main
 from lldiff.config import SIZES, ModelConfig

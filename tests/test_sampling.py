@@ -5,16 +5,11 @@ import math
 import pytest
 import torch
 
-from lldiff import sampling
-from lldiff.sampling import (
-    add_gumbel_noise,
-    cfg_logits,
-    generate,
-    generate_threshold,
-    infill,
-    reveal_counts,
-    strip_after_eos,
-)
+from lldiff.objectives.common.remasking import add_gumbel_noise, reveal_counts
+from lldiff.objectives.common.guidance import cfg_logits
+from lldiff.objectives.mdm.decoding import generate, generate_threshold, infill
+from lldiff.objectives.common.decoding import strip_after_eos
+from lldiff.objectives.common.decoding import SampleOutput
 
 V = 7  # real tokens 0..6
 M = V  # mask id
@@ -423,7 +418,7 @@ def test_real_backbone_left_padded_batch():
         assert ((answer >= 0) & (answer < 11) & (answer != 10)).all()
         assert len(out.answer()) == 2
     assert math.isfinite(out.seconds)
-    assert sampling.SampleOutput is type(out)
+    assert SampleOutput is type(out)
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,8 +4,11 @@ import math
 
 import pytest
 import torch
+from lldiff.objectives.ar.loss import ar_sft_loss
+from lldiff.objectives.common.masking import forward_mask, sample_mask_ratio
+from lldiff.objectives.common.sft_loss import drop_prompts
+from lldiff.objectives.mdm.loss import mdm_sft_loss
 
-from lldiff import objectives
 
 
 class Recorder(torch.nn.Module):
@@ -31,7 +34,7 @@ def test_prompt_is_never_masked():
     model = Recorder(torch.zeros(1, 7, 8))
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
-        objectives.mdm_sft_loss(model, tokens, response, mask_id=8, generator=g)
+        mdm_sft_loss(model, tokens, response, mask_id=8, generator=g)
     seen = torch.stack(model.inputs)
     assert (seen[:, ~response] == tokens[~response]).all()  # prompt always clean
     assert (seen[:, response] == 8).any()  # responses do get masked
@@ -42,12 +45,12 @@ def test_prompt_is_never_in_the_loss_and_eos_padding_is():
     logits = torch.randn(1, 7, 8)
     changed = logits.clone()
     changed[:, ~response[0]] += torch.randn(1, int((~response[0]).sum()), 8) * 5  # garbage at prompt positions
-    a, b = (objectives.mdm_sft_loss(Recorder(x), tokens[:1], response[:1], 8, generator=torch.Generator().manual_seed(1))
+    a, b = (mdm_sft_loss(Recorder(x), tokens[:1], response[:1], 8, generator=torch.Generator().manual_seed(1))
             for x in (logits, changed))
     assert a == b
     eos_changed = logits.clone()
     eos_changed[0, 5:, 0] -= 10  # make the EOS padding targets unlikely
-    losses = [objectives.mdm_sft_loss(Recorder(x), tokens[:1], response[:1], 8, eps=0.999,
+    losses = [mdm_sft_loss(Recorder(x), tokens[:1], response[:1], 8, eps=0.999,
                                       generator=torch.Generator().manual_seed(2)) for x in (logits, eos_changed)]
     assert losses[1] > losses[0]  # EOS padding is part of the target
 
@@ -63,10 +66,10 @@ def test_normalisations_match_hand_computation(normalisation):
     tokens, response = batch()
     logits = torch.randn(1, 7, 8)
     g = torch.Generator().manual_seed(3)
-    loss = objectives.mdm_sft_loss(Recorder(logits), tokens, response, 8, normalisation=normalisation, generator=g)
+    loss = mdm_sft_loss(Recorder(logits), tokens, response, 8, normalisation=normalisation, generator=g)
     g = torch.Generator().manual_seed(3)  # replay the same draws
-    t = objectives.sample_mask_ratio(2, generator=g)
-    _, masked = objectives.forward_mask(tokens, t, 8, maskable=response, generator=g)
+    t = sample_mask_ratio(2, generator=g)
+    _, masked = forward_mask(tokens, t, 8, maskable=response, generator=g)
     per_example, lengths = _hand_computed(tokens, response, logits, t, masked)
     expected = (per_example / lengths).mean() if normalisation == "response_length" else per_example.sum() / lengths.sum()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -81,7 +84,7 @@ def test_sft_loss_expectation_is_response_cross_entropy():
     ce = -probs.log()[tokens]
     exact = ((ce * response).sum(1) / response.sum(1)).mean().item()
     g = torch.Generator().manual_seed(4)
-    draws = torch.stack([objectives.mdm_sft_loss(model, tokens, response, 8, generator=g) for _ in range(4000)])
+    draws = torch.stack([mdm_sft_loss(model, tokens, response, 8, generator=g) for _ in range(4000)])
     sem = draws.std().item() / math.sqrt(len(draws))
     assert abs(draws.mean().item() - exact) < 5 * sem + 1e-4
 
@@ -89,7 +92,7 @@ def test_sft_loss_expectation_is_response_cross_entropy():
 def test_ar_sft_loss_scores_response_tokens_only():
     tokens, response = batch()
     logits = torch.randn(1, 6, 8)
-    loss = objectives.ar_sft_loss(Recorder(logits), tokens, response)
+    loss = ar_sft_loss(Recorder(logits), tokens, response)
     nll = -torch.log_softmax(logits.expand(2, -1, -1), -1).gather(-1, tokens[:, 1:, None])[..., 0]
     expected = (nll * response[:, 1:]).sum() / response[:, 1:].sum()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -98,9 +101,9 @@ def test_ar_sft_loss_scores_response_tokens_only():
 def test_bad_sft_input():
     tokens, response = batch()
     with pytest.raises(ValueError, match="normalisation='mean'"):
-        objectives.mdm_sft_loss(Recorder(torch.zeros(1, 7, 8)), tokens, response, 8, normalisation="mean")
+        mdm_sft_loss(Recorder(torch.zeros(1, 7, 8)), tokens, response, 8, normalisation="mean")
     with pytest.raises(ValueError, match="at least one response token"):
-        objectives.mdm_sft_loss(Recorder(torch.zeros(1, 7, 8)), tokens, torch.zeros_like(response), 8)
+        mdm_sft_loss(Recorder(torch.zeros(1, 7, 8)), tokens, torch.zeros_like(response), 8)
 
 
 def test_prompt_dropout_hides_whole_prompts_from_the_input_only():
@@ -108,7 +111,7 @@ def test_prompt_dropout_hides_whole_prompts_from_the_input_only():
     model = Recorder(torch.zeros(1, 7, 8))
     g = torch.Generator().manual_seed(0)
     for _ in range(400):
-        loss = objectives.mdm_sft_loss(model, tokens, response, mask_id=8, prompt_dropout=0.25, generator=g)
+        loss = mdm_sft_loss(model, tokens, response, mask_id=8, prompt_dropout=0.25, generator=g)
         assert torch.isfinite(loss)  # the targets are still the clean tokens
     seen = torch.stack(model.inputs)  # (draws, B, L)
     prompt_hidden = (seen == 8) | response  # per example: all prompt positions masked, or none
@@ -116,4 +119,4 @@ def test_prompt_dropout_hides_whole_prompts_from_the_input_only():
     none = ((seen == 8) & ~response).sum(dim=2) == 0
     assert bool((whole | none).all())
     assert 0.17 < whole.float().mean() < 0.33  # about prompt_dropout of the examples
-    assert objectives.drop_prompts(tokens, response, 8, 0.0) is tokens
+    assert drop_prompts(tokens, response, 8, 0.0) is tokens

@@ -10,15 +10,17 @@ import lightning as L
 import pytest
 import torch
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.chat import ChatSession
 from lldiff.chat import main as chat_main
 from lldiff.checkpoint import LoadedModel, load_model
-from lldiff.completion import DecodeOptions, complete
+from lldiff.objectives.common.decoding import DecodeOptions
+from lldiff.completion import complete
 from lldiff.config import ModelConfig
 from lldiff.data.chat import ChatTemplate
 from lldiff.data.tokenizer import train_tokenizer
-from lldiff.finetune import AutoregressiveSFT, MaskedDiffusionSFT
+from lldiff.objectives.ar.modules import AutoregressiveSFT
+from lldiff.objectives.mdm.modules import MaskedDiffusionSFT
 from lldiff.model import Transformer
 from lldiff.sweep.figures import read_scalars
 

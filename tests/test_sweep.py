@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from lldiff.config import SIZES
-from lldiff.objectives import expected_length
+from lldiff.objectives.common.masking import expected_length
 from lldiff.sweep.plan import make_plan, steps_for_budget, tokens_per_step
 from lldiff.sweep.spec import load_preset, preset_names
 from lldiff.sweep.plan import run_config

@@ -4,10 +4,15 @@ whatever the sampler (for BD3 also: prompts ending inside a block, left-padded b
 import pytest
 import torch
 
-from lldiff.block_decoding import block_generate
-from lldiff.completion import DecodeOptions, complete
-from lldiff.sampling import generate, generate_threshold
-from lldiff.toy import VOCAB, counting_sequences, train_toy_bd3, train_toy_mdm
+from lldiff.objectives.bd3.decoding import block_generate
+from lldiff.objectives.common.decoding import DecodeOptions
+from lldiff.completion import complete
+from lldiff.objectives.mdm.decoding import generate, generate_threshold
+from conftest import load_benchmark
+
+_toy = load_benchmark("toy")
+VOCAB, counting_sequences, train_toy_bd3, train_toy_mdm = (
+    _toy.VOCAB, _toy.counting_sequences, _toy.train_toy_bd3, _toy.train_toy_mdm)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.data import PretrainDataModule
-from lldiff.modules import MaskedDiffusionLM
+from lldiff.objectives.mdm.modules import MaskedDiffusionLM
 
 OBJECTIVES = ("ar", "mdm", "bd3-8")  # seq_len 48: six blocks of 8
 

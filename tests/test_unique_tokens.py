@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lldiff.data import PretrainDataModule, join_documents, pack_rows
-from lldiff.modules import AutoregressiveLM
+from lldiff.objectives.ar.modules import AutoregressiveLM
 
 SEQ_LEN, BATCH = 16, 4
 BATCH_TOKENS = BATCH * SEQ_LEN  # 64 training tokens per batch (a row of 17 scores 16)

@@ -27,13 +27,14 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 
-from lldiff import registry
-from lldiff.completion import DecodeOptions, complete
+from lldiff import objectives as registry
+from lldiff.objectives.common.decoding import DecodeOptions
+from lldiff.completion import complete
 from lldiff.data.chat import ChatTemplate, Message
 from lldiff.data.sft import encode_prompt
 from lldiff.data.tokenizer import Tokenizer
 from lldiff.model import Transformer
-from lldiff.sampling import infill
+from lldiff.objectives.mdm.decoding import infill
 
 BATCH = 128
 

@@ -28,7 +28,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from lldiff.checkpoint import load_model
-from lldiff.completion import DecodeOptions, article, complete, option_owners
+from lldiff.objectives.common.decoding import DecodeOptions
+from lldiff.completion import article, complete, option_owners
 from lldiff.evaluation.multiple_choice import make_scorer
 
 

@@ -5,7 +5,7 @@ with the context and the choice tokenised SEPARATELY (``ids = [boundary] + enc(c
 enc(choice)``), so whitespace between them belongs to the choice (lm-eval-harness
 convention: ``context="The sky is"``, ``choices=[" blue", " green"]``).
 
-Scores (the objective's scorer in :mod:`lldiff.registry`; the settings that apply to it are
+Scores (the objective's scorer in :mod:`lldiff.objectives`; the settings that apply to it are
 its ``score_options``)
     * AR: exact, :func:`lldiff.likelihood.ar_loglik`.
     * MDM: LLaDA's Monte-Carlo lower bound, :func:`lldiff.likelihood.mdm_conditional_loglik`
@@ -41,76 +41,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.completion import article, option_owners
-from lldiff.likelihood import ar_loglik, bd3_conditional_loglik, mdm_conditional_loglik
-from lldiff.registry import Objective
+from lldiff.objectives import Objective
 
 from .tasks import Example, first_argmax, validate_example
+from lldiff.objectives.common.scoring import Scorer, score_choices
 
-Scorer = Callable[[Tensor, Tensor], float]
 """``scorer(context_ids (P,), choice_ids (L,)) -> log p(choice | context)`` in nats."""
 
 NORMALISATION = "loglik / utf8_bytes(choice)"
-
-
-def score_choices(scorer: Scorer, context_ids: Sequence[int] | Tensor, choices_ids: Sequence[Sequence[int] | Tensor]) -> list[float]:
-    """``[scorer(context, choice) for choice in choices]`` as floats (1-D long tensors in)."""
-    context = torch.as_tensor(context_ids, dtype=torch.long)
-    return [float(scorer(context, torch.as_tensor(c, dtype=torch.long))) for c in choices_ids]
-
-
-def ar_scorer(model: Callable[..., Tensor], *, mask_id: int | None = None) -> Scorer:
-    """Exact AR log-likelihood; the context must be non-empty (use a boundary token)."""
-
-    def score(context: Tensor, choice: Tensor) -> float:
-        return float(ar_loglik(model, [context], [choice], mask_id=mask_id)[0])
-
-    return score
-
-
-def mdm_scorer(
-    model: Callable[..., Tensor],
-    *,
-    mask_id: int,
-    n_mc: int = 32,
-    batch_size: int = 32,
-    cfg_scale: float = 0.0,
-    seed: int = 0,
-) -> Scorer:
-    """MDM Monte-Carlo lower bound; every call uses a fresh generator seeded with ``seed``
-    (common random numbers across the choices scored with this scorer)."""
-
-    def score(context: Tensor, choice: Tensor) -> float:
-        gen = torch.Generator(device=choice.device).manual_seed(seed)
-        value = mdm_conditional_loglik(
-            model, [context], [choice], mask_id=mask_id, n_mc=n_mc, batch_size=batch_size,
-            cfg_scale=cfg_scale, generator=gen,
-        )
-        return float(value[0])
-
-    return score
-
-
-def bd3_scorer(
-    model: Callable[..., Tensor],
-    *,
-    mask_id: int,
-    block_size: int,
-    n_mc: int = 32,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> Scorer:
-    """BD3 Monte-Carlo lower bound (blocks of ``block_size`` from the first position); every
-    call uses a fresh generator seeded with ``seed`` (common random numbers across choices)."""
-
-    def score(context: Tensor, choice: Tensor) -> float:
-        gen = torch.Generator(device=choice.device).manual_seed(seed)
-        value = bd3_conditional_loglik(model, [context], [choice], mask_id=mask_id, block_size=block_size,
-                                       n_mc=n_mc, batch_size=batch_size, generator=gen)
-        return float(value[0])
-
-    return score
 
 
 SCORE_DEFAULTS = {"n_mc": 32, "batch_size": 32, "cfg_scale": 0.0, "seed": 0}
@@ -141,8 +81,6 @@ def example_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
-
-
 def _resolve(loaded_or_model: Any, tokenizer: Any, objective: str | Objective | None, mask_id: int | None):
     """(model, tokenizer, objective, mask_id, max_len) from a LoadedModel or a model callable."""
     model = getattr(loaded_or_model, "model", loaded_or_model)
@@ -153,10 +91,10 @@ def _resolve(loaded_or_model: Any, tokenizer: Any, objective: str | Objective | 
     cfg = getattr(model, "cfg", None)
     inferred = getattr(loaded_or_model, "objective", None)
     if inferred is None and cfg is not None:
-        inferred = registry.of_config(cfg)
+        inferred = registry.of_model(model)
     if objective is None:
         if inferred is None:
-            raise ValueError(f"objective must be given for a model without a config; allowed: {registry.ALLOWED}")
+            raise ValueError(f"objective must be given for a model without a config; allowed: {registry.allowed()}")
         objective = inferred
     if not isinstance(objective, Objective):
         objective = registry.get(objective)

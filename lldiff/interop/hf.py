@@ -52,7 +52,7 @@ def llama_config(model: Transformer, tokenizer: Any) -> dict[str, Any]:
 
 def export_llama(model: Transformer, tokenizer: Any, out: str | Path, *, max_shard_bytes: int | None = None) -> Path:
     """Write an AR backbone (no mask token, causal attention) as a Llama directory."""
-    if model.cfg.mask_id is not None or model.cfg.attention != "causal":
+    if not model.cfg.llama_compatible:
         raise ValueError("a Llama export needs an AR model (causal attention, no mask token)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

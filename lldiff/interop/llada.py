@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from lldiff import objectives
 from lldiff.config import ModelConfig
 from lldiff.interop.common import unfused_block, write_tokenizer_files
 from lldiff.interop.safetensors_io import TensorReader, all_shapes, describe, weight_files, write_safetensors
@@ -260,6 +261,7 @@ def load_llada(hf_dir: str | Path, *, device: str | torch.device = "cpu",
     with TensorReader(directory.files, device=device, dtype=dtype) as reader:
         state = llada_to_lldiff(reader.get, directory.config)
     model = build_on_meta(directory.config, state)
+    model.objective = objectives.get("mdm")  # LLaDA: masked diffusion, whatever its attention flag
     return model.eval(), tokenizer, directory
 
 
@@ -358,7 +360,7 @@ def llada_config(cfg: ModelConfig, tokenizer: Any, dtype: torch.dtype) -> dict[s
     marker: dict[str, Any] = {"name": cfg.name}
     if cfg.embedding_rows > cfg.vocab_size:
         marker["mask_row"] = "extra"
-    if cfg.attention != "bidirectional":
+    if not cfg.full_attention:
         marker.update(attention=cfg.attention, block_size=cfg.block_size)
     raw[MARKER] = marker
     return raw

@@ -1,4 +1,4 @@
-"""What the sweep layer needs to know about each objective, asked of :mod:`lldiff.registry`:
+"""What the sweep layer needs to know about each objective, asked of :mod:`lldiff.objectives`:
 how it is drawn and named (``Objective.style`` / ``.label``), whether its validation loss is
 an exact likelihood (AR) or a bound (a diffusion objective's negative ELBO), and which
 objective the others are compared with by default.
@@ -14,8 +14,8 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable
 
-from lldiff import registry
-from lldiff.registry import Style as ObjectiveStyle
+from lldiff import objectives as registry
+from lldiff.objectives import Style as ObjectiveStyle
 
 __all__ = ["DEFAULT_REFERENCE", "ObjectiveStyle", "OBJECTIVE_STYLES", "exact_likelihood", "objective_name",
            "objective_styles", "fixed_style"]
@@ -46,8 +46,10 @@ def fixed_style(objective: str) -> ObjectiveStyle | None:
 
 #: the objectives with a fixed look in the registry (others get :func:`objective_styles`' fallback).
 OBJECTIVE_STYLES: dict[str, ObjectiveStyle] = {
-    name: style for name in ("ar", "mdm", *(f"bd3-{b}" for b in registry.BD3_STYLES))
-    if (style := fixed_style(name)) is not None
+    objective.name: style for family in registry.FAMILIES.values()
+    for objective in ([registry.with_params(family, {family.parameter: value}) for value in family.parameter_styles]
+                      if family.parameter else [registry.get(family.name)])
+    if (style := objective.style) is not None
 }
 FALLBACK_COLORS = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
                    "tab:gray")

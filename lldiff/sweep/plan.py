@@ -10,11 +10,11 @@ import inspect
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.config import SIZES, ModelConfig
 from lldiff.data import PretrainDataModule
 from lldiff.modules import LMBase
-from lldiff.objectives import expected_length
+from lldiff.objectives.common.masking import expected_length
 from lldiff.sweep.spec import MIN_STEPS, SweepSpec
 
 DATA_CLASS = "lldiff.data.PretrainDataModule"

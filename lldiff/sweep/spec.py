@@ -3,7 +3,7 @@
 A spec is a YAML file (or a named preset in ``lldiff/sweep/presets``)::
 
     name: demo
-    objectives: [ar, bd3-4, bd3-16, mdm]   # names of lldiff.registry: ar, mdm, bd3-B (blocks of B tokens)
+    objectives: [ar, bd3-4, bd3-16, mdm]   # names of lldiff.objectives: ar, mdm, bd3-B (blocks of B tokens)
     sizes: [tiny-0.1M, tiny-0.4M, tiny-1M]
     budgets: [2.0e11, 6.0e11]         # compute C in FLOPs, on the `compute` axis
     compute: 6nd                      # 6nd: SMDM's C = 6 N D (default); matmul: real training FLOPs
@@ -21,7 +21,7 @@ A spec is a YAML file (or a named preset in ``lldiff/sweep/presets``)::
     cluster: {partition: gpu, time: "04:00:00", gpus_per_run: 1, gpu: h100-sxm}   # mfu, peak_tflops: see ClusterSpec
 
 Each objective's runs use the registry's module class and init args
-(``lldiff.registry.get(name).module_config()``: ``BlockDiffusionLM`` with ``block_size: B``
+(``lldiff.objectives.get(name).module_config()``: ``BlockDiffusionLM`` with ``block_size: B``
 for ``bd3-B``); ``objective_args`` are added on top, keyed by the same names.
 
 The two compute axes (``compute``), with which a budget C becomes a number of steps:
@@ -52,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.config import SIZES
 
 #: the compute axes (see the module docstring: on ``matmul`` BD3 counts its 2L-token training forward)

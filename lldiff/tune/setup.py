@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.config import SIZES
 from lldiff.tune import TuneError, read_yaml
 from lldiff.tune.space import SearchSpace, load_space

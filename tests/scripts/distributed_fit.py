@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import instantiate_class
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.callbacks import RunCheckpoint
 from lldiff.data import PretrainDataModule
 from lldiff.strategies import FSDP2Strategy, count_sharded_blocks

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lldiff import objectives
 from lldiff.losses import logits_ce, token_ce
+from lldiff.objectives.common.sft_loss import drop_prompts, normalise_sft, response_lengths
 
 BD3Model = Callable[..., Tensor]
 
@@ -363,15 +363,15 @@ def bd3_sft_loss(
     of :func:`lldiff.objectives.mdm_sft_loss` with the same generator."""
     if tokens.shape != response.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)} and response {tuple(response.shape)} must have the same shape")
-    lengths = objectives.response_lengths(response, normalisation)
+    lengths = response_lengths(response, normalisation)
     batch, seq_len = tokens.shape
     t = sample_block_mask_ratios(batch, num_blocks(seq_len, block_size), eps,
                                                  generator=generator, device=tokens.device)
     xt, masked, t_tok = block_forward_mask(tokens, t, mask_id, block_size, maskable=response,
                                                            generator=generator)
     # one draw per row (as in mdm_sft_loss); a dropped prompt is masked in both halves
-    both = objectives.drop_prompts(torch.cat([xt, tokens], dim=1), torch.cat([response, response], dim=1), mask_id,
+    both = drop_prompts(torch.cat([xt, tokens], dim=1), torch.cat([response, response], dim=1), mask_id,
                                    prompt_dropout, generator=generator)
     per_example = bd3_masked_ce(model, both[:, :seq_len], both[:, seq_len:], masked, t_tok, block_size,
                                 targets=tokens)
-    return objectives.normalise_sft(per_example, lengths, normalisation)
+    return normalise_sft(per_example, lengths, normalisation)

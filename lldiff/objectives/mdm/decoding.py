@@ -43,175 +43,21 @@ Choices:
       with a cache they make no call (``model_calls = blocks x min(steps per block,
       block_length)``).
 """
-
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
-
 import torch
 from torch import Tensor
-
 from lldiff.model import KVCache, Transformer
+from lldiff.objectives.common.decoding import Completion, DecodeOptions, SampleOutput, call_model
+from lldiff.objectives.common.remasking import REMASKING, add_gumbel_noise, reveal_counts, select_top_k
+from lldiff.objectives.common.guidance import cfg_logits, unconditional_input
+from lldiff.objectives.common.decoding import check_cache
+
 
 Model = Callable[..., Any]
-
-REMASKING = ("low_confidence", "random")
-CACHES = ("none", "prefix", "dual")  # Fast-dLLM's approximate caches for the semi-AR sampler (SPEC §10)
-
-
-# ---------------------------------------------------------------------------------------
-# pure helpers
-
-
-def reveal_counts(num_masked: Tensor, steps: int) -> Tensor:
-    """Tokens to reveal per step, shape (B, steps), for rows with ``num_masked`` (B,) masks.
-
-    Each step reveals ``m // steps``; the first ``m % steps`` steps reveal one more
-    (front-loaded, as LLaDA's ``get_num_transfer_tokens``). Rows sum to ``m``.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    m = num_masked.to(torch.long).reshape(-1, 1)
-    if (m < 0).any():
-        raise ValueError(f"num_masked must be >= 0, got {num_masked.tolist()}")
-    base = m // steps
-    remainder = m % steps
-    extra = torch.arange(steps, device=m.device)[None, :] < remainder
-    return base + extra.long()
-
-
-def add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
-    """Gumbel-max perturbation: ``argmax`` of the result samples ``softmax(logits / τ)``.
-
-    ``τ = 0`` returns ``logits`` unchanged (greedy). Otherwise returns float64
-    ``logits / τ - log(-log u)`` with ``u ~ U(0, 1)`` clamped away from 0 and 1, which is
-    the log of LLaDA's ``exp(logits) / (-log u)^τ`` up to the factor ``1/τ`` (same argmax)
-    without ever exponentiating the logits. ``-inf`` logits stay ``-inf``.
-    """
-    if not temperature >= 0:  # also NaN
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits
-    logits = logits.to(torch.float64)
-    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-    eps = torch.finfo(torch.float64).eps
-    u = u.clamp(min=eps, max=1.0 - eps)
-    return logits / temperature - torch.log(-torch.log(u))
-
-
-def cfg_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    """Unsupervised classifier-free guidance: ``u + (w + 1) (c - u)``; ``w = 0`` gives ``c``."""
-    return uncond + (scale + 1.0) * (cond - uncond)
-
-
-def strip_after_eos(ids: Tensor, eos_id: int | None) -> list[list[int]]:
-    """Rows of ``ids`` (B, L) as lists, each cut before its first ``eos_id`` (if any)."""
-    rows = ids.tolist()
-    if eos_id is None:
-        return rows
-    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
-
-
-def unconditional_input(x: Tensor, prompt_real: Tensor, mask_id: int) -> Tensor:
-    """CFG's unconditional canvas: every real prompt token (``prompt_real`` (B, T) bool,
-    False on padding and on the generated part) replaced by ``mask_id``."""
-    return torch.where(prompt_real, torch.full_like(x, mask_id), x)
-
-
-def select_top_k(confidence: Tensor, k: Tensor) -> Tensor:
-    """Boolean (B, T) marking the ``k[b]`` highest-confidence positions of each row."""
-    k_max = int(k.max().item()) if k.numel() else 0
-    selected = torch.zeros_like(confidence, dtype=torch.bool)
-    if k_max == 0:
-        return selected
-    index = torch.topk(confidence, k=k_max, dim=-1).indices
-    keep = torch.arange(k_max, device=confidence.device)[None, :] < k[:, None]
-    return selected.scatter_(1, index, keep)
-
-
-# ---------------------------------------------------------------------------------------
-# output
-
-
-@dataclass
-class SampleOutput:
-    """Result of a sampler.
-
-    Attributes:
-        canvas: (B, P + gen_length) prompt followed by the answer.
-        prompt_length: P.
-        model_calls: forward passes (a CFG cond+uncond pair is one call of batch 2B).
-        forward_rows: sequences processed by the model over all calls.
-        seconds: wall-clock time of the sampling loop.
-        eos_id: EOS id used by ``answer()`` when none is given.
-        tokens_processed: token positions fed to the model over all calls and rows (0: not
-            counted by this decoder).
-    """
-
-    canvas: Tensor
-    prompt_length: int
-    model_calls: int
-    forward_rows: int
-    seconds: float = 0.0
-    eos_id: int | None = None
-    tokens_processed: int = 0
-
-    @property
-    def answer_ids(self) -> Tensor:
-        """(B, gen_length) generated part of the canvas."""
-        return self.canvas[:, self.prompt_length :]
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Generated tokens (all positions of all rows) per wall-clock second."""
-        return self.answer_ids.numel() / self.seconds if self.seconds > 0 else float("inf")
-
-    @property
-    def tokens_processed_per_answer_token(self) -> float:
-        """``tokens_processed`` / generated positions (all rows): compute per answer token."""
-        return self.tokens_processed / self.answer_ids.numel()
-
-    def answer(self, eos_id: int | None = None) -> list[list[int]]:
-        """Generated ids per row, cut before the first EOS (``eos_id`` or ``self.eos_id``)."""
-        return strip_after_eos(self.answer_ids, self.eos_id if eos_id is None else eos_id)
-
-
-# ---------------------------------------------------------------------------------------
-# internals
-
-
-def call_model(model: Model, input_ids: Tensor, attention_mask: Tensor | None, **kwargs: Any) -> Tensor:
-    """Logits (B, T, V') from any model callable (mask passed only when given; ``kwargs``
-    such as ``kv_cache`` passed on)."""
-    if attention_mask is None:
-        out = model(input_ids, **kwargs)
-    else:
-        out = model(input_ids, attention_mask, **kwargs)
-    logits = getattr(out, "logits", out)
-    if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
-        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        expected = (*input_ids.shape, "V")
-        raise ValueError(f"model must return logits of shape (B, T, V) = {expected}, got {shape}")
-    return logits
-
-
-def check_cache(cache: str, *, gen_length: int, block_length: int, names: tuple[str, str] = ("gen_length",
-                                                                                            "block_length")) -> None:
-    """Refuse an unknown cache, and the dual cache without a suffix to keep (one block);
-    ``names`` are how the caller spells the answer length and the block length."""
-    if cache not in CACHES:
-        raise ValueError(f"cache={cache!r} is unknown; allowed: {', '.join(map(repr, CACHES))}")
-    if cache == "dual" and block_length >= gen_length:
-        length, block = names
-        smaller = [d for d in range(1, gen_length) if gen_length % d == 0]
-        raise ValueError(
-            f"cache='dual' keeps the keys/values after the current block, so it needs more than one block "
-            f"({block} < {length}), got {block}={block_length} with {length}={gen_length}; allowed: a {block} "
-            f"dividing {gen_length} below it ({', '.join(map(str, smaller)) or 'none'}), or cache='prefix' / 'none'"
-        )
 
 
 class _Stepper:
@@ -347,7 +193,7 @@ class _Stepper:
                             self.tokens_processed)
 
 
-def _check_blocks(gen_length: int, block_length: int) -> None:
+def check_blocks(gen_length: int, block_length: int) -> None:
     if gen_length < 1:
         raise ValueError(f"gen_length must be >= 1, got {gen_length}")
     if block_length < 1 or gen_length % block_length:
@@ -355,10 +201,6 @@ def _check_blocks(gen_length: int, block_length: int) -> None:
             f"gen_length={gen_length} must be a positive multiple of block_length={block_length}; "
             f"allowed block lengths divide {gen_length}"
         )
-
-
-# ---------------------------------------------------------------------------------------
-# samplers
 
 
 @torch.no_grad()
@@ -403,7 +245,7 @@ def generate(
         cache: ``none`` (exact), ``prefix`` or ``dual`` (Fast-dLLM's approximate caches, see
             the module docstring; ``dual`` needs ``block_length < gen_length``).
     """
-    _check_blocks(gen_length, block_length)
+    check_blocks(gen_length, block_length)
     num_blocks = gen_length // block_length
     if steps < num_blocks or steps % num_blocks:
         raise ValueError(
@@ -464,7 +306,7 @@ def generate_threshold(
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    _check_blocks(gen_length, block_length)
+    check_blocks(gen_length, block_length)
     check_cache(cache, gen_length=gen_length, block_length=block_length)
     state = _Stepper(
         model, prompt, gen_length=gen_length, mask_id=mask_id, temperature=temperature, cfg_scale=cfg_scale,
@@ -507,3 +349,19 @@ def infill(model: Model, canvas: Tensor, *, mask_id: int, attention_mask: Tensor
         best = select_top_k(confidence, masked.any(dim=1).long()) & masked
         x = torch.where(best, x0.to(x.dtype), x)
     return x
+
+
+def diffusion_complete(model: Transformer, ids: Tensor, mask: Tensor, options: DecodeOptions, *, eos_id: int,
+                       generator: torch.Generator | None = None) -> Completion:
+    """The LLaDA reverse process over a ``length`` canvas in semi-autoregressive blocks, or
+    threshold decoding; exact or with Fast-dLLM's prefix / dual cache (``options.cache``)."""
+    common = {"gen_length": options.length, "block_length": options.block, "mask_id": model.cfg.mask_id,
+              "temperature": options.temperature, "cfg_scale": options.cfg_scale, "attention_mask": mask,
+              "eos_id": eos_id, "forbid_eos": options.forbid_eos, "generator": generator, "cache": options.cache}
+    if options.remasking == "threshold":
+        threshold = 0.9 if options.threshold is None else options.threshold
+        sample = generate_threshold(model, ids, threshold=threshold, **common)
+    else:
+        steps = options.length if options.steps is None else options.steps
+        sample = generate(model, ids, steps=steps, remasking=options.remasking, **common)
+    return Completion(sample.answer(eos_id), sample.model_calls)

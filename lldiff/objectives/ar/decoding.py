@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.model import KVCache, Transformer
+from lldiff.objectives.common.decoding import Completion, DecodeOptions, strip_after_eos
+from lldiff.objectives.ar import FAMILY
 
 
 @dataclass
@@ -52,7 +54,7 @@ def next_token(
 
 def _check(model: Transformer, prompt: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
            top_p: float | None) -> None:
-    if not isinstance(model, Transformer) or registry.of_model(model).attention != "causal":
+    if not isinstance(model, Transformer) or registry.of_model(model).family is not FAMILY:
         raise ValueError("AR decoding needs a causal lldiff Transformer (an AutoregressiveLM's .model); "
                          f"got {type(model).__name__}")
     if max_new_tokens < 1:
@@ -121,3 +123,12 @@ def ar_generate(
         if eos_id is not None and bool(finished.all()):
             break
     return ARSampleOutput(tokens=tokens, model_calls=calls)
+
+
+def ar_complete(model: Transformer, ids: Tensor, mask: Tensor, options: DecodeOptions, *, eos_id: int,
+                generator: torch.Generator | None = None) -> Completion:
+    """AR decoding with a KV cache (``use_cache``), greedy or sampled with ``top_k`` / ``top_p``."""
+    out = ar_generate(model, ids, max_new_tokens=options.length, temperature=options.temperature,
+                      top_k=options.top_k, top_p=options.top_p, attention_mask=mask, eos_id=eos_id,
+                      use_cache=options.use_cache, generator=generator)
+    return Completion(strip_after_eos(out.tokens[:, ids.shape[1]:], eos_id), out.model_calls)

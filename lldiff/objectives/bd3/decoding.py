@@ -58,19 +58,16 @@ import time
 import torch
 from torch import Tensor
 
-from lldiff import registry
+from lldiff import objectives as registry
 from lldiff.model import KVCache, Transformer, block_causal_mask
-from lldiff.sampling import (
-    Model,
-    SampleOutput,
-    add_gumbel_noise,
-    cfg_logits,
-    reveal_counts,
-    select_top_k,
-    unconditional_input,
-)
 
-REMASKING = ("low_confidence", "random", "threshold")
+from lldiff.objectives.common.decoding import Model, SampleOutput
+from lldiff.objectives.common.remasking import add_gumbel_noise, reveal_counts, select_top_k
+from lldiff.objectives.common.guidance import cfg_logits, unconditional_input
+from lldiff.objectives.common.decoding import Completion, DecodeOptions
+from lldiff.objectives.common.remasking import DECODER_REMASKING
+from lldiff.objectives.bd3 import FAMILY
+
 
 
 def real_positions(real: Tensor) -> Tensor:
@@ -99,8 +96,8 @@ def _check(prompt: Tensor, attention_mask: Tensor | None, *, gen_length: int, bl
     for name, value in (("gen_length", gen_length), ("block_size", block_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking={remasking!r} is unknown; allowed: {', '.join(REMASKING)}")
+    if remasking not in DECODER_REMASKING:
+        raise ValueError(f"remasking={remasking!r} is unknown; allowed: {', '.join(DECODER_REMASKING)}")
     if steps_per_block is not None:
         if isinstance(steps_per_block, bool) or not isinstance(steps_per_block, int) or steps_per_block < 1:
             raise ValueError(f"steps_per_block must be a positive integer, got {steps_per_block!r}")
@@ -137,8 +134,8 @@ def _check_cache_model(model: Model, block_size: int) -> None:
     if not isinstance(model, Transformer) or cfg is None:
         raise ValueError(f"use_cache=True needs an lldiff Transformer with block attention (a bd3-{block_size} model) "
                          f"to hold the KV cache; got a {type(model).__name__}; pass use_cache=False")
-    if cfg.attention != "block" or cfg.block_size != block_size:
-        objective = registry.of_config(cfg)
+    objective = registry.of_model(model)
+    if objective != registry.with_params(FAMILY, {"block_size": block_size}):
         raise ValueError(f"use_cache=True (BD3's exact KV cache) needs a bd3-{block_size} model (block attention, "
                          f"block_size={block_size}); this is {registry.article(objective.label)} {objective.label} "
                          "model; pass use_cache=False")
@@ -335,3 +332,15 @@ def block_generate(
                 x = torch.where(x == mask_id, torch.full_like(x, eos_id), x)
                 break
     return SampleOutput(x, width, calls, rows, time.perf_counter() - start_time, eos_id, tokens_processed=tokens)
+
+
+def block_diffusion_complete(model: Transformer, ids: Tensor, mask: Tensor, options: DecodeOptions, *,
+                             eos_id: int, generator: torch.Generator | None = None) -> Completion:
+    """Block diffusion decoding in the model's own blocks (``lldiff.block_decoding``)."""
+    sample = block_generate(
+        model, ids, gen_length=options.length, block_size=model.cfg.block_size, mask_id=model.cfg.mask_id,
+        steps_per_block=options.steps_per_block, remasking=options.remasking, threshold=options.threshold,
+        temperature=options.temperature, cfg_scale=options.cfg_scale, attention_mask=mask, eos_id=eos_id,
+        forbid_eos=options.forbid_eos, generator=generator, use_cache=options.use_cache,
+    )
+    return Completion(sample.answer(eos_id), sample.model_calls)
