@@ -55,5 +55,5 @@ def train_toy_bd3(block_size: int = 4, steps: int = 600, *, seq_len: int = 16, b
                   seed: int = 0) -> Transformer:
     """Train a 2-layer block-attention model (blocks of ``block_size``) on the counting language
     with the block diffusion loss (SPEC §9)."""
-    return _train(registry.with_params(registry.FAMILIES["bd3"], {"block_size": block_size}), lambda model, x0: bd3_loss(model, x0, model.cfg.mask_id, block_size),
+    return _train(registry.with_params(registry.families()["bd3"], {"block_size": block_size}), lambda model, x0: bd3_loss(model, x0, model.cfg.mask_id, block_size),
                   steps, seq_len, batch, seed)

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning.pytorch.cli import instantiate_class
 
 from lldiff import objectives as registry
-from lldiff.modules import LMBase
+from lldiff.objectives.common.base import LMBase
 from lldiff.optim import build_optimizer
 
 

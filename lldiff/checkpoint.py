@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from lldiff import objectives as registry
+from lldiff import registry
 from lldiff.checkpoint_io import check_sharded_metadata, load_sharded_metadata, safe_filesystem_reader
 from lldiff.config import ModelConfig
-from lldiff.objectives import Objective
+from lldiff.registry import Objective
 from lldiff.data.tokenizer import Tokenizer
 from lldiff.lora import LoraOptions, has_lora_keys, merge_lora_state_dict
 from lldiff.model import Transformer
+from lldiff.registry import article
 
 
 @dataclass
@@ -182,8 +183,8 @@ def load_model(
     objective = registry.of_checkpoint(state["lldiff"], config)
     if expect is not None and objective.name != expect:
         wanted = registry.get(expect).label
-        raise ValueError(f"{path} holds {registry.article(objective.label)} {objective.label} model; this needs "
-                         f"{registry.article(wanted)} {wanted} checkpoint")
+        raise ValueError(f"{path} holds {article(objective.label)} {objective.label} model; this needs "
+                         f"{article(wanted)} {wanted} checkpoint")
     with torch.device("meta"):  # no allocation or random init: the checkpoint's tensors become the parameters
         model = Transformer(config)
     model.load_state_dict(read_model_weights(path, state, model), assign=True)
@@ -213,8 +214,8 @@ def _load_hf_directory(path: Path, *, expect: str | None, tokenizer: str | Path 
     objective = registry.of_model(model)  # set by the importer: a LLaDA directory is an MDM
     if expect is not None and objective.name != expect:
         wanted = registry.get(expect).label
-        raise ValueError(f"{path} holds {registry.article(objective.label)} {objective.label} model; this needs "
-                         f"{registry.article(wanted)} {wanted} checkpoint")
+        raise ValueError(f"{path} holds {article(objective.label)} {objective.label} model; this needs "
+                         f"{article(wanted)} {wanted} checkpoint")
     if tokenizer:
         loaded_tokenizer = Tokenizer.from_file(tokenizer)
         if loaded_tokenizer.vocab_size != model.cfg.vocab_size:

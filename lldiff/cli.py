@@ -52,13 +52,13 @@ def _tune(argv: list[str]) -> None:
 
 
 def _import(argv: list[str]) -> None:
-    from lldiff.interop.convert import import_main
+    from lldiff.convert import import_main
 
     import_main(argv)
 
 
 def _export(argv: list[str]) -> None:
-    from lldiff.interop.convert import export_main
+    from lldiff.convert import export_main
 
     export_main(argv)
 
@@ -78,7 +78,7 @@ OTHER_COMMANDS = {
 def _objective_lines() -> list[str]:
     """One line per registry family: its name in sweep specs, its folder and what it is."""
     lines = []
-    for name, family in registry.FAMILIES.items():
+    for name, family in registry.families().items():
         spelled = f"{name}-B" if family.parameter else name  # a family with a parameter (bd3-4, bd3-16)
         lines.append(f"  {spelled:<6} lldiff/objectives/{name}/: {family.description}")
     return lines

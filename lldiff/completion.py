@@ -44,7 +44,7 @@ def cache_hint(name: str, objective: Objective) -> str:
 def option_owners(name: str, kind: str = "decode_options") -> str:
     """The labels of the objective families whose ``kind`` (``decode_options`` or
     ``score_options``) include ``name``: "AR", "MDM and BD3", ..."""
-    labels = [family.label for family in registry.FAMILIES.values() if name in getattr(family, kind)]
+    labels = [family.label for family in registry.families().values() if name in getattr(family, kind)]
     return " and ".join(labels) if labels else "no"
 
 

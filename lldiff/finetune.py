@@ -4,11 +4,11 @@ classes that now live in ``lldiff/objectives/<family>/modules.py``."""
 
 from __future__ import annotations
 
-from lldiff import objectives
+from lldiff import registry
 
 
 def __getattr__(name: str) -> type:
     try:
-        return objectives.legacy_class(f"{__name__}.{name}")
+        return registry.legacy_class(f"{__name__}.{name}")
     except AttributeError:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

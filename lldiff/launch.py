@@ -23,7 +23,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lldiff.callbacks import RunCheckpoint, use_atomic_checkpoints
-from lldiff.modules import LMBase
+from lldiff.objectives.common.base import LMBase
 from lldiff.strategies import check_strategy
 
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from lldiff import objectives
+from lldiff import registry as objectives
 from lldiff.checkpoint import TOKENIZER_KEY, check_tokenizer
 from lldiff.config import ModelConfig
-from lldiff.objectives import article
+from lldiff.registry import article
 
 SETTINGS_NOT_SHAPE = ("name", "attn_backend", "max_seq_len", "rope_base", "norm_eps", "mask_token")
 """ModelConfig fields a resumed run may differ in without a word: the name and what fine-tuning may override

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from lldiff.checkpoint import load_model
 from lldiff.config import ModelConfig
 from lldiff.data.tokenizer import train_tokenizer
-from lldiff.interop.convert import export_hf, import_llada
+from lldiff.convert import export_hf, import_llada
 from lldiff.interop.llada import load_llada
 from lldiff.model import Transformer
 

@@ -15,7 +15,7 @@ from lldiff import objectives
 from lldiff.checkpoint import load_model
 from lldiff.cli import main
 from lldiff.launch import lightning_cli
-from lldiff.modules import LMBase
+from lldiff.objectives.common.base import LMBase
 from lldiff.objectives.ar.decoding import ar_generate
 from lldiff.objectives.ar.likelihood import ar_loglik
 from lldiff.objectives.ar.loss import ar_sft_loss
@@ -194,7 +194,7 @@ def test_old_class_paths_name_todays_classes():
     import lldiff.finetune
     import lldiff.modules
 
-    for family in objectives.FAMILIES.values():
+    for family in objectives.families().values():
         code = family.code()
         module_path, sft_path = family.legacy_class_paths
         assert getattr(lldiff.modules, module_path.rpartition(".")[2]) is code.module

@@ -87,7 +87,7 @@ def test_of_config_and_of_model_round_trip(name):
 
 
 def test_the_round_trip_covers_every_family():
-    assert {registry.get(name).family_name for name in NAMES} == set(registry.FAMILIES)
+    assert {registry.get(name).family_name for name in NAMES} == set(registry.families())
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -107,7 +107,7 @@ def test_module_config_for_lightning_cli():
     assert registry.get("ar").module_args() == {}
 
 
-@pytest.mark.parametrize("family", list(registry.FAMILIES))
+@pytest.mark.parametrize("family", list(registry.families()))
 def test_every_import_path_of_a_family_resolves(family):
     """The classes and functions the registry names exist (a typo would surface only when a
     sweep, an evaluation or a decoder first asks for it)."""

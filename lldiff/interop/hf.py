@@ -3,7 +3,7 @@
 lldiff's backbone with causal attention is exactly Llama: pre-norm RMSNorm, rotate-half RoPE
 with ``rope_theta``, SwiGLU ``down(silu(gate x) * up x)``, no biases, untied head; so
 ``transformers.LlamaForCausalLM.from_pretrained`` loads :func:`export_llama`'s directory with
-the same logits. ``lldiff export`` (:mod:`lldiff.interop.convert`) chooses this or the LLaDA
+the same logits. ``lldiff export`` (:mod:`lldiff.convert`) chooses this or the LLaDA
 format by objective."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """LLaDA checkpoints (Hugging Face format, SPEC §13) into lldiff's backbone, and back out.
 
 Reading (:func:`load_llada`; ``lldiff import llada HF_DIR --out RUN_DIR`` is
-:func:`lldiff.interop.convert.import_llada`):
+:func:`lldiff.convert.import_llada`):
 
 * ``config.json`` is checked first (``model_type`` llada, no biases, untied head, RoPE,
   RMSNorm, SwiGLU, no q/k norm, no logit scaling), then every tensor's name and shape from
@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from lldiff import objectives
+from lldiff import registry as objectives
 from lldiff.config import ModelConfig
 from lldiff.interop.common import unfused_block, write_tokenizer_files
 from lldiff.interop.safetensors_io import TensorReader, all_shapes, describe, weight_files, write_safetensors

@@ -46,7 +46,7 @@ def fixed_style(objective: str) -> ObjectiveStyle | None:
 
 #: the objectives with a fixed look in the registry (others get :func:`objective_styles`' fallback).
 OBJECTIVE_STYLES: dict[str, ObjectiveStyle] = {
-    objective.name: style for family in registry.FAMILIES.values()
+    objective.name: style for family in registry.families().values()
     for objective in ([registry.with_params(family, {family.parameter: value}) for value in family.parameter_styles]
                       if family.parameter else [registry.get(family.name)])
     if (style := objective.style) is not None

@@ -13,7 +13,7 @@ from typing import Any
 from lldiff import objectives as registry
 from lldiff.config import SIZES, ModelConfig
 from lldiff.data import PretrainDataModule
-from lldiff.modules import LMBase
+from lldiff.objectives.common.base import LMBase
 from lldiff.objectives.common.masking import expected_length
 from lldiff.sweep.spec import MIN_STEPS, SweepSpec
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lldiff.objectives.family import Code, Family, Style
+from lldiff.registry import Code, Family, Style
 
 
 def load() -> Code:
@@ -15,7 +15,7 @@ def load() -> Code:
 
 
 FAMILY = Family(
-    name="ar", attention="causal", mask_token=False, exact_likelihood=True, load=load,
+    name="ar", order=0, attention="causal", mask_token=False, exact_likelihood=True, load=load,
     label="AR", style=Style("tab:blue", "o", "-", "AR"), description="next-token prediction, causal attention",
     infill_sees_right_context=False,
     decode_options=("top_k", "top_p", "use_cache"),

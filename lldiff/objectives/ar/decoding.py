@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lldiff import objectives as registry
+from lldiff import registry
 from lldiff.model import KVCache, Transformer
 from lldiff.objectives.common.decoding import Completion, DecodeOptions, strip_after_eos
 from lldiff.objectives.ar import FAMILY

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 from torch import Tensor
-from lldiff import objectives
+from lldiff import registry as objectives
 from lldiff.objectives.ar import FAMILY
 from lldiff.objectives.ar.loss import ar_loss, ar_nll, ar_sft_loss
-from lldiff.modules import LMBase
+from lldiff.objectives.common.base import LMBase
 from lldiff.objectives.common.finetuning import SFTMixin
 from lldiff.lora import lora_options
 

@@ -58,7 +58,7 @@ import time
 import torch
 from torch import Tensor
 
-from lldiff import objectives as registry
+from lldiff import registry
 from lldiff.model import KVCache, Transformer, block_causal_mask
 
 from lldiff.objectives.common.decoding import Model, SampleOutput
@@ -67,6 +67,7 @@ from lldiff.objectives.common.guidance import cfg_logits, unconditional_input
 from lldiff.objectives.common.decoding import Completion, DecodeOptions
 from lldiff.objectives.common.remasking import DECODER_REMASKING
 from lldiff.objectives.bd3 import FAMILY
+from lldiff.registry import article
 
 
 
@@ -137,7 +138,7 @@ def _check_cache_model(model: Model, block_size: int) -> None:
     objective = registry.of_model(model)
     if objective != registry.with_params(FAMILY, {"block_size": block_size}):
         raise ValueError(f"use_cache=True (BD3's exact KV cache) needs a bd3-{block_size} model (block attention, "
-                         f"block_size={block_size}); this is {registry.article(objective.label)} {objective.label} "
+                         f"block_size={block_size}); this is {article(objective.label)} {objective.label} "
                          "model; pass use_cache=False")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 from torch import Tensor
-from lldiff import objectives
+from lldiff import registry as objectives
 from lldiff.objectives.bd3 import FAMILY
 from lldiff.objectives.bd3.loss import bd3_loss, bd3_nelbo_nats, bd3_sft_loss
 from lldiff.config import ModelConfig

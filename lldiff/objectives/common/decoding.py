@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from torch import Tensor
-from lldiff.objectives.family import Objective
+from lldiff.registry import Objective
 from lldiff.objectives.common.remasking import DECODER_REMASKING
 from dataclasses import fields
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 import torch
 from torch import Tensor
-from lldiff import objectives
+from lldiff import registry as objectives
 from lldiff.checkpoint import (TOKENIZER_KEY, check_tokenizer, is_hf_directory, read_checkpoint_meta,
                                read_model_weights)
 from lldiff.config import SIZES, ModelConfig
 from lldiff.lora import LoraOptions, apply_lora, fp32_restorer, fp32_snapshot
-from lldiff.objectives import Objective
+from lldiff.registry import Objective
 from lldiff.objectives.common.sft_loss import SFT_NORMALISATIONS
 
 

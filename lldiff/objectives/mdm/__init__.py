@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lldiff.objectives.family import Code, Family, Style
+from lldiff.registry import Code, Family, Style
 
 
 def load() -> Code:
@@ -16,7 +16,7 @@ def load() -> Code:
 
 
 FAMILY = Family(
-    name="mdm", attention="bidirectional", mask_token=True, exact_likelihood=False, load=load,
+    name="mdm", order=1, attention="bidirectional", mask_token=True, exact_likelihood=False, load=load,
     label="MDM", style=Style("tab:red", "^", "--", "MDM"),
     description="LLaDA masked diffusion, bidirectional attention",
     infill_sees_right_context=True,

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 import torch
 from torch import Tensor
-from lldiff import objectives
+from lldiff import registry as objectives
 from lldiff.objectives.mdm import FAMILY
 from lldiff.objectives.mdm.loss import mdm_elbo_nats, mdm_loss, mdm_sft_loss
-from lldiff.modules import LMBase
+from lldiff.objectives.common.base import LMBase
 from lldiff.objectives.common.finetuning import SFTMixin, check_sft_options
 from lldiff.lora import lora_options
 

@@ -1,17 +1,30 @@
-"""What an objective is, as data: a :class:`Family` (what every objective of one kind shares,
-with its code as typed callables loaded on first use) and an :class:`Objective` (a family plus
-its parameters, e.g. ``bd3-16`` = the ``bd3`` family with ``block_size=16``).
+"""The objective registry's data and lookups: what an objective is (a :class:`Family` of objectives,
+with its code as typed callables loaded on first use, and an :class:`Objective`: a family plus its
+parameters, e.g. ``bd3-16`` = the ``bd3`` family with ``block_size=16``), the registered families,
+and every question asked of them (look an objective up by name, read a checkpoint's record, tell a
+model's objective).
 
-Importing this module imports no torch: sweep analysis and plots read the facts of an
-objective (label, style, whether its loss is exact) without the model code. The code of a
-family (its LightningModules, decoder, scorer) is reached through :meth:`Family.code`, which
-imports the family's folder the first time it is asked.
+The families themselves live in ``lldiff/objectives/<family>/`` and are found through the
+``lldiff.objectives`` entry points (``pyproject.toml``: one line each). This module imports no torch and nothing of
+the objectives' code, so that everything below them (the checkpoint reader, interop, sweep
+analysis and plots) can ask it without importing torch or running back up. A family's code
+(:meth:`Family.code`) is imported the first time it is asked for.
+
+The objective is data. Every checkpoint records it (``checkpoint["lldiff"]["objective"]``,
+:meth:`Objective.record`: name, family, parameters), and loading reads it back. Checkpoints
+written before it was recorded follow the **legacy rule** (:func:`legacy_objective`): the
+objective is read off the stored model config, causal attention = ``ar``, bidirectional =
+``mdm``, block attention with block size ``B`` = ``bd3-B`` (configs from before the attention
+kind, with ``causal: true/false``, read as ``ar``/``mdm``).
 """
+
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
 
 ATTENTION_KINDS = ("causal", "bidirectional", "block")
@@ -77,6 +90,7 @@ class Family:
     length_is_budget: bool = False  # the answer length is a budget: decoding stops once every answer has ended
     #   (AR, BD3); else a fixed canvas filled in full (MDM)
     score_options: tuple[str, ...] = ()  # scorer settings that apply (n_mc, batch_size, cfg_scale, seed)
+    order: int = 100  # where it stands in lists and messages (lldiff's own: ar 0, mdm 1, bd3 2)
     legacy_class_paths: tuple[str, ...] = ()  # (pre-training, SFT) class paths before lldiff/objectives/: aliases
 
     def __post_init__(self) -> None:
@@ -251,3 +265,194 @@ class Objective:
 
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# -- the registered families and the questions asked of them ----------------------------------------
+
+
+
+FAMILIES: dict[str, Family] = {}
+"""The registered families by name. Read it through :func:`families` (which first registers the
+built-in ones); plug-ins add theirs with :func:`register`."""
+
+
+ENTRY_POINTS = "lldiff.objectives"
+"""The entry-point group that names every installed objective family (lldiff's own in its
+``pyproject.toml``; a plug-in package adds its own lines)."""
+
+_discovered = False
+
+
+def families() -> dict[str, Family]:
+    """The registered families: on first use, every family the installed packages name under the
+    ``lldiff.objectives`` entry points (each loads a folder's torch-free ``__init__``), then those a
+    plug-in registered in this process."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        for entry in entry_points(group=ENTRY_POINTS):
+            family = entry.load()
+            if FAMILIES.get(family.name) is not family:
+                register(family)
+        ordered = sorted(FAMILIES.values(), key=lambda f: f.order)
+        FAMILIES.clear()
+        FAMILIES.update((f.name, f) for f in ordered)
+        if not FAMILIES:
+            raise RuntimeError(f"no objective is registered: no package names one under the {ENTRY_POINTS!r} entry "
+                               "points; install lldiff (pip install -e .) rather than running it from a source tree")
+    return FAMILIES
+
+
+class UnknownObjective(ValueError):
+    """A name (or a checkpoint's recorded objective) that no registered family knows."""
+
+
+def register(family: Family) -> Family:
+    """Add ``family`` to the registry (a plug-in may register its own); a second family under
+    the same name replaces the first only if it is the same object."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*(-[a-z][a-z0-9_]*)*", family.name):
+        raise ValueError(f"objective family name {family.name!r}: use lower-case letters, digits, '_' and '-'")
+    existing = FAMILIES.get(family.name)
+    if existing is not None and existing is not family:
+        raise ValueError(f"an objective family named {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+def allowed() -> str:
+    """The registered objectives, spelled as a user writes them."""
+    return ", ".join(f.spelling or f.name for f in families().values())
+
+
+def get(name: str) -> Objective:
+    """The objective called ``name`` (``ar``, ``mdm``, ``bd3-B``, or a registered plug-in's);
+    :class:`UnknownObjective` (a ValueError) naming the known ones otherwise."""
+    if not isinstance(name, str):
+        raise UnknownObjective(f"objective must be a name, got {name!r}; allowed: {allowed()}")
+    family = families().get(name)
+    if family is not None and family.parameter is None:
+        return Objective(name, family)
+    match = re.fullmatch(r"(.+)-(\d+)", name)
+    family = FAMILIES.get(match.group(1)) if match else None
+    if family is not None and family.parameter is not None:
+        value = int(match.group(2))
+        if value < 1:
+            raise UnknownObjective(f"objective {name!r}: the {family.parameter.replace('_', ' ')} must be >= 1")
+        if name != f"{family.name}-{value}":  # one spelling per objective: results, styles and configs key on it
+            raise UnknownObjective(f"objective {name!r}: write it as '{family.name}-{value}'")
+        return with_params(family, {family.parameter: value})
+    raise UnknownObjective(f"unknown objective {name!r}; allowed: {allowed()}")
+
+
+def with_params(family: Family, params: dict[str, Any]) -> Objective:
+    """The objective of ``family`` with ``params`` (its name spelled from them)."""
+    if family.parameter is None:
+        if params:
+            raise ValueError(f"objective {family.name!r} takes no parameters, got {params}")
+        return Objective(family.name, family)
+    value = params.get(family.parameter)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"objective {family.name}: {family.parameter} must be a positive integer, got {value!r}")
+    return Objective(f"{family.name}-{value}", family, ((family.parameter, value),))
+
+
+def is_known(name: str) -> bool:
+    try:
+        get(name)
+    except ValueError:
+        return False
+    return True
+
+
+def from_record(record: Any) -> Objective:
+    """The objective a checkpoint recorded (:meth:`Objective.record`), checked against the
+    registry: an unknown name is refused naming the known ones."""
+    if isinstance(record, str):
+        return get(record)
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise UnknownObjective(f"the checkpoint's objective record {record!r} is not {{name, family, params}}")
+    try:
+        objective = get(record["name"])
+    except UnknownObjective:
+        raise UnknownObjective(f"the checkpoint was trained as objective {record['name']!r}, which this version of "
+                               f"lldiff does not know; known: {allowed()}") from None
+    params = record.get("params") or {}
+    if dict(objective.params) != params:
+        raise UnknownObjective(f"the checkpoint's objective record {record!r} disagrees with its name "
+                               f"({record['name']!r} has parameters {dict(objective.params)})")
+    return objective
+
+
+def legacy_objective(config: Any) -> Objective:
+    """The legacy rule, for checkpoints and models that carry no objective record: causal
+    attention = ``ar``, bidirectional = ``mdm``, block attention with block size ``B`` =
+    ``bd3-B``. (What this version writes is never read this way.)"""
+    attention = getattr(config, "attention", None)
+    if attention == "causal":
+        return get("ar")
+    if attention == "bidirectional":
+        return get("mdm")
+    if attention == "block":
+        return get(f"bd3-{config.block_size}")
+    raise ValueError(f"no objective has attention={attention!r}; allowed kinds: {', '.join(ATTENTION_KINDS)}")
+
+
+def of_checkpoint(lldiff_state: dict[str, Any], config: Any) -> Objective:
+    """The objective of a checkpoint, from its ``checkpoint["lldiff"]`` dict: its record, or
+    the legacy rule on ``config`` (its ``ModelConfig``) when it has none."""
+    record = lldiff_state.get("objective")
+    return legacy_objective(config) if record is None else from_record(record)
+
+
+def of_model(model: Any) -> Objective:
+    """The objective of a backbone: the one it was loaded or built as (``model.objective``,
+    set by :func:`lldiff.checkpoint.load_model` and the LightningModules), else the legacy rule
+    on its config."""
+    objective = getattr(model, "objective", None)
+    if isinstance(objective, Objective):
+        return objective
+    config = getattr(model, "cfg", None) or getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} carries no ModelConfig; pass the objective explicitly")
+    return legacy_objective(config)
+
+
+def of_module(class_path: str, init_args: dict[str, Any] | None = None) -> Objective:
+    """The objective a LightningModule class path trains (pre-training or SFT, also an old
+    ``lldiff.modules.*`` / ``lldiff.finetune.*`` path), given its config's init args (a
+    parametrised family's parameter; the class's default when absent)."""
+    for family in families().values():
+        if class_path in family.legacy_class_paths:
+            break
+        code = family.code()
+        if class_path in (_path(code.module), _path(code.sft_module)):
+            break
+    else:
+        known = ", ".join(_path(c) for f in families().values() for c in (f.code().module, f.code().sft_module))
+        raise ValueError(f"{class_path!r} is no objective's LightningModule; known: {known}")
+    if family.parameter is None:
+        return get(family.name)
+    value = (init_args or {}).get(family.parameter)
+    if value is None:
+        import inspect
+
+        cls = family.code().module
+        default = inspect.signature(cls.__init__).parameters.get(family.parameter)
+        value = None if default is None else default.default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{class_path} with {family.parameter}={value!r}: the objective ({family.name}-N) needs an "
+                         f"integer {family.parameter}; give model.init_args.{family.parameter}")
+    return get(f"{family.name}-{value}")
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def legacy_class(path: str) -> type:
+    """The class an old class path (``lldiff.modules.MaskedDiffusionLM``, ...) now names."""
+    for family in families().values():
+        if path in family.legacy_class_paths:  # (pre-training, SFT)
+            code = family.code()
+            return (code.module, code.sft_module)[family.legacy_class_paths.index(path)]
+    raise AttributeError(path)
