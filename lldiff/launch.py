@@ -13,6 +13,7 @@ The ``lldiff`` command (:mod:`lldiff.cli`) dispatches to it; nothing here import
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -175,7 +176,7 @@ def refuse_replaced_model(ckpt_path: Any, asked: Any, loaded: Any) -> dict[str, 
     evaluation draws, ...), which must win over the checkpoint's rather than vanish."""
     if not isinstance(asked, dict) or not isinstance(loaded, dict) or asked == loaded:
         return {}
-    if asked.get("class_path") != loaded.get("class_path"):
+    if _named_class(asked.get("class_path")) is not _named_class(loaded.get("class_path")):
         raise ValueError(f"--ckpt_path {ckpt_path} holds a {loaded.get('class_path')} model but the config asks for "
                          f"{asked.get('class_path')}; use the config the run was made with (its config.yaml)")
     before, after = asked.get("init_args") or {}, loaded.get("init_args") or {}
@@ -186,6 +187,16 @@ def refuse_replaced_model(ckpt_path: Any, asked: Any, loaded: Any) -> dict[str, 
                          "use the run's own model settings, or start a new run without --ckpt_path")
     return {k: v for k, v in before.items()
             if k not in MODEL_KEYS_FROM_DATA and k not in MODEL_SHAPE_KEYS and v is not None and after.get(k) != v}
+
+
+def _named_class(path: Any) -> Any:
+    """The class a config's class path names (an old path, e.g. ``lldiff.modules.MaskedDiffusionLM``,
+    names today's class), or the path itself when it names none."""
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path
 
 
 def _last_checkpoints(trainer: Trainer) -> list[str]:

@@ -60,7 +60,7 @@ def test_print_config_resolves_the_shipped_config(objective, capsys):
     with pytest.raises(SystemExit):
         lightning_cli(["fit", "--config", str(REPO / "configs" / f"{objective}-tiny.yaml"), "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
-    expected = {"mdm": "lldiff.modules.MaskedDiffusionLM", "ar": "lldiff.modules.AutoregressiveLM"}[objective]
+    expected = {"mdm": "lldiff.objectives.mdm.modules.MaskedDiffusionLM", "ar": "lldiff.objectives.ar.modules.AutoregressiveLM"}[objective]
     assert config["model"]["class_path"] == expected
     assert config["data"]["class_path"] == "lldiff.data.PretrainDataModule"
     assert config["trainer"]["logger"]["init_args"]["name"] == f"{objective}-tiny"

@@ -233,7 +233,7 @@ def run_factory(tmp_path_factory):
                     "lldiff": {"model_config": dict(model.cfg.__dict__)}}, ckpt)
         tokenizer.save(run / "tokenizer.json")
         if data is not None:
-            config = {"seed_everything": 1, "model": {"class_path": "lldiff.modules.AutoregressiveLM"}, "data": data}
+            config = {"seed_everything": 1, "model": {"class_path": "lldiff.objectives.ar.modules.AutoregressiveLM"}, "data": data}
             (run / "config.yaml").write_text(yaml.safe_dump(config))
         return ckpt
 

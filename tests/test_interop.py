@@ -449,7 +449,7 @@ def test_sft_from_an_imported_llada_keeps_its_mask_and_template(tmp_path, tokeni
     assert example.prompt[0] == 1 and example.prompt[1] == 302  # BOS, then <|start_header_id|>
     assert example.response[-2:] == (301, 0)  # ... <|eot_id|> EOS
     cli = lightning_cli([
-        "fit", "--seed_everything", "1", "--model", "lldiff.finetune.MaskedDiffusionSFT",
+        "fit", "--seed_everything", "1", "--model", "lldiff.objectives.mdm.modules.MaskedDiffusionSFT",
         "--model.init_args.init_from", str(tmp_path / "run" / "checkpoints" / "imported.ckpt"),
         "--model.init_args.warmup_steps", "1", "--model.init_args.val_mc_samples", "2",
         "--data", "lldiff.data.SFTDataModule", "--data.init_args.train_files", f"[{data}]",

@@ -257,8 +257,8 @@ def test_pickle_loading_options_are_refused(extra, error, toy_corpus, cache_dir,
 # -- 3. silent swaps are errors --------------------------------------------------------------------
 def test_a_checkpoint_of_another_objective_or_size_is_refused_not_swapped_in(tiny_runs, toy_corpus, cache_dir, tmp_path):
     ar = str(tiny_runs["ar"])
-    with pytest.raises(ValueError, match="holds a lldiff.modules.AutoregressiveLM model but the config asks for "
-                                         "lldiff.modules.MaskedDiffusionLM"):
+    with pytest.raises(ValueError, match="holds a lldiff.objectives.ar.modules.AutoregressiveLM model but the config asks for "
+                                         "lldiff.objectives.mdm.modules.MaskedDiffusionLM"):
         lightning_cli(tiny_args("mdm", toy_corpus, cache_dir, tmp_path, "--ckpt_path", ar))
     with pytest.raises(ValueError, match="size='tiny-0.4M' \\(checkpoint: 'tiny-0.1M'\\)"):
         lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path, "--ckpt_path", ar,
@@ -273,8 +273,8 @@ def test_a_checkpoint_of_another_block_size_is_refused_not_swapped_in(tiny_bd3_r
     with pytest.raises(ValueError, match="block_size=8 \\(checkpoint: 4\\)"):
         lightning_cli(tiny_args("bd3", toy_corpus, cache_dir, tmp_path, "--ckpt_path", bd3,
                                 "--model.init_args.block_size", "8"))
-    with pytest.raises(ValueError, match="holds a lldiff.modules.BlockDiffusionLM model but the config asks for "
-                                         "lldiff.modules.MaskedDiffusionLM"):
+    with pytest.raises(ValueError, match="holds a lldiff.objectives.bd3.modules.BlockDiffusionLM model but the config asks for "
+                                         "lldiff.objectives.mdm.modules.MaskedDiffusionLM"):
         lightning_cli(tiny_args("mdm", toy_corpus, cache_dir, tmp_path, "--ckpt_path", bd3))
     assert load_model(bd3, expect="bd3-4").objective.block_size == 4
     with pytest.raises(ValueError, match="holds a BD3-4 model; this needs an MDM checkpoint"):

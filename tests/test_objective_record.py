@@ -212,3 +212,13 @@ def test_a_bidirectional_objective_may_have_no_mask_token():
     assert ModelConfig(vocab_size=10, attention="causal", mask_token=True).mask_id == 10
     with pytest.raises(ValueError, match="mask_id=3: mask_token=false has no mask token"):
         ModelConfig(vocab_size=10, mask_token=False, mask_id=3)
+
+
+def test_an_old_class_path_and_todays_name_the_same_model_on_resume():
+    from lldiff.launch import refuse_replaced_model
+
+    old = {"class_path": "lldiff.modules.BlockDiffusionLM", "init_args": {"block_size": 4}}
+    new = {"class_path": "lldiff.objectives.bd3.modules.BlockDiffusionLM", "init_args": {"block_size": 4}}
+    assert refuse_replaced_model("last.ckpt", old, new) == {}
+    with pytest.raises(ValueError, match="holds a lldiff.modules.MaskedDiffusionLM model"):
+        refuse_replaced_model("last.ckpt", new, {"class_path": "lldiff.modules.MaskedDiffusionLM"})

@@ -100,9 +100,9 @@ def test_the_registered_module_builds_that_objective(name):
 
 
 def test_module_config_for_lightning_cli():
-    assert registry.get("bd3-4").module_config() == {"class_path": "lldiff.modules.BlockDiffusionLM",
+    assert registry.get("bd3-4").module_config() == {"class_path": "lldiff.objectives.bd3.modules.BlockDiffusionLM",
                                                      "init_args": {"block_size": 4}}
-    assert registry.get("mdm").module_config(sft=True) == {"class_path": "lldiff.finetune.MaskedDiffusionSFT",
+    assert registry.get("mdm").module_config(sft=True) == {"class_path": "lldiff.objectives.mdm.modules.MaskedDiffusionSFT",
                                                           "init_args": {}}
     assert registry.get("ar").module_args() == {}
 

@@ -369,7 +369,7 @@ def test_bd3_objectives_plan_their_module_and_block_size(tmp_path, toy_corpus, c
         model = run_config(spec, run, str(tmp_path))["model"]
         if run.objective.startswith("bd3-"):
             block = int(run.objective.split("-")[1])
-            assert model["class_path"] == "lldiff.modules.BlockDiffusionLM" and model["init_args"]["block_size"] == block
+            assert model["class_path"] == "lldiff.objectives.bd3.modules.BlockDiffusionLM" and model["init_args"]["block_size"] == block
         else:
             assert "block_size" not in model["init_args"]
     bd3 = next(r for r in plan if r.objective == "bd3-4")

@@ -135,7 +135,7 @@ def test_bad_setup_is_refused(tmp_path, base_config, kwargs, message):
 def test_switching_objective_drops_args_the_other_class_lacks(tmp_path, base_config):
     setup = load_setup(base_config, write_space(tmp_path, LR_SPACE), objective="ar", size="tiny-0.03M")
     model = setup.base["model"]
-    assert model["class_path"] == "lldiff.modules.AutoregressiveLM"
+    assert model["class_path"] == "lldiff.objectives.ar.modules.AutoregressiveLM"
     assert model["init_args"]["size"] == "tiny-0.03M" and "mask_eps" not in model["init_args"]
     assert setup.describe()["objective"] == "ar"
 
@@ -145,7 +145,7 @@ def test_a_bd3_objective_is_tuned_with_its_class_and_block_size(tmp_path, base_c
     may change; one tiny trial runs to a finite validation loss."""
     setup = load_setup(base_config, write_space(tmp_path, LR_SPACE), objective="bd3-4")
     model = setup.base["model"]
-    assert model["class_path"] == "lldiff.modules.BlockDiffusionLM" and model["init_args"]["block_size"] == 4
+    assert model["class_path"] == "lldiff.objectives.bd3.modules.BlockDiffusionLM" and model["init_args"]["block_size"] == 4
     assert model["init_args"]["mask_eps"] == 1.0e-3  # the MDM config's args the BD3 class also takes are kept
     assert setup.describe()["objective"] == "bd3-4"
     with pytest.raises(TuneError, match=r"'block_size' cannot be searched: the objective bd3-4 fixes it"):
@@ -158,7 +158,7 @@ def test_a_bd3_objective_is_tuned_with_its_class_and_block_size(tmp_path, base_c
     (trial,) = optuna.load_study(study_name="lldiff-tune", storage=f"sqlite:///{out}/study.db").trials
     assert trial.state == TrialState.COMPLETE and 0 < trial.value < 20 and sorted(trial.intermediate_values) == [2, 4]
     config = yaml.safe_load((out / "trials" / "0000" / "trial.yaml").read_text())
-    assert config["model"]["class_path"] == "lldiff.modules.BlockDiffusionLM"
+    assert config["model"]["class_path"] == "lldiff.objectives.bd3.modules.BlockDiffusionLM"
     assert config["model"]["init_args"]["block_size"] == 4
 
 
@@ -171,7 +171,7 @@ def test_the_objective_is_read_from_a_bd3_config(tmp_path, base_config):
     setup = load_setup(path, write_space(tmp_path, LR_SPACE))
     assert setup.objective == "bd3-8" and setup.base["model"]["init_args"]["block_size"] == 8
     ar = load_setup(path, write_space(tmp_path, LR_SPACE), objective="ar")  # switching drops block_size
-    assert ar.base["model"]["class_path"] == "lldiff.modules.AutoregressiveLM"
+    assert ar.base["model"]["class_path"] == "lldiff.objectives.ar.modules.AutoregressiveLM"
     assert "block_size" not in ar.base["model"]["init_args"]
 
 
