@@ -188,8 +188,10 @@ VARIANTS = {
 
 
 def throughput_row(objective: str, variant: dict[str, Any], shapes: dict[str, Any], device: str,
-                   peak: float | None) -> dict[str, Any]:
-    """One objective's bare training step (profile_step's module, optimizer and step) under one variant."""
+                   peak: float | None, lightning: bool = False) -> dict[str, Any]:
+    """One objective's bare training step (profile_step's module, optimizer and step) under one variant;
+    ``lightning``: also the same module's step in a ``lightning.Trainer`` fit (profile_step's timer:
+    loop, hooks, logging and the host-to-device copy included), as ``lldiff fit`` runs it."""
     from unittest import mock
 
     import torch
@@ -226,7 +228,7 @@ def throughput_row(objective: str, variant: dict[str, Any], shapes: dict[str, An
     flops_per_token = entry.matmul_flops_per_token(module.config, shapes["seq_len"])
     peak_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else None
     loss = float(stepper.forward().detach().float())
-    return {
+    result = {
         "tokens_per_s": tokens / step_s, "step_ms": step_s * 1e3, "tflops_per_s": tokens * flops_per_token / step_s / 1e12,
         "mfu": tokens * flops_per_token / step_s / peak if peak else None,
         "peak_memory_gib": peak_bytes / 2**30 if peak_bytes is not None else None,
@@ -234,6 +236,15 @@ def throughput_row(objective: str, variant: dict[str, Any], shapes: dict[str, An
         "compile": bool(module.model.blocks_compiled), "loss_chunk_tokens": module.loss_chunk_tokens,
         "fused_adamw": bool(optimizer.defaults.get("fused")), "warmup_s": warmup_s, "loss": loss,
     }
+    if lightning:
+        fit_args = argparse.Namespace(**vars(args), warmup=shapes["warmup"], lightning_steps=shapes["time_steps"])
+        try:
+            step_ms = profile_step.lightning_step(module, rows.cpu(), fit_args)["step_ms"]
+            result["lightning_tokens_per_s"] = tokens / step_ms * 1e3
+            result["lightning_mfu"] = tokens * flops_per_token / step_ms * 1e3 / peak if peak else None
+        except Exception as err:
+            result["lightning"] = _error(err)
+    return result
 
 
 def section_throughput(shapes: dict[str, Any], device: str, part: Part, budget: Budget) -> None:
@@ -254,7 +265,8 @@ def section_throughput(shapes: dict[str, Any], device: str, part: Part, budget: 
                 rows.setdefault(objective, {})[variant_name] = {"skipped": "out of the section's time"}
                 continue
             try:
-                rows.setdefault(objective, {})[variant_name] = throughput_row(objective, variant, shapes, device, peak)
+                rows.setdefault(objective, {})[variant_name] = throughput_row(
+                    objective, variant, shapes, device, peak, lightning=variant_name == "defaults")
             except Exception as err:
                 rows.setdefault(objective, {})[variant_name] = _error(err)
             _free(device)
@@ -271,15 +283,19 @@ def throughput_summary(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for o, r in defaults.items():
         summary[f"mfu_{o}"] = r.get("mfu")
         summary[f"tokens_per_s_{o}"] = r.get("tokens_per_s")
+        summary[f"lightning_mfu_{o}"] = r.get("lightning_mfu")
+        summary[f"lightning_tokens_per_s_{o}"] = r.get("lightning_tokens_per_s")
         summary[f"peak_memory_mib_per_token_{o}"] = r.get("peak_memory_mib_per_token")
         for variant in VARIANTS:
             other = rows[o].get(variant, {}).get("tokens_per_s")
             if variant != "defaults" and finite(other) and finite(tps.get(o)):
                 summary[f"speedup_of_defaults_over_{variant.replace(' ', '_')}_{o}"] = tps[o] / other
-    if finite(tps.get("mdm")) and finite(tps.get("ar")):
-        summary["mdm_over_ar_tokens_per_s"] = tps["mdm"] / tps["ar"]
-    if finite(tps.get("bd3-16")) and finite(tps.get("mdm")):
-        summary["bd3_over_mdm_tokens_per_s"] = tps["bd3-16"] / tps["mdm"]
+    for prefix in ("", "lightning_"):
+        rate = {o: summary.get(f"{prefix}tokens_per_s_{o}") for o in defaults}
+        if finite(rate.get("mdm")) and finite(rate.get("ar")):
+            summary[f"{prefix}mdm_over_ar_tokens_per_s"] = rate["mdm"] / rate["ar"]
+        if finite(rate.get("bd3-16")) and finite(rate.get("mdm")):
+            summary[f"{prefix}bd3_over_mdm_tokens_per_s"] = rate["bd3-16"] / rate["mdm"]
     return summary
 
 
@@ -379,16 +395,26 @@ def fit_one(name: str, config: str, shapes: dict[str, Any], device: str, out: Pa
         "resume_loss_max_abs_diff": max((abs(resumed_losses[s] - straight_losses[s]) for s in shared), default=None),
         "resume_steps_compared": len(shared),
     }
-    # On a CPU the resumed run is bit-exact; CUDA kernels with atomics (embedding, attention backward)
-    # may differ in the last bits, so there the weights must agree to bf16-level relative rounding.
-    tolerance = 0.0 if device == "cpu" else 1e-2 * scale
+    # On a CPU the resumed run is bit-exact. On CUDA the section asks for deterministic kernels, but a
+    # kernel without a deterministic version (warned, not refused) may still differ in the last bits:
+    # there the verdict allows rounding-level differences and the record keeps the exact figures. A
+    # resume that restores the wrong batches, optimizer state, schedule or RNG moves the losses after
+    # the restart by the batch-to-batch spread (tenths), far above that.
+    weights_tol, loss_tol = (0.0, 0.0) if device == "cpu" else (1e-2 * scale, 1e-2)
+    loss_diff = result["resume_loss_max_abs_diff"]
+    result["resume_tolerance"] = {"weights_max_abs_diff": weights_tol, "loss_max_abs_diff": loss_tol}
     result["resume_ok"] = (crashed_at == n and a["global_step"] == b["global_step"] == 2 * n
-                           and max(diffs) <= tolerance and len(shared) > 0)
+                           and max(diffs) <= weights_tol and loss_diff is not None and loss_diff <= loss_tol)
     result["ok"] = result["loss_finite"] and result["loss_falling"] and result["resume_ok"]
     return result
 
 
 def section_fit(shapes: dict[str, Any], device: str, part: Part, budget: Budget, workdir: Path) -> None:
+    if device == "cuda":  # the resume is compared with the straight run: deterministic kernels where there are
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # (before cuBLAS starts: this process's first)
+        import torch
+
+        torch.use_deterministic_algorithms(True, warn_only=True)
     part.put("settings", {**shapes, "how": "lldiff fit of the shipped tiny config straight to 2N steps; the same fit "
                           "crashing after step N + 2 (checkpoints every N), then resumed with --ckpt_path last "
                           "to 2N; final weights and the losses after the restart compared"})
@@ -645,10 +671,9 @@ NEEDS_WORKDIR = {"fit", "fsdp2"}
 
 def run_section(name: str, device: str, shapes_name: str, part_path: Path | None, deadline: float,
                 workdir: Path) -> dict[str, Any]:
-    """One section in this process: its results (also written to ``part_path`` as they come)."""
-    import lightning as L
-
-    L.seed_everything(0, verbose=False)
+    """One section in this process: its results (also written to ``part_path`` as they come). Each
+    section seeds what it draws itself (and imports only what it needs: a section with nothing to
+    do here ends in a second)."""
     part = Part(part_path)
     shapes = SHAPES[shapes_name].get(name, {})
     budget = Budget(deadline)
@@ -681,10 +706,10 @@ def _child(name: str, args: argparse.Namespace, budget_s: float, workdir: Path, 
     data = json.loads(part_path.read_text()) if part_path.exists() else {}
     if rc == 0 and not data:
         data.update(status="error", error="the section's process wrote no results")
+    tail = log_path.read_text(errors="replace")[-3000:]
     if rc is None:
-        data.update(status="timeout", error=f"stopped at its time limit of {budget_s:.0f} s")
+        data.update(status="timeout", error=f"stopped at its time limit of {budget_s:.0f} s", log_tail=tail)
     elif rc != 0 and data.get("status") in (None, "ok"):
-        tail = log_path.read_text()[-3000:]
         data.update(status="error", error=f"the section's process exited with {rc}", log_tail=tail)
     return data
 
@@ -701,9 +726,11 @@ def goals(report: dict[str, Any], results_dir: Path) -> dict[str, Any]:
     """The issue's goals against this run's throughput figures (they apply to smdm-113M on a GPU)."""
     summary = report["sections"].get("throughput", {}).get("summary", {})
     out: dict[str, Any] = {"applies": report["device"] == "cuda" and report["shapes"] == "full"}
-    for key, target in GOALS.items():
-        value = summary.get(key)
-        out[key] = {"value": value, "goal": f">= {target}", "met": value >= target if finite(value) else None}
+    for key, target in GOALS.items():  # as a Lightning fit runs (what the 18.5% was), else the bare step
+        fit_value = summary.get(f"lightning_{key}")
+        value = fit_value if finite(fit_value) else summary.get(key)
+        out[key] = {"value": value, "goal": f">= {target}", "met": value >= target if finite(value) else None,
+                    "from": "Lightning fit" if finite(fit_value) else "bare step"}
     before = results_dir / f"scaleout_gpu-{report['device_key'].split('-')[0]}.json"
     if before.exists() and report["device"] == "cuda":
         old = json.loads(before.read_text()).get("per_objective", {})
@@ -731,14 +758,17 @@ def markdown(report: dict[str, Any]) -> str:
     if thr.get("rows"):
         s = thr.get("settings", {})
         lines += ["", f"## Training step: {s.get('size')}, {s.get('batch')} x {s.get('seq_len')} tokens, {s.get('precision')}",
-                  "", "| objective | variant | tokens/s | MFU | peak GiB | MiB/token | compile | chunk | fused |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "", "| objective | variant | tokens/s | MFU | in a Lightning fit: tokens/s, MFU | peak GiB | "
+                  "MiB/token | compile | chunk | fused |", "|---|---|---|---|---|---|---|---|---|---|"]
         for objective, variants in thr["rows"].items():
             for variant, r in variants.items():
                 if "tokens_per_s" not in r:
-                    lines.append(f"| {objective} | {variant} | {(r.get('error') or r.get('skipped', ''))[:80]} |||||||")
+                    lines.append(f"| {objective} | {variant} | {(r.get('error') or r.get('skipped', ''))[:80]} ||||||||")
                     continue
+                in_fit = (f"{_fmt(r['lightning_tokens_per_s'], ',.0f')}, {_fmt(r['lightning_mfu'], '.1%')}"
+                          if "lightning_tokens_per_s" in r else "-")
                 lines.append(f"| {objective} | {variant} | {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['mfu'], '.1%')} | "
+                             f"{in_fit} | "
                              f"{_fmt(r['peak_memory_gib'], '.1f')} | {_fmt(r['peak_memory_mib_per_token'], '.3f')} | "
                              f"{r['compile']} | {r['loss_chunk_tokens']} | {r['fused_adamw']} |")
     fit = sec.get("fit", {})

@@ -112,8 +112,9 @@ def from_report(report: dict[str, Any], source: str) -> list[Measurement]:
 
 def from_gpu_check(report: dict[str, Any], source: str) -> list[Measurement]:
     """The plan-worthy figures of one ``gpu_check.py`` record: each objective's training step
-    with the user's defaults at bf16, from a full-shape run on a GPU of the peak table (a CPU
-    dry run, tiny shapes, failed or skipped rows give nothing)."""
+    with the user's defaults at bf16 as a Lightning fit ran it (else the bare step), from a
+    full-shape run on a GPU of the peak table (a CPU dry run, tiny shapes, failed or skipped
+    rows give nothing)."""
     if report.get("device") != "cuda" or report.get("shapes") != "full":
         return []
     gpu = gpu_table_key(str(report.get("device_name", "")))
@@ -124,13 +125,16 @@ def from_gpu_check(report: dict[str, Any], source: str) -> list[Measurement]:
     found = []
     for objective, variants in throughput.get("rows", {}).items():
         row = variants.get(GPU_CHECK_CASE, {})
-        if not isinstance(row.get("mfu"), (int, float)) or not isinstance(row.get("tokens_per_s"), (int, float)):
+        fit = all(isinstance(row.get(f"lightning_{k}"), (int, float)) for k in ("mfu", "tokens_per_s"))
+        prefix = "lightning_" if fit else ""
+        if not all(isinstance(row.get(f"{prefix}{k}"), (int, float)) for k in ("mfu", "tokens_per_s")):
             continue
         found.append(Measurement(
-            gpu=gpu, precision="bf16", objective=objective, mfu=float(row["mfu"]),
-            tokens_per_s=float(row["tokens_per_s"]), size=str(settings["size"]), batch=int(settings["batch"]),
+            gpu=gpu, precision="bf16", objective=objective, mfu=float(row[f"{prefix}mfu"]),
+            tokens_per_s=float(row[f"{prefix}tokens_per_s"]), size=str(settings["size"]), batch=int(settings["batch"]),
             seq_len=int(settings["seq_len"]), device_name=str(report["device_name"]),
-            case=f"throughput/{GPU_CHECK_CASE}", source=source, benchmark=GPU_CHECK,
+            case=f"throughput/{GPU_CHECK_CASE}" + (" in a Lightning fit" if fit else " bare step"),
+            source=source, benchmark=GPU_CHECK,
             measured_at=str(report.get("date", ""))))
     return sorted(found, key=lambda m: m.objective)
 
