@@ -129,7 +129,7 @@ def test_full_dry_run_has_every_section_with_finite_figures(tmp_path):
         assert r["loss_finite"] and r["loss_falling"], r
         assert r["resume_exact"] and r["resume_ok"] and r["resumed_from_step"] == r["steps"] // 2, r
     fsdp2 = report["sections"]["fsdp2"]["mdm"]
-    assert fsdp2["strategy"] == "ModelParallelStrategy" and fsdp2["tokens_per_s"] > 0 and fsdp2["mfu"] > 0
+    assert fsdp2["strategy"] == "FSDP2Strategy" and fsdp2["tokens_per_s"] > 0 and fsdp2["mfu"] > 0
     for name in ("throughput", "fit", "fsdp2"):
         assert_finite({k: v for k, v in report["sections"][name].items() if k != "settings"})
     assert report["seconds"] < report["budget_s"]
