@@ -734,11 +734,15 @@ def goals(report: dict[str, Any], results_dir: Path) -> dict[str, Any]:
         out[key] = {"value": value, "goal": f">= {target}", "met": value >= target if finite(value) else None,
                     "from": "Lightning fit" if finite(fit_value) else "bare step"}
     before = results_dir / f"scaleout_gpu-{report['device_key'].split('-')[0]}.json"
-    if before.exists() and report["device"] == "cuda":
-        old = json.loads(before.read_text()).get("per_objective", {})
+    if before.exists() and report["device"] == "cuda":  # scaleout_gpu.py's bf16 one-device (else FSDP2) case
+        old = json.loads(before.read_text())
+        tokens = old.get("batch", 0) * old.get("seq_len", 0)
         for o in ("mdm", "ar"):
-            was, now = old.get(o, {}).get("max_memory_mib_per_token"), summary.get(f"peak_memory_mib_per_token_{o}")
-            if finite(was) and finite(now):
+            cases = [old.get("cases", {}).get(f"{kind}-{o}", {}) for kind in ("single", "fsdp2")]
+            gib = next((c["max_memory_gib"] for c in cases if finite(c.get("max_memory_gib"))), None)
+            now = summary.get(f"peak_memory_mib_per_token_{o}")
+            if gib is not None and tokens and finite(now):
+                was = gib * 1024 / tokens
                 out[f"memory_per_token_{o}"] = {"value": now, "before": was, "source": before.name, "met": now <= was}
     return out
 
@@ -794,7 +798,8 @@ def markdown(report: dict[str, Any]) -> str:
                          + " | ".join(_fmt(r.get(f"backward_{g}_flex_vs_sdpa"), ".2e") for g in ("dq", "dk", "dv"))
                          + f" | {_fmt(r.get(ms[0]), '.2f')} | {_fmt(r.get(ms[1]), '.2f')} |")
     xf = sec.get("xformers", {})
-    lines += ["", f"## xformers: {xf.get('status')}" + (f" ({xf['reason']})" if xf.get("reason") else "")]
+    if xf:
+        lines += ["", f"## xformers: {xf.get('status')}" + (f" ({xf['reason']})" if xf.get("reason") else "")]
     if xf.get("worst"):
         lines += [f"- {k}: {v:.2e}" for k, v in xf["worst"].items()]
     fsdp = sec.get("fsdp2", {}).get("mdm", {})
@@ -817,7 +822,8 @@ def markdown(report: dict[str, Any]) -> str:
         for key, v in g.items():
             if isinstance(v, dict):
                 verdict = {True: "met", False: "not met", None: "not measured"}[v.get("met")]
-                lines.append(f"- {key}: {_fmt(v.get('value'), '.3f')} (goal {v.get('goal', '<= ' + str(v.get('before')))}"
+                goal = v.get("goal") or f"<= {_fmt(v.get('before'), '.3f')} MiB/token, {v.get('source')}"
+                lines.append(f"- {key}: {_fmt(v.get('value'), '.3f')} (goal {goal}"
                              f"{', ' + v['from'] if v.get('from') else ''}): {verdict}")
     return "\n".join(lines) + "\n"
 

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +184,38 @@ def test_of_two_dated_records_the_newer_wins_and_tiny_shapes_never_count():
     assert {(m.objective, m.mfu, m.source) for m in picked} == {("ar", 0.45, "new.json"), ("mdm", 0.41, "new.json")}
     assert measured.from_gpu_check(gpu_record("2026-12-08T00:00:00Z", {"ar": 0.4, "mdm": 0.4}, shapes="tiny"), "x") == []
     assert measured.from_gpu_check(gpu_record("2026-12-08T00:00:00Z", {"ar": 0.4, "mdm": 0.4}, device="Mystery"), "x") == []
+
+
+def test_a_gpu_record_renders_its_tables_and_goals(gpu_check, tmp_path):
+    """The GPU-only branches of the record (memory, backward errors, xformers figures, goals),
+    on a made-up record of the GPU run's shape: no figure here was measured."""
+    row = lambda tps, mfu: {"tokens_per_s": tps, "mfu": mfu, "lightning_tokens_per_s": tps * 0.97,  # noqa: E731
+                            "lightning_mfu": mfu * 0.97, "peak_memory_gib": 12.0, "peak_memory_mib_per_token": 0.75,
+                            "compile": True, "loss_chunk_tokens": 4096, "fused_adamw": True}
+    rows = {"ar": {"defaults": row(4.0e5, 0.45)}, "mdm": {"defaults": row(3.9e5, 0.44)},
+            "bd3-16": {"defaults": row(1.9e5, 0.43), "no compile": {"error": "RuntimeError: boom"}}}
+    report = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "device_key": "h100-sxm", "shapes": "full",
+              "date": "2026-12-08T02:00:00Z", "torch": "2.13.0", "lightning": "2.6.6", "sections": {
+                  "throughput": {"status": "ok", "settings": {"size": "smdm-113M", "batch": 16, "seq_len": 1024,
+                                                              "precision": "bf16-mixed"},
+                                 "rows": rows, "summary": gpu_check.throughput_summary(rows)},
+                  "flex": {"status": "ok", "attention_bf16": {"forward_flex_vs_sdpa": 1e-3, "backward_dq_flex_vs_sdpa": 2e-3,
+                                                              "backward_dk_flex_vs_sdpa": 3e-3,
+                                                              "backward_dv_flex_vs_sdpa": 4e-3,
+                                                              "fwd_bwd_ms_flex": 1.5, "fwd_bwd_ms_sdpa_boolean": 2.5}},
+                  "xformers": {"status": "ok", "worst": {"xformers_bfloat16_max_error": 0.01}},
+                  "fsdp2": {"status": "ok", "settings": {"size": "smdm-1028M", "batch": 8, "seq_len": 1024},
+                            "mdm": {"tokens_per_s": 3e4, "mfu": 0.4, "max_memory_gib": 30.0,
+                                    "max_memory_mib_per_token": 3.75}}}}
+    report["goals"] = gpu_check.goals(report, REPO / "benchmarks" / "results")
+    goals = report["goals"]
+    assert goals["applies"] and goals["mfu_ar"]["met"] and goals["mfu_ar"]["from"] == "Lightning fit"
+    assert goals["mdm_over_ar_tokens_per_s"]["value"] == pytest.approx(3.9 / 4.0) and goals["mdm_over_ar_tokens_per_s"]["met"]
+    assert goals["bd3_over_mdm_tokens_per_s"]["met"]
+    assert goals["memory_per_token_mdm"]["met"]  # 0.75 MiB/token against scaleout_gpu-h100.json's ~1.0
+    text = gpu_check.markdown(report)
+    assert "| mdm | defaults | 390,000 | 44.0% | 378,300, 42.7% | 12.0 | 0.750 | True | 4096 | True |" in text
+    assert "| bd3-16 | no compile | RuntimeError: boom |" in text
+    assert "| attention_bf16 | 1.00e-03 | 2.00e-03 | 3.00e-03 | 4.00e-03 | 1.50 | 2.50 |" in text
+    assert "- xformers_bfloat16_max_error: 1.00e-02" in text and "MFU 40.0%, peak 30.0 GiB" in text
+    assert re.search(r"- mfu_ar: 0\.43\d \(goal >= 0\.4, Lightning fit\): met", text)
