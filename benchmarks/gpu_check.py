@@ -2,7 +2,7 @@
 
     make gpu-check                                   # = python benchmarks/gpu_check.py
     python benchmarks/gpu_check.py --sections throughput,fit      # some sections only
-    python benchmarks/gpu_check.py --shapes tiny     # on a GPU: the dry run's tiny shapes (a minute)
+    python benchmarks/gpu_check.py --shapes tiny     # on a GPU: the dry run's shapes (gpu-check-<gpu>-tiny.json)
 
 On a CUDA device (about 8 minutes on one H100, start-up included; every section has its own time
 budget, ``SECTIONS``) it measures, at bf16:
@@ -26,7 +26,7 @@ budget, ``SECTIONS``) it measures, at bf16:
 
 Without a GPU it is the **dry run**: the same code on tiny shapes in fp32 on the CPU (every path
 but the CUDA kernels: FlexAttention runs eager and forward only, there is no xformers), in a
-minute or two. Each section runs in a process of its own with a hard time limit, so one that
+couple of minutes. Each section runs in a process of its own with a hard time limit, so one that
 fails, hangs or crashes the device records its error (or what it finished) and the others run.
 
 Writes ``benchmarks/results/gpu-check-<device>.json`` (``<device>``: ``lldiff.flops`` key of the
@@ -70,8 +70,8 @@ FIT_CONFIGS = {"mdm": "configs/mdm-tiny.yaml", "ar": "configs/ar-tiny.yaml", "bd
 
 SECTIONS: dict[str, dict[str, float]] = {
     # seconds each section may take on a CUDA device (8 minutes in all, start-up included) and in
-    # the CPU dry run (ceilings for a loaded machine: it takes about a minute and a half of CPU
-    # time in all); a section still running then is stopped and records what it finished
+    # the CPU dry run (ceilings for a loaded machine: it takes about 2.5 minutes of CPU time in
+    # all); a section still running then is stopped and records what it finished
     "throughput": {"cuda": 150, "cpu": 120},
     "fit": {"cuda": 110, "cpu": 240},
     "flex": {"cuda": 50, "cpu": 60},
@@ -871,7 +871,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "python": platform.python_version(), "threads": torch.get_num_threads(), "git_commit": _git_commit(),
         "budget_s": TOTAL_BUDGET_S[args.device] * args.budget_scale, "sections": {},
     }
-    stem = f"gpu-check-{report['device_key']}"
+    stem = f"gpu-check-{report['device_key']}" + ("-tiny" if args.device == "cuda" and args.shapes == "tiny" else "")
     json_path, md_path = args.results / f"{stem}.json", args.results / f"{stem}.md"
     from lldiff.atomic import write_text
 

@@ -107,7 +107,7 @@ def test_bad_sections_are_refused(gpu_check, capsys):
 @pytest.mark.slow
 def test_full_dry_run_has_every_section_with_finite_figures(tmp_path):
     """`make gpu-check` without a GPU: every section in its own process, tiny shapes, fp32."""
-    # --budget-scale 3: time limits for a CPU shared with other work (alone it takes about 1.5 CPU-minutes)
+    # --budget-scale 3: time limits for a CPU shared with other work (it takes about 2.5 CPU-minutes)
     result = subprocess.run([sys.executable, str(SCRIPT), "--results", str(tmp_path), "--budget-scale", "3"], cwd=REPO,
                             capture_output=True, text=True, timeout=1700)
     assert result.returncode == 0, result.stderr[-3000:]
