@@ -6,12 +6,14 @@
 #   make demo-fit  train the tiny MDM and AR on the offline corpus, print their comparison table
 #   make demo-sft  then fine-tune both on next/previous-line instructions and chat with them
 #   make reversal  the reversal study on synthetic facts (LLaDA Table 3 shape), CPU preset (~20 min)
+#   make gpu-check  everything only a GPU measures (<= 8 min on an H100): benchmarks/results/gpu-check-<gpu>.json
+#                   and .md; without a GPU, a dry run of the same script on tiny shapes (gpu-check-cpu.json)
 #   make test   run the default (fast) test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo demo-long demo-bd3 data-constrained demo-fit demo-sft reversal test test-slow clean-env
+.PHONY: demo demo-long demo-bd3 data-constrained demo-fit demo-sft reversal gpu-check test test-slow clean-env
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +58,9 @@ demo-sft: demo-fit
 
 reversal: $(BIN)/.installed
 	$(BIN)/python studies/reversal.py --task facts --preset cpu --out runs/reversal-facts
+
+gpu-check: $(BIN)/.installed
+	$(BIN)/python benchmarks/gpu_check.py
 
 test: $(BIN)/.installed
 	$(BIN)/pytest -m "not slow" -q

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--emit", type=Path, metavar="DIR", help="write sweep.slurm and torchrun.sh into DIR")
     plan.add_argument("--out", type=Path, help="sweep directory the emitted jobs write to (default: DIR)")
     plan.add_argument("--mfu", type=_mfu, help="model FLOP utilisation in (0, 1] for the GPU-hours, instead of the "
-                      "spec's cluster.mfu or the one benchmarks/scaleout_gpu.py measured on cluster.gpu")
+                      "spec's cluster.mfu or the newest measured on cluster.gpu (make gpu-check, benchmarks/scaleout_gpu.py)")
 
     analyze = sub.add_parser("analyze", help="iso-FLOP fits, scaling laws, compute multiplier, figures, report")
     analyze.add_argument("run_dir", type=Path, help="a sweep directory with results.csv")

@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 
 from lldiff.flops import PEAK_TFLOPS, matmul_precision
-from lldiff.sweep.measured import BENCHMARK, DEFAULT_MFU, Measurement, MfuChoice, choose_mfu, measurements
+from lldiff.sweep.measured import DEFAULT_MFU, GPU_CHECK, Measurement, MfuChoice, choose_mfu, measurements
 from lldiff.sweep.plan import RunPlan, matmul_flops
 from lldiff.atomic import write_text
 from lldiff.sweep.spec import COMPUTE_AXES, SweepSpec
@@ -65,7 +65,7 @@ def mfu_source(spec: SweepSpec, choices: dict[str, MfuChoice], mfu: float | None
     here = [m for m in found if m.gpu == gpu and m.precision == precision]
     measured_here = ""
     if here:
-        measured_here = (f"; measured on {gpu} at {precision} by {BENCHMARK} for {here[0].size}: "
+        measured_here = (f"; measured on {gpu} at {precision} by {here[0].benchmark} for {here[0].size}: "
                          + ", ".join(m.describe() for m in here) + f" ({here[0].source})")
     origins = {c.origin for c in choices.values()}
     if origins == {"given"}:
@@ -75,7 +75,7 @@ def mfu_source(spec: SweepSpec, choices: dict[str, MfuChoice], mfu: float | None
         elsewhere = sorted({f"{m.gpu} at {m.precision}" for m in found})
         return (f"MFU {_percent(DEFAULT_MFU)} assumed: nothing measured on {gpu} at {precision}"
                 + (f" (measured: {', '.join(elsewhere)})" if elsewhere else "")
-                + f"; give --mfu or cluster.mfu, or run {BENCHMARK} on that GPU")
+                + f"; give --mfu or cluster.mfu, or run `make gpu-check` ({GPU_CHECK}) on that GPU")
     first = next(c.measurement for c in choices.values() if c.measurement is not None)
     parts = []
     for objective, choice in choices.items():
@@ -83,7 +83,8 @@ def mfu_source(spec: SweepSpec, choices: dict[str, MfuChoice], mfu: float | None
             parts.append(choice.measurement.describe())
         else:  # measured-other-objective
             parts.append(f"{objective} not measured: the lowest measured, {_percent(choice.value)}")
-    return (f"MFU measured by {BENCHMARK} on {first.device_name} at {precision} for {first.size}, "
+    dated = f" on {first.measured_at[:10]}" if first.measured_at else ""
+    return (f"MFU measured by {first.benchmark}{dated} on {first.device_name} at {precision} for {first.size}, "
             f"{first.batch} x {first.seq_len} tokens per step: {', '.join(parts)} ({first.source}); "
             "the same assumed for every size")
 

@@ -1,9 +1,12 @@
 """Model FLOPs utilisation (MFU) measured on real GPUs, for the sweep plan's GPU-hours.
 
-``benchmarks/scaleout_gpu.py`` trains the real LightningModules on one GPU and writes what
-``perf/mfu`` logged to ``benchmarks/results/scaleout_gpu-<gpu>.json``. ``lldiff sweep plan``
-uses those figures for the spec's GPU (``cluster.gpu``) and precision, one per objective,
-and says where each comes from. The figures are found in two places:
+Two benchmarks write them: ``make gpu-check`` (``benchmarks/gpu_check.py``: the training step
+with the user's defaults, per objective, in ``benchmarks/results/gpu-check-<gpu>.json``, dated)
+and ``benchmarks/scaleout_gpu.py`` (what ``perf/mfu`` logged, in
+``benchmarks/results/scaleout_gpu-<gpu>.json``, undated: older than any dated record).
+``lldiff sweep plan`` uses, for the spec's GPU (``cluster.gpu``) and precision, each
+objective's figure from the newest record that has one, and says where it comes from. The
+figures are found in two places:
 
 * in a source checkout, the benchmark's JSON files themselves (``benchmarks/results`` beside
   the package), so a new benchmark run counts at once;
@@ -23,6 +26,10 @@ from lldiff.flops import gpu_table_key, matmul_precision
 
 BENCHMARK = "benchmarks/scaleout_gpu.py"
 RESULTS_GLOB = "scaleout_gpu-*.json"
+GPU_CHECK = "benchmarks/gpu_check.py"
+GPU_CHECK_GLOB = "gpu-check-*.json"
+GPU_CHECK_CASE = "defaults"
+"""The gpu-check throughput variant a plan uses: what a user's run does (compile, chunked head, fused AdamW)."""
 DEFAULT_MFU = 0.4
 """What a plan assumes without a measurement or a given MFU (and says so)."""
 
@@ -42,12 +49,14 @@ class Measurement:
     device_name: str
     case: str  # the benchmark's case name, e.g. "single-mdm"
     source: str  # the JSON file, relative to the repository root
+    benchmark: str = BENCHMARK  # the script that measured it
+    measured_at: str = ""  # UTC ISO date of the run ("": undated, older than any dated record)
 
     def describe(self) -> str:
         return f"{self.objective} {self.mfu:.1%} ({self.case})"
 
 
-#: the figures of ``benchmarks/results/scaleout_gpu-*.json``, for an installed package
+#: the newest figures of ``benchmarks/results/{scaleout_gpu,gpu-check}-*.json``, for an installed package
 MEASURED: tuple[Measurement, ...] = (
     Measurement(gpu="h100-sxm", precision="bf16", objective="ar", mfu=0.18066845834255219,
                 tokens_per_s=190103.5625, size="smdm-113M", batch=16, seq_len=1024,
@@ -101,15 +110,57 @@ def from_report(report: dict[str, Any], source: str) -> list[Measurement]:
     return sorted((m for _, m in best.values()), key=lambda m: (m.gpu, m.precision, m.objective))
 
 
+def from_gpu_check(report: dict[str, Any], source: str) -> list[Measurement]:
+    """The plan-worthy figures of one ``gpu_check.py`` record: each objective's training step
+    with the user's defaults at bf16 as a Lightning fit ran it (else the bare step), from a
+    full-shape run on a GPU of the peak table (a CPU dry run, tiny shapes, failed or skipped
+    rows give nothing)."""
+    if report.get("device") != "cuda" or report.get("shapes") != "full":
+        return []
+    gpu = gpu_table_key(str(report.get("device_name", "")))
+    throughput = report.get("sections", {}).get("throughput", {})
+    settings = throughput.get("settings", {})
+    if gpu is None or settings.get("precision") != "bf16-mixed":
+        return []
+    found = []
+    for objective, variants in throughput.get("rows", {}).items():
+        row = variants.get(GPU_CHECK_CASE, {})
+        fit = all(isinstance(row.get(f"lightning_{k}"), (int, float)) for k in ("mfu", "tokens_per_s"))
+        prefix = "lightning_" if fit else ""
+        if not all(isinstance(row.get(f"{prefix}{k}"), (int, float)) for k in ("mfu", "tokens_per_s")):
+            continue
+        found.append(Measurement(
+            gpu=gpu, precision="bf16", objective=objective, mfu=float(row[f"{prefix}mfu"]),
+            tokens_per_s=float(row[f"{prefix}tokens_per_s"]), size=str(settings["size"]), batch=int(settings["batch"]),
+            seq_len=int(settings["seq_len"]), device_name=str(report["device_name"]),
+            case=f"throughput/{GPU_CHECK_CASE}" + (" in a Lightning fit" if fit else " bare step"),
+            source=source, benchmark=GPU_CHECK,
+            measured_at=str(report.get("date", ""))))
+    return sorted(found, key=lambda m: m.objective)
+
+
+def newest(found: list[Measurement]) -> list[Measurement]:
+    """One figure per (gpu, precision, objective): the newest (``measured_at``; undated ones are
+    the oldest, and among equals the later in ``found`` wins)."""
+    best: dict[tuple[str, str, str], Measurement] = {}
+    for m in found:
+        key = (m.gpu, m.precision, m.objective)
+        if key not in best or m.measured_at >= best[key].measured_at:
+            best[key] = m
+    return sorted(best.values(), key=lambda m: (m.gpu, m.precision, m.objective))
+
+
 def read_results(results_dir: Path, root: Path | None = None) -> list[Measurement]:
-    """Every figure of the ``scaleout_gpu-*.json`` files in ``results_dir`` (sources named
-    relative to ``root``, default the directory's grandparent: the repository)."""
+    """The newest figure per (gpu, precision, objective) of the ``scaleout_gpu-*.json`` and
+    ``gpu-check-*.json`` files in ``results_dir`` (sources named relative to ``root``, default
+    the directory's grandparent: the repository)."""
     root = root or results_dir.parent.parent
     found: list[Measurement] = []
-    for path in sorted(results_dir.glob(RESULTS_GLOB)):
-        source = path.relative_to(root).as_posix() if root in path.parents else str(path)
-        found.extend(from_report(json.loads(path.read_text()), source))
-    return found
+    for pattern, read in ((RESULTS_GLOB, from_report), (GPU_CHECK_GLOB, from_gpu_check)):
+        for path in sorted(results_dir.glob(pattern)):
+            source = path.relative_to(root).as_posix() if root in path.parents else str(path)
+            found.extend(read(json.loads(path.read_text()), source))
+    return newest(found)
 
 
 def measurements(results_dir: Path | None = None) -> list[Measurement]:
@@ -152,7 +203,9 @@ def table_source(found: list[Measurement]) -> str:
             f"    Measurement(gpu={m.gpu!r}, precision={m.precision!r}, objective={m.objective!r}, mfu={m.mfu!r},\n"
             f"                tokens_per_s={m.tokens_per_s!r}, size={m.size!r}, batch={m.batch!r}, seq_len={m.seq_len!r},\n"
             f"                device_name={m.device_name!r}, case={m.case!r},\n"
-            f"                source={m.source!r}),")
+            f"                source={m.source!r}"
+            + (f", benchmark={m.benchmark!r}" if m.benchmark != BENCHMARK else "")
+            + (f", measured_at={m.measured_at!r}" if m.measured_at else "") + "),")
     lines.append(")")
     return "\n".join(lines)
 
