@@ -206,20 +206,67 @@ class _IndexUnpickler(pickle.Unpickler):
 
 
 def load_sharded_metadata(directory: str | os.PathLike) -> Any:
-    """The ``.metadata`` index of a DCP directory, read without running code."""
+    """The ``.metadata`` index of a DCP directory, read without running code, after checking
+    that its byte entries hold no code either (:func:`check_byte_entries`)."""
     path = _local(directory) / ".metadata"
     with open(path, "rb") as handle:
         try:
-            return _IndexUnpickler(handle, path).load()
+            metadata = _IndexUnpickler(handle, path).load()
         except UnsafeCheckpointError:
             raise
         except Exception as error:  # truncated or not a pickle at all
             raise ValueError(f"{path} is not a readable checkpoint index ({type(error).__name__}: {error})") from None
+    check_byte_entries(_local(directory), metadata)
+    return metadata
 
 
 def check_sharded_metadata(directory: str | os.PathLike) -> None:
-    """Raise :class:`UnsafeCheckpointError` unless the directory's index is a plain DCP index."""
+    """Raise :class:`UnsafeCheckpointError` unless the directory's index is a plain DCP index
+    and its byte entries are plain data."""
     load_sharded_metadata(directory)
+
+
+def check_byte_entries(directory: Path, metadata: Any) -> None:
+    """Refuse a DCP directory whose byte entries could run code when loaded.
+
+    DCP saves what is not a tensor as a "byte entry" (``BytesStorageMetadata``): a
+    ``torch.save`` of the object, which PyTorch's ``DefaultLoadPlanner.load_bytes`` reads back
+    with ``weights_only=False`` (so a crafted entry runs code). lldiff's own sharded
+    checkpoints hold byte entries only for the optimizer's ``param_groups`` (floats, tuples,
+    names): an entry of the weights (``state_dict.*``) stored as bytes is refused, and every
+    other one must load with ``weights_only=True`` (the same bytes then build the same plain
+    data in PyTorch's reader). Its file must lie in the directory and carry no storage
+    transforms (lldiff writes none)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    entries = {name for name, md in getattr(metadata, "state_dict_metadata", {}).items()
+               if isinstance(md, BytesStorageMetadata)}
+    if not entries:
+        return
+    root = directory.resolve()
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        name = getattr(index, "fqn", None)
+        if name not in entries:
+            continue
+        file = str(getattr(info, "relative_path", ""))
+        where = f"refusing to load {directory}: its entry {name!r} (in {file})"
+        if name.startswith("state_dict."):
+            raise UnsafeCheckpointError(f"{where} is a pickled object, not a tensor; lldiff's checkpoints store "
+                                        "weights as tensors only (a pickled entry can run code)")
+        if getattr(info, "transform_descriptors", None):
+            raise UnsafeCheckpointError(f"{where} is stored with transforms {list(info.transform_descriptors)}, "
+                                        "which lldiff never writes")
+        path = (root / file).resolve()
+        if path.parent != root or not path.is_file():
+            raise UnsafeCheckpointError(f"{where} names a file outside the checkpoint directory or a missing one")
+        with open(path, "rb") as handle:
+            handle.seek(int(info.offset))
+            data = handle.read(int(info.length))
+        try:
+            torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any refusal or corruption: not plain data
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UnsafeCheckpointError(f"{where} is not plain data ({first}); a pickled object can run code") from None
 
 
 def safe_filesystem_reader(directory: str | os.PathLike) -> Any:
