@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import io
 import os
 import pickle
@@ -43,6 +44,44 @@ STAGING_SUFFIX = ".partial"  # never matches Lightning's `last*.ckpt` lookup: na
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint asks to build an object that loading a checkpoint never needs."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of space (``errno`` ENOSPC or EDQUOT); the
+    previous one is kept. Its message is one line (``lldiff`` prints it without a traceback)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def no_space(error: BaseException | None) -> int | None:
+    """The errno if ``error`` (or what caused it) is a full disk or quota, else None:
+    ``torch.save`` reports a failed write of its file handle as a RuntimeError whose context
+    is the OSError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return error.errno
+        for failure in (getattr(error, "failures", None) or {}).values():  # DCP's CheckpointException, per rank
+            code = no_space(failure[0] if isinstance(failure, tuple) else failure)
+            if code is not None:
+                return code
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def disk_full_error(target: Path, code: int) -> DiskFullError:
+    """One line for a checkpoint write that ran out of space: the path and the space left."""
+    try:
+        free = f"{shutil.disk_usage(target.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(code, f"checkpoint {target} not written: {_NO_SPACE[code]} ({free} on {target.parent}); "
+                         "the previous checkpoint is kept. Free some space, then resume with --ckpt_path last")
 
 
 def is_local(path: str | os.PathLike) -> bool:
@@ -92,11 +131,45 @@ def write_file_atomically(target: str | os.PathLike, write: Callable[[io.Buffere
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(staging, target)
-    except BaseException:
+    except BaseException as error:
         staging.unlink(missing_ok=True)
+        code = no_space(error)
+        if code is not None:
+            raise disk_full_error(target, code) from None
         raise
     fsync_directory(target.parent)
     return target
+
+
+def remove_stale_staging(directory: str | os.PathLike) -> list[Path]:
+    """Remove the staging files and directories that killed writes left in ``directory``
+    (hidden ``.NAME[.TAG].partial``); a previous sharded checkpoint that an interrupted swap had
+    set aside is put back first. Only for the owner of a run, at its start: no write of the run
+    is under way then (:mod:`lldiff.run_lock`). Returns what was removed."""
+    directory = _local(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in sorted(directory.iterdir()):
+        name = path.name
+        if not (name.startswith(".") and name.endswith(STAGING_SUFFIX)):
+            continue
+        previous = ".previous" + STAGING_SUFFIX
+        if name.endswith(previous) and len(name) > len(previous) + 1:
+            recover_directory(directory / name[1:-len(previous)])
+            if not os.path.lexists(path):
+                continue
+        remove_path(path)
+        removed.append(path)
+    return removed
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a link (not what it points to) or a directory tree."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- sharded directories ---------------------------------------------------------------------
@@ -136,13 +209,13 @@ def publish_directory(staging: Path, target: Path) -> None:
     if not target.exists():
         os.replace(staging, target)
     elif _exchange(staging, target):
-        shutil.rmtree(staging)  # now holds the previous checkpoint
+        remove_path(staging)  # now holds the previous checkpoint (or the link that stood there)
     else:
         previous = staging_path(target, "previous")
-        shutil.rmtree(previous, ignore_errors=True)
+        remove_path(previous)
         os.replace(target, previous)
         os.replace(staging, target)
-        shutil.rmtree(previous)
+        remove_path(previous)
     fsync_directory(target.parent)
 
 
@@ -155,7 +228,7 @@ def replace_directory(target: str | os.PathLike) -> Iterator[Path]:
     target = _local(target)
     recover_directory(target)
     staging = staging_path(target)
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_path(staging)
     staging.mkdir(parents=True)
     try:
         yield staging

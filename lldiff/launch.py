@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from lldiff.callbacks import RunCheckpoint, use_atomic_checkpoints
 from lldiff.modules import LMBase
+from lldiff.run_lock import owning_run
 from lldiff.strategies import check_strategy
 
 
@@ -58,8 +59,8 @@ class SaveRunConfig(SaveConfigCallback):
             self._write_run_files(trainer, pl_module, "fit")
 
     def _write_run_files(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        log_dir = trainer.log_dir
+        self._log_dir = log_dir = trainer.log_dir  # on every rank (it broadcasts)
+        super().setup(trainer, pl_module, stage)  # save_to_log_dir=False: on rank 0 it calls save_config
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if trainer.is_global_zero and log_dir is not None and tokenizer is not None:
             tokenizer.save(os.path.join(log_dir, "tokenizer.json"))  # the run dir is self-contained
@@ -70,6 +71,21 @@ class SaveRunConfig(SaveConfigCallback):
 
                 write_text(os.path.join(log_dir, SAVED_TEMPLATE_FILE),
                            json.dumps({"template": template.to_dict()}, indent=2) + "\n")
+
+
+    def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        """``config.yaml`` as Lightning writes it, but by replace: a link standing there is
+        replaced, never written through; a link standing for the logger's ``hparams.yaml`` is
+        removed, so that the logger writes the run's own file."""
+        from lldiff.atomic import replacing
+
+        if self._log_dir is None:
+            return
+        with replacing(os.path.join(self._log_dir, self.config_filename)) as tmp:
+            self.parser.save(self.config, tmp, skip_none=False, overwrite=True, multifile=self.multifile)
+        hparams = os.path.join(self._log_dir, "hparams.yaml")
+        if os.path.islink(hparams):
+            os.unlink(hparams)
 
 
 class LLDiffCLI(LightningCLI):
@@ -131,12 +147,13 @@ class LLDiffCLI(LightningCLI):
         created (no half-made run is left to be mistaken for one, or to block a rerun)."""
         log_dir = self.trainer.log_dir if subcommand == "fit" else None
         existed = log_dir is not None and os.path.exists(log_dir)
-        try:
-            super()._run_subcommand(subcommand)
-        except BaseException:
-            if log_dir is not None and not existed and self.trainer.is_global_zero:
-                remove_unfinished_run(log_dir)
-            raise
+        with owning_run(self.trainer, log_dir):  # one process (job) at a time per run directory
+            try:
+                super()._run_subcommand(subcommand)
+            except BaseException:
+                if log_dir is not None and not existed and self.trainer.is_global_zero:
+                    remove_unfinished_run(log_dir)
+                raise
 
 
 def _data_vocab_size(datamodule: LightningDataModule) -> int:
@@ -246,7 +263,7 @@ def _cli(args: list[str] | None, run: bool = True) -> LLDiffCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=SaveRunConfig,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # SaveRunConfig writes it by replace
         trainer_defaults=TRAINER_DEFAULTS,
         args=args,
         run=run,
