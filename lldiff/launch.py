@@ -38,6 +38,8 @@ class SaveRunConfig(SaveConfigCallback):
     refused resume leaves the run's ``config.yaml`` as it was.
     """
 
+    _log_dir: str | None = None
+
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
@@ -71,7 +73,6 @@ class SaveRunConfig(SaveConfigCallback):
 
                 write_text(os.path.join(log_dir, SAVED_TEMPLATE_FILE),
                            json.dumps({"template": template.to_dict()}, indent=2) + "\n")
-
 
     def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         """``config.yaml`` as Lightning writes it, but by replace: a link standing there is
@@ -140,6 +141,7 @@ class LLDiffCLI(LightningCLI):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, SaveRunConfig):
                     callback.config["ckpt_path"] = None  # a fresh run: write its config at setup
+        check_sharded_sources(self.trainer, kwargs.get("ckpt_path"))
         return kwargs
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -205,11 +207,31 @@ def refuse_replaced_model(ckpt_path: Any, asked: Any, loaded: Any) -> dict[str, 
             if k not in MODEL_KEYS_FROM_DATA and k not in MODEL_SHAPE_KEYS and v is not None and after.get(k) != v}
 
 
-def _last_checkpoints(trainer: Trainer) -> list[str]:
+def check_sharded_sources(trainer: Trainer, ckpt_path: Any) -> None:
+    """A sharded directory given as ``--ckpt_path`` (or found as ``last``) is checked before
+    any strategy reads it (:func:`lldiff.checkpoint_io.check_sharded_metadata`): Lightning's own
+    DCP reader unpickles its index and byte entries with ``weights_only=False``."""
+    from lldiff.checkpoint_io import check_sharded_metadata
+
+    if ckpt_path == "last":
+        dirpath = _checkpoint_dir(trainer)
+        paths = [os.path.join(dirpath, name) for name in _last_checkpoints(trainer)]
+    else:
+        paths = [ckpt_path] if isinstance(ckpt_path, (str, os.PathLike)) else []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            check_sharded_metadata(path)
+
+
+def _checkpoint_dir(trainer: Trainer) -> str:
     callback = trainer.checkpoint_callback
-    if callback is None:
+    return (callback.dirpath if callback is not None else None) or os.path.join(trainer.log_dir or ".", "checkpoints")
+
+
+def _last_checkpoints(trainer: Trainer) -> list[str]:
+    if trainer.checkpoint_callback is None:
         return []
-    dirpath = callback.dirpath or os.path.join(trainer.log_dir or ".", "checkpoints")
+    dirpath = _checkpoint_dir(trainer)
     if not os.path.isdir(dirpath):
         return []
     return [name for name in os.listdir(dirpath) if name.startswith("last") and name.endswith(".ckpt")]

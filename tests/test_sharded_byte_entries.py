@@ -106,6 +106,21 @@ def test_fsdp2_resume_and_validate_refuse_it(crafted):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_ckpt_path_refuses_it_under_any_strategy(command, crafted, toy_corpus, cache_dir, tmp_path, capsys):
+    """``--ckpt_path DIR`` is checked before a strategy reads it (Lightning's own DCP reader
+    would unpickle its byte entries, whatever the strategy)."""
+    from test_cli import tiny_args
+
+    directory, marker = crafted
+    args = tiny_args("mdm", toy_corpus, cache_dir, tmp_path / "runs", "--ckpt_path", str(directory))
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *args[1:]])
+    assert exit_info.value.code == 2
+    assert "'state_dict.model.embed.weight' (in __0_0.distcp)" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "runs" / "mdm-tiny").exists()
+
+
 def test_an_optimizer_byte_entry_with_code_is_refused_too(tiny_runs, tmp_path):
     """Outside the weights, byte entries must be plain data (what weights_only=True builds)."""
     marker = tmp_path / "payload-ran"

@@ -30,9 +30,8 @@ from lldiff.sweep.spec import SweepSpec, spec_from_dict
 Log = Callable[[str], None]
 
 
-def prepare_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
-    """Create ``out`` with ``spec.yaml``, or check that it belongs to this very spec. Every
-    check reads only; nothing is written into a directory that belongs to another spec."""
+def check_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
+    """Check that ``out`` is new or belongs to this very spec; reads only."""
     spec_path = out / "spec.yaml"
     if spec_path.is_file():
         existing = spec_from_dict(yaml.safe_load(spec_path.read_text()))
@@ -43,6 +42,14 @@ def prepare_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
             )
     table = ResultsTable(out / RESULTS_FILE, spec.fingerprint)
     table.rows()  # fails on a table from another spec, before anything is written
+    return table
+
+
+def prepare_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
+    """Create ``out`` with ``spec.yaml``, or check that it belongs to this very spec. Every
+    check reads only; nothing is written into a directory that belongs to another spec."""
+    spec_path = out / "spec.yaml"
+    table = check_out_dir(spec, out)
     out.mkdir(parents=True, exist_ok=True)
     if not spec_path.is_file():
         write_text(spec_path, spec.to_yaml())
@@ -133,6 +140,7 @@ def run_sweep(
     out = Path(out)
     plan = make_plan(spec)
     check_data(spec)  # before the output directory is touched
+    check_out_dir(spec, out)  # also before its lock file is made
     # one sweep per directory; several `--only RUN` jobs (a SLURM array) share it, each run's own
     # directory keeping two of them off one run
     hint = "wait for it to end (jobs with --only RUN may share a directory)"
