@@ -74,14 +74,18 @@ def no_space(error: BaseException | None) -> int | None:
     return None
 
 
-def disk_full_error(target: Path, code: int) -> DiskFullError:
-    """One line for a checkpoint write that ran out of space: the path and the space left."""
+def disk_full_error(target: Path, code: int, written: int | None = None) -> DiskFullError:
+    """One line for a checkpoint write that ran out of space: the path, what was written of it
+    before the disk filled, the space left (the staging data removed) and what is kept."""
     try:
         free = f"{shutil.disk_usage(target.parent).free / 2**20:.1f} MiB free"
     except OSError:
         free = "free space unknown"
-    return DiskFullError(code, f"checkpoint {target} not written: {_NO_SPACE[code]} ({free} on {target.parent}); "
-                         "the previous checkpoint is kept. Free some space, then resume with --ckpt_path last")
+    part = "" if not written else f" after {written / 2**20:.1f} MiB of it"
+    kept = ("the previous checkpoint is kept. Free some space, then resume with --ckpt_path last"
+            if os.path.lexists(target) else "there is no earlier checkpoint. Free some space and run it again")
+    return DiskFullError(code, f"checkpoint {target} not written: {_NO_SPACE[code]}{part} ({free} on "
+                               f"{target.parent}); {kept}")
 
 
 def is_local(path: str | os.PathLike) -> bool:
@@ -132,10 +136,11 @@ def write_file_atomically(target: str | os.PathLike, write: Callable[[io.Buffere
             os.fsync(handle.fileno())
         os.replace(staging, target)
     except BaseException as error:
-        staging.unlink(missing_ok=True)
         code = no_space(error)
+        written = staging.stat().st_size if code is not None and staging.exists() else None
+        staging.unlink(missing_ok=True)
         if code is not None:
-            raise disk_full_error(target, code) from None
+            raise disk_full_error(target, code, written) from None
         raise
     fsync_directory(target.parent)
     return target

@@ -120,7 +120,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             if code is None:
                 raise
             if self.global_rank == 0:
+                written = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
                 remove_path(staging)
+                raise disk_full_error(target, code, written) from None
             raise disk_full_error(target, code) from None
         self.barrier("lldiff_checkpoint_written")
         if self.global_rank == 0:
