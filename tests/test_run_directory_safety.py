@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,30 @@ def test_a_second_fit_on_a_run_in_use_is_refused_with_the_holders_pid(toy_corpus
         holder.wait(timeout=30)
     with owning(run):  # the killed holder's lock went with it
         pass
+
+
+@pytest.mark.slow
+def test_two_real_fits_on_one_run_directory(toy_corpus, cache_dir, tmp_path):
+    """The case that once corrupted a run: a second `lldiff fit` started while the first trains."""
+    repo = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "lldiff.cli", *tiny_args("ar", toy_corpus, cache_dir, tmp_path),
+            "--trainer.max_steps", "100000", "--checkpoint.every_n_train_steps", "50"]
+    first = subprocess.Popen(args, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "ar-tiny"
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "config.yaml").exists() and time.monotonic() < deadline:  # it owns the run and trains
+            assert first.poll() is None, "the first fit ended early"
+            time.sleep(0.2)
+        second = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=240)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines()[-1].startswith(
+            f"lldiff fit: error: run directory {run} is in use by pid {first.pid}; "), second.stderr[-2000:]
+        assert not list((run / "checkpoints").glob("last-v*.ckpt")) if (run / "checkpoints").exists() else True
+        assert first.poll() is None  # the first one trains on
+    finally:
+        first.kill()
+        first.wait(timeout=30)
 
 
 def test_two_sweeps_on_one_directory(tmp_path):
