@@ -200,7 +200,7 @@ def throughput_row(objective: str, variant: dict[str, Any], shapes: dict[str, An
 
     import profile_step
     from lldiff import registry
-    from lldiff.modules import compile_on
+    from lldiff.strategies import compile_on
 
     args = argparse.Namespace(
         size=shapes["size"], vocab=shapes["vocab"], device=device, precision="bf16-mixed" if device == "cuda" else "32-true",
@@ -446,7 +446,7 @@ def flex_attention_case(dtype_name: str, shapes: dict[str, Any], device: str) ->
     import torch
 
     from lldiff.attention import reference_attention, sdpa_attention
-    from lldiff.block_diffusion import block_diffusion_block_mask, block_diffusion_mask_from_ids, block_ids
+    from lldiff.objectives.bd3.loss import block_diffusion_block_mask, block_diffusion_mask_from_ids, block_ids
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     gen = torch.Generator(device=device).manual_seed(0)
@@ -498,7 +498,7 @@ def flex_backbone_case(shapes: dict[str, Any], device: str) -> dict[str, Any]:
     import torch
 
     from lldiff import registry
-    from lldiff.block_diffusion import bd3_logits
+    from lldiff.objectives.bd3.loss import bd3_logits
     from lldiff.config import ModelConfig
     from lldiff.model import Transformer
 
@@ -531,7 +531,7 @@ def flex_backbone_case(shapes: dict[str, Any], device: str) -> dict[str, Any]:
 
 
 def section_flex(shapes: dict[str, Any], device: str, part: Part, budget: Budget) -> None:
-    from lldiff.block_diffusion import flex_available
+    from lldiff.objectives.bd3.loss import flex_available
 
     if not flex_available():
         part.put("status", "unavailable")
@@ -602,9 +602,9 @@ def section_fsdp2(shapes: dict[str, Any], device: str, part: Part, budget: Budge
 def section_decoding(shapes: dict[str, Any], device: str, part: Part, budget: Budget) -> None:
     import torch
 
-    from lldiff.ar_decoding import ar_generate
-    from lldiff.block_decoding import block_generate
-    from lldiff.sampling import generate, generate_threshold
+    from lldiff.objectives.ar.decoding import ar_generate
+    from lldiff.objectives.bd3.decoding import block_generate
+    from lldiff.objectives.mdm.decoding import generate, generate_threshold
     from sampling import Counted, backbone
 
     s = shapes

@@ -26,7 +26,12 @@ from pathlib import Path
 import torch
 
 from lldiff import registry
-from lldiff.checkpoint_io import check_sharded_metadata, load_sharded_metadata, safe_filesystem_reader
+from lldiff.checkpoint_io import (
+    check_sharded_metadata,
+    load_sharded_metadata,
+    safe_filesystem_reader,
+    write_file_atomically,
+)
 from lldiff.config import ModelConfig
 from lldiff.registry import Objective
 from lldiff.data.tokenizer import Tokenizer
@@ -150,9 +155,7 @@ def consolidate_checkpoint(path: str | Path, out: str | Path) -> Path:
     model = Transformer(ModelConfig.from_dict(state["lldiff"]["model_config"]))
     weights = read_model_weights(path, state, model)
     state["state_dict"] = {f"model.{k}": v for k, v in weights.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
-    return out
+    return write_file_atomically(out, lambda handle: torch.save(state, handle))  # by replace, never through a link
 
 
 def find_tokenizer(ckpt: Path) -> Path | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import io
 import os
 import pickle
@@ -43,6 +44,48 @@ STAGING_SUFFIX = ".partial"  # never matches Lightning's `last*.ckpt` lookup: na
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint asks to build an object that loading a checkpoint never needs."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of space (``errno`` ENOSPC or EDQUOT); the
+    previous one is kept. Its message is one line (``lldiff`` prints it without a traceback)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def no_space(error: BaseException | None) -> int | None:
+    """The errno if ``error`` (or what caused it) is a full disk or quota, else None:
+    ``torch.save`` reports a failed write of its file handle as a RuntimeError whose context
+    is the OSError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return error.errno
+        for failure in (getattr(error, "failures", None) or {}).values():  # DCP's CheckpointException, per rank
+            code = no_space(failure[0] if isinstance(failure, tuple) else failure)
+            if code is not None:
+                return code
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def disk_full_error(target: Path, code: int, written: int | None = None) -> DiskFullError:
+    """One line for a checkpoint write that ran out of space: the path, what was written of it
+    before the disk filled, the space left (the staging data removed) and what is kept."""
+    try:
+        free = f"{shutil.disk_usage(target.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    part = "" if not written else f" after {written / 2**20:.1f} MiB of it"
+    kept = ("the previous checkpoint is kept. Free some space, then resume with --ckpt_path last"
+            if os.path.lexists(target) else "there is no earlier checkpoint. Free some space and run it again")
+    return DiskFullError(code, f"checkpoint {target} not written: {_NO_SPACE[code]}{part} ({free} on "
+                               f"{target.parent}); {kept}")
 
 
 def is_local(path: str | os.PathLike) -> bool:
@@ -92,11 +135,46 @@ def write_file_atomically(target: str | os.PathLike, write: Callable[[io.Buffere
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(staging, target)
-    except BaseException:
+    except BaseException as error:
+        code = no_space(error)
+        written = staging.stat().st_size if code is not None and staging.exists() else None
         staging.unlink(missing_ok=True)
+        if code is not None:
+            raise disk_full_error(target, code, written) from None
         raise
     fsync_directory(target.parent)
     return target
+
+
+def remove_stale_staging(directory: str | os.PathLike) -> list[Path]:
+    """Remove the staging files and directories that killed writes left in ``directory``
+    (hidden ``.NAME[.TAG].partial``); a previous sharded checkpoint that an interrupted swap had
+    set aside is put back first. Only for the owner of a run, at its start: no write of the run
+    is under way then (:mod:`lldiff.run_lock`). Returns what was removed."""
+    directory = _local(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in sorted(directory.iterdir()):
+        name = path.name
+        if not (name.startswith(".") and name.endswith(STAGING_SUFFIX)):
+            continue
+        previous = ".previous" + STAGING_SUFFIX
+        if name.endswith(previous) and len(name) > len(previous) + 1:
+            recover_directory(directory / name[1:-len(previous)])
+            if not os.path.lexists(path):
+                continue
+        remove_path(path)
+        removed.append(path)
+    return removed
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a link (not what it points to) or a directory tree."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- sharded directories ---------------------------------------------------------------------
@@ -136,13 +214,13 @@ def publish_directory(staging: Path, target: Path) -> None:
     if not target.exists():
         os.replace(staging, target)
     elif _exchange(staging, target):
-        shutil.rmtree(staging)  # now holds the previous checkpoint
+        remove_path(staging)  # now holds the previous checkpoint (or the link that stood there)
     else:
         previous = staging_path(target, "previous")
-        shutil.rmtree(previous, ignore_errors=True)
+        remove_path(previous)
         os.replace(target, previous)
         os.replace(staging, target)
-        shutil.rmtree(previous)
+        remove_path(previous)
     fsync_directory(target.parent)
 
 
@@ -155,7 +233,7 @@ def replace_directory(target: str | os.PathLike) -> Iterator[Path]:
     target = _local(target)
     recover_directory(target)
     staging = staging_path(target)
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_path(staging)
     staging.mkdir(parents=True)
     try:
         yield staging
@@ -206,20 +284,67 @@ class _IndexUnpickler(pickle.Unpickler):
 
 
 def load_sharded_metadata(directory: str | os.PathLike) -> Any:
-    """The ``.metadata`` index of a DCP directory, read without running code."""
+    """The ``.metadata`` index of a DCP directory, read without running code, after checking
+    that its byte entries hold no code either (:func:`check_byte_entries`)."""
     path = _local(directory) / ".metadata"
     with open(path, "rb") as handle:
         try:
-            return _IndexUnpickler(handle, path).load()
+            metadata = _IndexUnpickler(handle, path).load()
         except UnsafeCheckpointError:
             raise
         except Exception as error:  # truncated or not a pickle at all
             raise ValueError(f"{path} is not a readable checkpoint index ({type(error).__name__}: {error})") from None
+    check_byte_entries(_local(directory), metadata)
+    return metadata
 
 
 def check_sharded_metadata(directory: str | os.PathLike) -> None:
-    """Raise :class:`UnsafeCheckpointError` unless the directory's index is a plain DCP index."""
+    """Raise :class:`UnsafeCheckpointError` unless the directory's index is a plain DCP index
+    and its byte entries are plain data."""
     load_sharded_metadata(directory)
+
+
+def check_byte_entries(directory: Path, metadata: Any) -> None:
+    """Refuse a DCP directory whose byte entries could run code when loaded.
+
+    DCP saves what is not a tensor as a "byte entry" (``BytesStorageMetadata``): a
+    ``torch.save`` of the object, which PyTorch's ``DefaultLoadPlanner.load_bytes`` reads back
+    with ``weights_only=False`` (so a crafted entry runs code). lldiff's own sharded
+    checkpoints hold byte entries only for the optimizer's ``param_groups`` (floats, tuples,
+    names): an entry of the weights (``state_dict.*``) stored as bytes is refused, and every
+    other one must load with ``weights_only=True`` (the same bytes then build the same plain
+    data in PyTorch's reader). Its file must lie in the directory and carry no storage
+    transforms (lldiff writes none)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    entries = {name for name, md in getattr(metadata, "state_dict_metadata", {}).items()
+               if isinstance(md, BytesStorageMetadata)}
+    if not entries:
+        return
+    root = directory.resolve()
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        name = getattr(index, "fqn", None)
+        if name not in entries:
+            continue
+        file = str(getattr(info, "relative_path", ""))
+        where = f"refusing to load {directory}: its entry {name!r} (in {file})"
+        if name.startswith("state_dict."):
+            raise UnsafeCheckpointError(f"{where} is a pickled object, not a tensor; lldiff's checkpoints store "
+                                        "weights as tensors only (a pickled entry can run code)")
+        if getattr(info, "transform_descriptors", None):
+            raise UnsafeCheckpointError(f"{where} is stored with transforms {list(info.transform_descriptors)}, "
+                                        "which lldiff never writes")
+        path = (root / file).resolve()
+        if path.parent != root or not path.is_file():
+            raise UnsafeCheckpointError(f"{where} names a file outside the checkpoint directory or a missing one")
+        with open(path, "rb") as handle:
+            handle.seek(int(info.offset))
+            data = handle.read(int(info.length))
+        try:
+            torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any refusal or corruption: not plain data
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UnsafeCheckpointError(f"{where} is not plain data ({first}); a pickled object can run code") from None
 
 
 def safe_filesystem_reader(directory: str | os.PathLike) -> Any:

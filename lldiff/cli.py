@@ -7,6 +7,7 @@ Nothing imports this module back: code that trains in-process uses :mod:`lldiff.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -129,6 +130,12 @@ def main(argv: list[str] | None = None) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise SystemExit(1)
+    except OSError as error:  # a full disk or quota (a checkpoint names its path and the space left): one line
+        if debug or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        command = argv[0] if argv else ""
+        print(f"lldiff {command}: error: {one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def one_line(error: BaseException) -> str:

@@ -36,8 +36,8 @@ def import_llada(hf_dir: str | Path, out: str | Path, *, dtype: torch.dtype | No
     ``chat`` and ``eval`` read; returns the checkpoint path."""
     out = Path(out)
     target = out / IMPORTED_CKPT
-    if target.exists():
-        raise FileExistsError(f"{target} exists; choose another --out or remove it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never over another run's tokenizer.json
+        raise FileExistsError(f"--out {out} exists and is not an empty directory; choose a new run directory")
     model, tokenizer, directory = load_llada(hf_dir, dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out / "tokenizer.json")  # with special_ids.json for LLaDA's own tokenizer

@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from lldiff.callbacks import RunCheckpoint, use_atomic_checkpoints
 from lldiff.objectives.common.base import LMBase
+from lldiff.run_lock import owning_run
 from lldiff.strategies import check_strategy
 
 
@@ -37,6 +38,8 @@ class SaveRunConfig(SaveConfigCallback):
     but only once the checkpoint has been restored and accepted (``on_fit_start``): a
     refused resume leaves the run's ``config.yaml`` as it was.
     """
+
+    _log_dir: str | None = None
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -59,8 +62,8 @@ class SaveRunConfig(SaveConfigCallback):
             self._write_run_files(trainer, pl_module, "fit")
 
     def _write_run_files(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        log_dir = trainer.log_dir
+        self._log_dir = log_dir = trainer.log_dir  # on every rank (it broadcasts)
+        super().setup(trainer, pl_module, stage)  # save_to_log_dir=False: on rank 0 it calls save_config
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if trainer.is_global_zero and log_dir is not None and tokenizer is not None:
             tokenizer.save(os.path.join(log_dir, "tokenizer.json"))  # the run dir is self-contained
@@ -71,6 +74,20 @@ class SaveRunConfig(SaveConfigCallback):
 
                 write_text(os.path.join(log_dir, SAVED_TEMPLATE_FILE),
                            json.dumps({"template": template.to_dict()}, indent=2) + "\n")
+
+    def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        """``config.yaml`` as Lightning writes it, but by replace: a link standing there is
+        replaced, never written through; a link standing for the logger's ``hparams.yaml`` is
+        removed, so that the logger writes the run's own file."""
+        from lldiff.atomic import replacing
+
+        if self._log_dir is None:
+            return
+        with replacing(os.path.join(self._log_dir, self.config_filename)) as tmp:
+            self.parser.save(self.config, tmp, skip_none=False, overwrite=True, multifile=self.multifile)
+        hparams = os.path.join(self._log_dir, "hparams.yaml")
+        if os.path.islink(hparams):
+            os.unlink(hparams)
 
 
 class LLDiffCLI(LightningCLI):
@@ -125,6 +142,7 @@ class LLDiffCLI(LightningCLI):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, SaveRunConfig):
                     callback.config["ckpt_path"] = None  # a fresh run: write its config at setup
+        check_sharded_sources(self.trainer, kwargs.get("ckpt_path"))
         return kwargs
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -132,12 +150,13 @@ class LLDiffCLI(LightningCLI):
         created (no half-made run is left to be mistaken for one, or to block a rerun)."""
         log_dir = self.trainer.log_dir if subcommand == "fit" else None
         existed = log_dir is not None and os.path.exists(log_dir)
-        try:
-            super()._run_subcommand(subcommand)
-        except BaseException:
-            if log_dir is not None and not existed and self.trainer.is_global_zero:
-                remove_unfinished_run(log_dir)
-            raise
+        with owning_run(self.trainer, log_dir):  # one process (job) at a time per run directory
+            try:
+                super()._run_subcommand(subcommand)
+            except BaseException:
+                if log_dir is not None and not existed and self.trainer.is_global_zero:
+                    remove_unfinished_run(log_dir)
+                raise
 
 
 def _data_vocab_size(datamodule: LightningDataModule) -> int:
@@ -199,11 +218,31 @@ def _named_class(path: Any) -> Any:
         return path
 
 
-def _last_checkpoints(trainer: Trainer) -> list[str]:
+def check_sharded_sources(trainer: Trainer, ckpt_path: Any) -> None:
+    """A sharded directory given as ``--ckpt_path`` (or found as ``last``) is checked before
+    any strategy reads it (:func:`lldiff.checkpoint_io.check_sharded_metadata`): Lightning's own
+    DCP reader unpickles its index and byte entries with ``weights_only=False``."""
+    from lldiff.checkpoint_io import check_sharded_metadata
+
+    if ckpt_path == "last":
+        dirpath = _checkpoint_dir(trainer)
+        paths = [os.path.join(dirpath, name) for name in _last_checkpoints(trainer)]
+    else:
+        paths = [ckpt_path] if isinstance(ckpt_path, (str, os.PathLike)) else []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            check_sharded_metadata(path)
+
+
+def _checkpoint_dir(trainer: Trainer) -> str:
     callback = trainer.checkpoint_callback
-    if callback is None:
+    return (callback.dirpath if callback is not None else None) or os.path.join(trainer.log_dir or ".", "checkpoints")
+
+
+def _last_checkpoints(trainer: Trainer) -> list[str]:
+    if trainer.checkpoint_callback is None:
         return []
-    dirpath = callback.dirpath or os.path.join(trainer.log_dir or ".", "checkpoints")
+    dirpath = _checkpoint_dir(trainer)
     if not os.path.isdir(dirpath):
         return []
     return [name for name in os.listdir(dirpath) if name.startswith("last") and name.endswith(".ckpt")]
@@ -257,7 +296,7 @@ def _cli(args: list[str] | None, run: bool = True) -> LLDiffCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=SaveRunConfig,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # SaveRunConfig writes it by replace
         trainer_defaults=TRAINER_DEFAULTS,
         args=args,
         run=run,

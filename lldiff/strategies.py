@@ -20,7 +20,6 @@ before any work, as it names an unknown strategy with the allowed ones.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,15 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy, StrategyRegistry
 from torch import nn
 
-from lldiff.checkpoint_io import check_sharded_metadata, publish_directory, recover_directory, staging_path
+from lldiff.checkpoint_io import (
+    check_sharded_metadata,
+    disk_full_error,
+    no_space,
+    publish_directory,
+    recover_directory,
+    remove_path,
+    staging_path,
+)
 from lldiff.model import Block, Transformer
 
 PRESETS: dict[str, str] = {
@@ -103,10 +110,20 @@ class FSDP2Strategy(ModelParallelStrategy):
         staging = staging_path(target)
         if self.global_rank == 0:
             recover_directory(target)
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_path(staging)
             staging.mkdir(parents=True)
         self.barrier("lldiff_checkpoint_staged")
-        super().save_checkpoint(checkpoint, staging)
+        try:
+            super().save_checkpoint(checkpoint, staging)
+        except BaseException as error:
+            code = no_space(error)
+            if code is None:
+                raise
+            if self.global_rank == 0:
+                written = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+                remove_path(staging)
+                raise disk_full_error(target, code, written) from None
+            raise disk_full_error(target, code) from None
         self.barrier("lldiff_checkpoint_written")
         if self.global_rank == 0:
             publish_directory(staging, target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,6 +13,7 @@ from typing import Any, Iterator
 import pandas as pd
 
 from lldiff.atomic import write_text
+from lldiff.run_lock import open_lock_file
 
 RESULTS_FILE = "results.csv"
 """A sweep directory's table of finished runs."""
@@ -34,12 +36,12 @@ class ResultsTable:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        fd = open_lock_file(self.path.with_suffix(".lock"))  # never truncated, never through a link
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def rows(self) -> list[dict[str, str]]:
         if not self.path.is_file():

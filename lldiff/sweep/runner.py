@@ -22,16 +22,16 @@ from typing import Callable, Iterator
 import yaml
 
 from lldiff.sweep.plan import RunPlan, make_plan, matmul_flops, run_config, seq_len_of, world_batch_rows
-from lldiff.atomic import write_text
+from lldiff.atomic import fresh_file, write_text
+from lldiff.run_lock import owning
 from lldiff.sweep.results import RESULTS_FILE, ResultsTable
 from lldiff.sweep.spec import SweepSpec, spec_from_dict
 
 Log = Callable[[str], None]
 
 
-def prepare_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
-    """Create ``out`` with ``spec.yaml``, or check that it belongs to this very spec. Every
-    check reads only; nothing is written into a directory that belongs to another spec."""
+def check_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
+    """Check that ``out`` is new or belongs to this very spec; reads only."""
     spec_path = out / "spec.yaml"
     if spec_path.is_file():
         existing = spec_from_dict(yaml.safe_load(spec_path.read_text()))
@@ -42,6 +42,14 @@ def prepare_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
             )
     table = ResultsTable(out / RESULTS_FILE, spec.fingerprint)
     table.rows()  # fails on a table from another spec, before anything is written
+    return table
+
+
+def prepare_out_dir(spec: SweepSpec, out: Path) -> ResultsTable:
+    """Create ``out`` with ``spec.yaml``, or check that it belongs to this very spec. Every
+    check reads only; nothing is written into a directory that belongs to another spec."""
+    spec_path = out / "spec.yaml"
+    table = check_out_dir(spec, out)
     out.mkdir(parents=True, exist_ok=True)
     if not spec_path.is_file():
         write_text(spec_path, spec.to_yaml())
@@ -132,6 +140,16 @@ def run_sweep(
     out = Path(out)
     plan = make_plan(spec)
     check_data(spec)  # before the output directory is touched
+    check_out_dir(spec, out)  # also before its lock file is made
+    # one sweep per directory; several `--only RUN` jobs (a SLURM array) share it, each run's own
+    # directory keeping two of them off one run
+    hint = "wait for it to end (jobs with --only RUN may share a directory)"
+    with owning(out, "sweep directory", shared=bool(only), hint=hint):
+        return _run_planned(spec, out, plan, only, parallel, log)
+
+
+def _run_planned(spec: SweepSpec, out: Path, plan: list[RunPlan], only: list[str] | None, parallel: int | str,
+                 log: Log) -> list[RunPlan]:
     table = prepare_out_dir(spec, out)
     write_run_configs(spec, out, plan)
     if only:
@@ -224,7 +242,7 @@ def _execute_logged(spec: SweepSpec, out: Path, run: RunPlan) -> dict | None:
     log_path = run_log(out, run)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     table = ResultsTable(out / RESULTS_FILE, spec.fingerprint)
-    with open(log_path, "w") as handle, _redirect_output(handle.fileno()):
+    with fresh_file(log_path) as handle, _redirect_output(handle.fileno()):  # replaces a link, never writes through
         return execute_run(spec, out, run, table)
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lldiff.atomic import fresh_file
 from lldiff.tune import TuneError
 
 DEFAULT_STUDY = "lldiff-tune"
@@ -129,7 +130,7 @@ def _launch_workers(args: argparse.Namespace, argv: list[str], storage_spec: str
         command = [sys.executable, "-m", "lldiff.cli", "tune", "run", *argv,
                    "--storage", storage_spec, "--workers", "1", "--worker-index", str(index)]
         log = out / "logs" / f"worker-{index}.log"
-        with open(log, "w") as handle:
+        with fresh_file(log) as handle:  # replaces a link standing there, never writes through it
             children.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT), log))
     return children
 
