@@ -42,10 +42,11 @@ Context and choice are tokenised separately: put the separating space in the CHO
 Or the built-in offline task 'heldout-continuation': contexts are the starts of paragraphs of
 validation documents, the true continuation is the next --continuation-chars characters, and
 the other choices are the continuations of paragraphs of other documents, cut the same way
-(the truth is a random one of them, so a context-free guess is right 1/--n-choices of the
-time). The text is the checkpoint's own run's validation split, read from the run's
-config.yaml (<run>/config.yaml beside <run>/checkpoints/): its corpus, max_bytes and
-val_fraction (a fine-tuning run: the responses of its validation turns). --corpus/--paths
+(which one is true: the choice at rank r under a character unigram of the text, r running
+through a shuffled 0..n-1 in every --n-choices consecutive examples, so each rank is the truth
+equally often and a context-free guess is right 1/--n-choices of the time).
+The text is the checkpoint's own run's validation split, read from the run's config.yaml
+(<run>/config.yaml beside <run>/checkpoints/): its corpus, max_bytes and val_fraction (a fine-tuning run: the responses of its validation turns). --corpus/--paths
 choose other text (a note says when it differs from the run's); without a run config the
 default is the stdlib corpus at --val-fraction 0.05 (a note says so).
 
