@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from lldiff.atomic import write_text
 
@@ -234,6 +235,17 @@ def _run_harness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
     return results
 
 
+@contextlib.contextmanager
+def progress_bar(total: int) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr (examples scored, examples/s, time left) while the examples are
+    scored: an MDM's Monte-Carlo scoring takes minutes on a CPU. Yields the ``progress(done,
+    total)`` callback of :func:`evaluate_multiple_choice`."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="lldiff eval", unit="example", file=sys.stderr, dynamic_ncols=True) as bar:
+        yield lambda done, _total: bar.update(done - bar.n)
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     """Run ``lldiff eval`` with ``argv`` (the arguments after ``eval``); returns the results.
     Bad input exits with status 2 and a one-line message."""
@@ -276,10 +288,11 @@ def main(argv: list[str]) -> dict[str, Any]:
         examples = examples[: args.limit]
     start = time.perf_counter()
     try:
-        results = evaluate_multiple_choice(
-            loaded, None, examples, n_mc=args.n_mc, batch_size=args.batch_size, cfg_scale=args.cfg_scale,
-            seed=args.seed, boundary_token=not args.no_boundary_token,
-        )
+        with progress_bar(len(examples)) as progress:
+            results = evaluate_multiple_choice(
+                loaded, None, examples, n_mc=args.n_mc, batch_size=args.batch_size, cfg_scale=args.cfg_scale,
+                seed=args.seed, boundary_token=not args.no_boundary_token, progress=progress,
+            )
     except ValueError as e:
         parser.error(str(e))
     results = {
