@@ -4,8 +4,9 @@ LLaDA's Alg. 2 for the MDM (``objectives.mdm_sft_loss``), its AR counterpart
 
 All start from a pre-trained ``lldiff fit`` checkpoint (``init_from``) of their objective, whose
 model shape they take, and train on :class:`lldiff.data.SFTDataModule` batches. All log
-``train/loss`` and ``val/nll_per_token``: nats per response token (EOS padding included)
-given the prompt, exact for AR and a Monte-Carlo negative-ELBO bound for the diffusion ones.
+``train/loss``, ``val/nll_per_token``: nats per response token (EOS padding included)
+given the prompt, exact for AR and a Monte-Carlo negative-ELBO bound for the diffusion ones,
+and ``val/bpb``: the same nats in bits per UTF-8 byte of the responses.
 """
 
 from __future__ import annotations
@@ -194,6 +195,8 @@ class _SFTMixin:
         tokens, response = batch["input_ids"], batch["response_mask"]
         self.val_nats.update(self.response_nats(tokens, response, batch_idx).sum())
         self.val_tokens.update(response.sum())
+        if self.token_bytes.numel():  # val/bpb: over the responses' bytes (EOS padding has none)
+            self.val_bytes.update(self.token_bytes[tokens[response.bool()]].sum())
 
 
 def training_dtype(precision: str) -> torch.dtype:

@@ -16,33 +16,20 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.tensorboard.summary import hparams as tb_hparams
 from torchmetrics import SumMetric
 
 from lldiff import block_diffusion, objectives, registry
 from lldiff.checkpoint import TOKENIZER_KEY, check_tokenizer
 from lldiff.config import ModelConfig
 from lldiff.flops import ThroughputWindow, device_peak_flops, mfu, scaling_flops
+from lldiff.hparams import log_hparams_table
 from lldiff.losses import DEFAULT_CHUNK_TOKENS, check_chunk_tokens
 from lldiff.model import Transformer
 from lldiff.optim import build_optimizer
 from lldiff.registry import Objective
 from lldiff.strategies import shard_transformer  # also registers the fsdp2 strategy names
-
-
-def register_hparams_metrics(logger: TensorBoardLogger, params: dict[str, Any], metrics: list[str]) -> None:
-    """Fill TensorBoard's HParams table: hyperparameters plus the metric columns to show.
-
-    Unlike ``TensorBoardLogger.log_hyperparams(params, metrics)`` this writes no fake
-    scalar at step 0; the columns pick up the real ``val/*`` scalars as they are logged.
-    """
-    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
-    writer = logger.experiment._get_file_writer()
-    for summary in tb_hparams(flat, {name: 0.0 for name in metrics}):
-        writer.add_summary(summary)
 
 
 class LMBase(L.LightningModule):
@@ -183,13 +170,7 @@ class LMBase(L.LightningModule):
             self.token_bytes = token_bytes.to(self.device, torch.long)
 
     def on_fit_start(self) -> None:
-        hparams = {**self.hparams, "n_nonemb": self.config.non_embedding_params()}
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None:
-            hparams.update({f"data.{k}": v for k, v in datamodule.hparams.items()})
-        for logger in self.loggers if self.trainer.is_global_zero else ():  # other ranks have no writer
-            if isinstance(logger, TensorBoardLogger):
-                register_hparams_metrics(logger, hparams, ["val/nll_per_token", "val/bpb"])
+        log_hparams_table(self)  # TensorBoard's HParams table, what a scaling study compares first
 
     def on_validation_start(self) -> None:
         self._window = None  # validation time is not training throughput

@@ -3,6 +3,7 @@
 import io
 import itertools
 import json
+import math
 import random
 from pathlib import Path
 
@@ -95,6 +96,9 @@ def test_finetune_from_a_pretrained_checkpoint_with_the_shipped_config(objective
     scalars = read_scalars(ckpt.parent.parent)
     assert scalars["data/train_examples"][0] + scalars["data/val_examples"][0] == 64  # one turn per record
     assert scalars["data/train_truncated"][0] == 0 and "val/nll_per_token" in scalars
+    last = max(scalars["val/nll_per_token"])
+    nll, bpb = scalars["val/nll_per_token"][last], scalars["val/bpb"][last]  # SFT runs report bits per byte too
+    assert 0 < bpb < float("inf") and 0 < nll / (bpb * math.log(2)) < 10  # bytes per response token
     out = io.StringIO()
     chat_main(["--ckpt", str(ckpt), "--message", "the quick fox", "--message", "again", "--length", "8"],
               stdin=io.StringIO(""), stdout=out)
