@@ -161,6 +161,20 @@ def test_config_overrides_reach_every_trial(tmp_path, base_config, capsys):
     assert "--data.init_args.val_max_rows needs a value" in capsys.readouterr().err
 
 
+def test_a_runs_saved_config_is_a_base_config(tmp_path, base_config):
+    """A run's config.yaml (with `fit`'s ckpt_path/weights_only: null) can seed a study."""
+    saved = yaml.safe_load(base_config.read_text())
+    saved.update(ckpt_path=None, weights_only=None)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    setup = load_setup(path, write_space(tmp_path, LR_SPACE), max_steps=8, evals=2)
+    assert "ckpt_path" not in setup.base and "weights_only" not in setup.base
+    saved["ckpt_path"] = "last"
+    path.write_text(yaml.safe_dump(saved))
+    with pytest.raises(TuneError, match="ckpt_path is set; every trial trains from scratch"):
+        load_setup(path, write_space(tmp_path, LR_SPACE), max_steps=8, evals=2)
+
+
 def test_switching_objective_drops_args_the_other_class_lacks(tmp_path, base_config):
     setup = load_setup(base_config, write_space(tmp_path, LR_SPACE), objective="ar", size="tiny-0.03M")
     model = setup.base["model"]

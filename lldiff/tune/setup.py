@@ -106,6 +106,9 @@ def load_setup(
     from lightning.pytorch import Trainer
 
     base = apply_overrides(_read_config(config), list(overrides))
+    if base.pop("ckpt_path", None) is not None:  # a run's saved config.yaml says ckpt_path: null
+        raise TuneError(f"{config}: ckpt_path is set; every trial trains from scratch (remove it)")
+    base.pop("weights_only", None)  # a `fit` option of the saved config.yaml, not a trial's
     model = base.setdefault("model", {})
     class_path = model.get("class_path")
     model_args = dict(model.get("init_args") or {})
