@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import sys
 
 from lldiff.completion import Completion, DecodeOptions
 from lldiff.generate import stats
@@ -39,12 +40,16 @@ def test_chat_reset_says_so_and_stats_match_the_answer(tiny_runs, capsys):
         assert 0 <= tokens <= 8
 
 
-def test_eval_shows_a_progress_bar_with_items_and_rate(tiny_runs, tmp_path, capsys):
+def test_eval_shows_a_progress_bar_on_a_terminal_with_items_and_rate(tiny_runs, tmp_path, capsys, monkeypatch):
     from lldiff.evaluation.cli import main
 
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps({"context": "the quick brown", "choices": [" fox", " dog"], "label": 0}) + "\n"
                             for _ in range(3)))
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     main(["--ckpt", str(tiny_runs["ar"]), "--task", str(task)])
-    err = capsys.readouterr().err
-    assert re.search(r"lldiff eval: 100%.*3/3 \[.*example", err), err
+    assert re.search(r"lldiff eval: 100%.*3/3 \[.*(example/s|s/example)", terminal.getvalue()), terminal.getvalue()
+    monkeypatch.undo()
+    main(["--ckpt", str(tiny_runs["ar"]), "--task", str(task)])
+    assert capsys.readouterr().err == ""  # redirected: no bar

@@ -238,11 +238,13 @@ def _run_harness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
 @contextlib.contextmanager
 def progress_bar(total: int) -> Iterator[Callable[[int, int], None]]:
     """A tqdm bar on stderr (examples scored, examples/s, time left) while the examples are
-    scored: an MDM's Monte-Carlo scoring takes minutes on a CPU. Yields the ``progress(done,
-    total)`` callback of :func:`evaluate_multiple_choice`."""
+    scored: an MDM's Monte-Carlo scoring takes minutes on a CPU. Shown on a terminal only (a
+    redirected stderr keeps its lines). Yields the ``progress(done, total)`` callback of
+    :func:`evaluate_multiple_choice`."""
     from tqdm import tqdm
 
-    with tqdm(total=total, desc="lldiff eval", unit="example", file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc="lldiff eval", unit="example", file=sys.stderr, dynamic_ncols=True,
+              disable=None) as bar:
         yield lambda done, _total: bar.update(done - bar.n)
 
 
