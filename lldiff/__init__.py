@@ -19,18 +19,6 @@ _warnings.filterwarnings(
 )
 
 
-class _DropLightningAdverts:
-    """A ``logging`` filter for Lightning's product tips (one per fit: "💡 Tip: ... LitLogger")."""
+from lldiff.quiet import silence_noise as _silence_noise  # noqa: E402  (Lightning's and Optuna's banners)
 
-    @staticmethod
-    def filter(record: object) -> bool:
-        return not str(getattr(record, "msg", "")).startswith("💡 Tip:")
-
-
-def _silence_lightning_adverts() -> None:
-    import logging
-
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningAdverts())
-
-
-_silence_lightning_adverts()
+_silence_noise()

@@ -8,7 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, RichModelSummary, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
 
 from lldiff.checkpoint_io import is_local, write_file_atomically
 
@@ -73,3 +74,73 @@ def use_atomic_checkpoints(strategy: Any) -> None:
     current = getattr(strategy, "_checkpoint_io", None)
     if current is None or type(current) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def _steps_metric(trainer: L.Trainer, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``{"step": "12/600", **metrics}`` for a run with a step budget (every lldiff fit)."""
+    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.state.fn == "fit":
+        return {"step": f"{trainer.global_step}/{trainer.max_steps}", **metrics}
+    return metrics
+
+
+class StepsRichProgressBar(RichProgressBar):
+    """Lightning's rich bar for a run measured in steps: ``Epoch 0`` (not ``Epoch 0/-2``, which
+    Lightning writes when ``max_epochs`` is unbounded) and ``step N/max_steps`` beside the loss."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            description = f"Epoch {current_epoch}"
+            return f"{description:{len(self.validation_description)}}"
+        return super()._get_train_description(current_epoch)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return _steps_metric(trainer, super().get_metrics(trainer, pl_module))
+
+
+class StepsTQDMProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar (without ``rich``) with ``step N/max_steps`` beside the loss."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return _steps_metric(trainer, super().get_metrics(trainer, pl_module))
+
+
+class ModelLine(ModelSummary):
+    """One line instead of Lightning's model table, whose FLOPs column is 0 for every module
+    (Lightning measures FLOPs only with an ``example_input_array``): the objective, size,
+    parameters, non-embedding parameters N and the real training FLOPs per token
+    (forward + backward matmuls, LM head and attention, at the data's sequence length:
+    what ``trainer/flops_matmul`` counts)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            rank_zero_info(model_line(pl_module, getattr(trainer, "datamodule", None)))
+
+
+def model_line(module: L.LightningModule, datamodule: Any = None) -> str:
+    """``lldiff model: ...`` (see :class:`ModelLine`); a module that is no lldiff LM gets its
+    class and parameter count only."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    counts = f"{total:,} parameters" + (f" ({trainable:,} trainable)" if trainable != total else "")
+    config = getattr(module, "config", None)
+    if config is None or not hasattr(module, "objective"):
+        return f"lldiff model: {type(module).__name__}, {counts}"
+    size = getattr(module, "hparams", {}).get("size", "")
+    line = (f"lldiff model: {module.objective.name} {size} ({type(module).__name__}), {counts}, "
+            f"N = {config.non_embedding_params():,} non-embedding")
+    seq_len = getattr(datamodule, "seq_len", None)
+    if isinstance(seq_len, int) and seq_len > 0:
+        flops = module.objective.matmul_flops_per_token(config, seq_len)
+        line += f", {flops:.4g} training FLOPs per token at length {seq_len} (6N = {6 * config.non_embedding_params():.4g})"
+    return line
+
+
+def use_lldiff_console(trainer: L.Trainer) -> None:
+    """Replace the progress bar and the model summary Lightning added by default (not ones the
+    user configured) by :class:`StepsRichProgressBar` / :class:`StepsTQDMProgressBar` and
+    :class:`ModelLine`."""
+    replacements = {RichProgressBar: StepsRichProgressBar, TQDMProgressBar: StepsTQDMProgressBar,
+                    RichModelSummary: ModelLine, ModelSummary: ModelLine}
+    for i, callback in enumerate(trainer.callbacks):
+        if type(callback) in replacements:  # Lightning's defaults are built without arguments
+            trainer.callbacks[i] = replacements[type(callback)]()

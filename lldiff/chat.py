@@ -16,8 +16,9 @@ low-confidence remasking, exactly or with Fast-dLLM's approximate ``--cache pref
 ``--cache dual`` (SPEC §10); the BD3 block by block in its own blocks (``--steps-per-block``),
 ``--length`` a budget; the AR decodes with a KV cache. Answers end at the first EOS (or
 end-of-turn token, ``<|eot_id|>`` for LLaDA). After
-each answer a line on stderr gives the model calls, tokens/s and the token positions processed
-per answer token. In a terminal, ``/reset`` starts over and ``/quit`` (or Ctrl-D) leaves.
+each answer a line on stderr gives the model calls, tokens/s of the answer's real tokens and the
+token positions processed per answer position (of the --length budget). In a terminal,
+``/reset`` starts over (and says so) and ``/quit`` (or Ctrl-D) leaves.
 
 Option values are used exactly as given or refused (exit code 2), before the checkpoint is
 loaded where they do not depend on it; options of another objective's decoder (the registry's
@@ -61,7 +62,7 @@ class ChatSession:
         self.system = [Message("system", system)] if system else []
         self.history: list[Message] = []
         self.generator = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(seed)
-        self.last: tuple[Completion, float] | None = None  # the latest answer's decoding and its seconds
+        self.last: tuple[Completion, float, int] | None = None  # the latest answer's decoding, seconds, tokens
 
     def reset(self) -> None:
         self.history = []
@@ -84,19 +85,20 @@ class ChatSession:
         start = time.perf_counter()
         out = complete(self.loaded.model, [self.prompt_ids()], self.options, eos_id=tok.eos_id, pad_id=tok.pad_id,
                        generator=self.generator)
-        self.last = (out, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
         answer_ids = list(out.answers[0])
         if tok.eot_id is not None and tok.eot_id in answer_ids:  # the turn ends at its end-of-turn token
             answer_ids = answer_ids[:answer_ids.index(tok.eot_id)]
+        self.last = (out, seconds, len(answer_ids))
         answer = tok.decode(answer_ids, skip_special_tokens=True).strip()
         self.history.append(Message("assistant", answer))
         return answer
 
     def stats(self) -> str:
-        """``[MDM: N model calls, T tokens/s (S s), P tokens processed per answer token]`` of the
-        latest answer."""
-        out, seconds = self.last
-        return f"[{self.loaded.objective.label}: {stats(out, self.options, 1, seconds)}]"
+        """``[MDM: N model calls, T tokens/s (A answer tokens in S s), P tokens processed per answer
+        position]`` of the latest answer (its real tokens, up to its end of turn)."""
+        out, seconds, tokens = self.last
+        return f"[{self.loaded.objective.label}: {stats(out, self.options, 1, seconds, tokens)}]"
 
 
 def run_template(ckpt: Path) -> ChatTemplate | None:
@@ -202,6 +204,8 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
             return
         if text == "/reset":
             session.reset()
+            print("lldiff chat: conversation cleared" + (" (the system message is kept)" if args.system else ""),
+                  file=stdout, flush=True)
             continue
         if text:
             print(f"model> {session.reply(text)}", file=stdout, flush=True)

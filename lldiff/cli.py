@@ -86,7 +86,7 @@ def _objective_lines() -> list[str]:
 
 
 def _strategy_presets() -> list[str]:
-    from lldiff.strategies import PRESETS  # imports Lightning: only when the overview is printed
+    from lldiff.strategy_names import PRESETS  # the names only: registering them imports Lightning
 
     return list(PRESETS)
 

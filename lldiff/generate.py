@@ -7,8 +7,9 @@
     echo "class Foo" | lldiff generate --ckpt ...        # prompts from stdin, one per line
 
 Several prompts are batched with left padding. Everything from the first EOS on is dropped.
-Prints each completion, then the number of model calls, tokens/s and the token positions the
-model processed per answer token (what a KV cache saves). The MDM decodes exactly by default;
+Prints each completion, then the number of model calls, tokens/s of the answers' real tokens and
+the token positions the model processed per answer position of the length budget (what a KV
+cache saves). The MDM decodes exactly by default;
 --cache prefix or dual turns on Fast-dLLM's approximate caches (SPEC §10: at each block's start
 one call over the whole canvas, then calls over the block and what follows it, or the block
 alone). The AR and BD3 use their exact KV caches (--no-cache turns them off where the registry
@@ -243,10 +244,14 @@ def main(argv: list[str]) -> None:
           f"{stats(out, options, len(prompts), seconds)}")
 
 
-def stats(out: Completion, options: DecodeOptions, prompts: int, seconds: float) -> str:
-    """``N model calls, T tokens/s (S s), P tokens processed per answer token[, C cache]``: the
-    answer positions are ``prompts x length`` (the MDM's canvas, the AR's and BD3's budget)."""
-    answer = prompts * options.length
-    line = (f"{out.model_calls} model calls, {answer / seconds:.0f} tokens/s ({seconds:.2f} s), "
-            f"{out.tokens_processed / answer:.1f} tokens processed per answer token")
+def stats(out: Completion, options: DecodeOptions, prompts: int, seconds: float, answer_tokens: int | None = None) -> str:
+    """``N model calls, T tokens/s (A answer tokens in S s), P tokens processed per answer
+    position[, C cache]``. The rate counts the answers' real tokens (``answer_tokens``, else
+    those of ``out.answers``, cut at their EOS), not the length budget: a 1-token answer is 1
+    token. The work is per answer position, ``prompts x length`` (the MDM's canvas, the AR's
+    and BD3's budget), which every answer's decoding pays whatever its length."""
+    answer = sum(len(a) for a in out.answers) if answer_tokens is None else answer_tokens
+    positions = prompts * options.length
+    line = (f"{out.model_calls} model calls, {answer / seconds:.0f} tokens/s ({answer} answer tokens in "
+            f"{seconds:.2f} s), {out.tokens_processed / positions:.1f} tokens processed per answer position")
     return line + (f", {options.cache} cache" if options.cache != "none" else "")

@@ -13,6 +13,7 @@ The ``lldiff`` command (:mod:`lldiff.cli`) dispatches to it; nothing here import
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -23,8 +24,9 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from lldiff.callbacks import RunCheckpoint, use_atomic_checkpoints
+from lldiff.callbacks import RunCheckpoint, use_atomic_checkpoints, use_lldiff_console
 from lldiff.objectives.common.base import LMBase
+from lldiff.quiet import quiet_evaluation_advice
 from lldiff.run_lock import owning_run
 from lldiff.strategies import check_strategy
 
@@ -128,6 +130,7 @@ class LLDiffCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer.strategy)  # staged beside the target, then renamed
+        use_lldiff_console(trainer)  # a step counter in the bar; one model line instead of a table of 0 FLOPs
         return trainer
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
@@ -152,7 +155,8 @@ class LLDiffCLI(LightningCLI):
         existed = log_dir is not None and os.path.exists(log_dir)
         with owning_run(self.trainer, log_dir):  # one process (job) at a time per run directory
             try:
-                super()._run_subcommand(subcommand)
+                with contextlib.nullcontext() if subcommand == "fit" else quiet_evaluation_advice():
+                    super()._run_subcommand(subcommand)
             except BaseException:
                 if log_dir is not None and not existed and self.trainer.is_global_zero:
                     remove_unfinished_run(log_dir)

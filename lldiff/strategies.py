@@ -37,15 +37,7 @@ from lldiff.checkpoint_io import (
     staging_path,
 )
 from lldiff.model import Block, Transformer
-
-PRESETS: dict[str, str] = {
-    "auto": "Lightning's choice: one device (no distribution) unless devices > 1",
-    "ddp": "DistributedDataParallel, one process per device, CPU (gloo) or GPU (NCCL)",
-    "fsdp2": "FSDP2 fully_shard per block over all processes, sharded checkpoints (CPU or GPU)",
-    "fsdp2_ac": "fsdp2 with activation checkpointing of every block",
-    "fsdp2_full": "fsdp2 writing full single-file checkpoints (assembled on rank 0)",
-}
-"""The strategy names lldiff documents and tests (any other Lightning name is allowed too)."""
+from lldiff.strategy_names import PRESETS
 
 FSDP1_NAMES = ("fsdp", "fsdp_cpu_offload")
 FSDP1_ERROR = (

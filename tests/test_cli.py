@@ -85,8 +85,10 @@ def test_fit_writes_a_self_contained_run_directory(objective, toy_corpus, cache_
     assert all(v == v for _, v in scalars["val/nll_per_token"])  # no NaN placeholder points
     hparams = _hparams_experiment(run)
     assert [m.name.tag for m in hparams.metric_infos] == ["val/nll_per_token", "val/bpb"]
-    names = {h.name for h in hparams.hparam_infos}
-    assert {"size", "lr", "n_nonemb", "data.seq_len", "data.vocab_size"} <= names
+    names = [h.name for h in hparams.hparam_infos]
+    assert {"2 size", "4 lr", "3 n_nonemb", "data.seq_len", "data.vocab_size"} <= set(names)
+    assert sorted(names)[:5] == ["0 run", "1 objective", "2 size", "3 n_nonemb", "4 lr"]  # TensorBoard sorts by name
+    assert not any(name.startswith("_") for name in names)  # no _class_path, _instantiator
 
 
 def _hparams_experiment(run_dir):

@@ -30,7 +30,7 @@ def test_mdm_generate_runs_every_sampler(tiny_runs, capsys, extra, calls):
 
 
 def processed(out: str) -> float:
-    return float(re.search(r"([\d.]+) tokens processed per answer token", out).group(1))
+    return float(re.search(r"([\d.]+) tokens processed per answer position", out).group(1))
 
 
 def test_mdm_generate_with_a_cache_reports_calls_speed_and_tokens_processed(tiny_runs, capsys):
@@ -40,8 +40,8 @@ def test_mdm_generate_with_a_cache_reports_calls_speed_and_tokens_processed(tiny
     assert processed(exact) == pytest.approx(16 * (prompt + 16) / 16, abs=0.051)  # 16 whole-canvas calls
     for cache, fed in (("prefix", lambda k: 16 - 4 * k), ("dual", lambda k: 4)):
         out = run(capsys, *argv, "--cache", cache)
-        assert re.search(rf"MDM tiny-0.1M: 1 prompt\(s\), 16 model calls, \d+ tokens/s \([\d.]+ s\), [\d.]+ tokens "
-                         rf"processed per answer token, {cache} cache", out)
+        assert re.search(rf"MDM tiny-0.1M: 1 prompt\(s\), 16 model calls, \d+ tokens/s \(\d+ answer tokens in [\d.]+ "
+                         rf"s\), [\d.]+ tokens processed per answer position, {cache} cache", out)
         expected = sum(prompt + 16 + 3 * fed(k) for k in range(4)) / 16  # per block: whole canvas, then 3 calls
         assert processed(out) == pytest.approx(expected, abs=0.051) and processed(out) < processed(exact)
     out = run(capsys, *argv, "--cache", "dual", "--remasking", "threshold")
@@ -56,8 +56,9 @@ def test_chat_prints_calls_and_speed_after_each_answer(tiny_runs, capsys):
     captured = capsys.readouterr()
     assert "model calls" not in captured.out  # stdout: the answers alone
     stats = captured.err.strip().splitlines()
-    assert len(stats) == 2 and all(re.fullmatch(r"\[MDM: 8 model calls, \d+ tokens/s \([\d.]+ s\), [\d.]+ tokens "
-                                                r"processed per answer token, dual cache\]", line) for line in stats)
+    assert len(stats) == 2 and all(re.fullmatch(r"\[MDM: 8 model calls, \d+ tokens/s \(\d+ answer tokens in [\d.]+ s\), "
+                                                r"[\d.]+ tokens processed per answer position, dual cache\]", line)
+                                   for line in stats)
 
 
 def test_mdm_threshold_decoding_reports_its_calls(tiny_runs, capsys):

@@ -22,7 +22,6 @@ from lldiff.optim import build_optimizer, fused_adamw_supported
 
 from test_training import make_dm, make_module, trainer
 from lldiff.objectives.ar.loss import ar_loss
-from lldiff.objectives.common.masking import draw_random_length
 from lldiff.objectives.mdm.loss import mdm_loss
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)

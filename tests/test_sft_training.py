@@ -3,6 +3,7 @@
 import io
 import itertools
 import json
+import math
 import random
 from pathlib import Path
 
@@ -10,7 +11,6 @@ import lightning as L
 import pytest
 import torch
 
-from lldiff import objectives as registry
 from lldiff.chat import ChatSession
 from lldiff.chat import main as chat_main
 from lldiff.checkpoint import LoadedModel, load_model
@@ -23,6 +23,7 @@ from lldiff.objectives.ar.modules import AutoregressiveSFT
 from lldiff.objectives.mdm.modules import MaskedDiffusionSFT
 from lldiff.model import Transformer
 from lldiff.sweep.figures import read_scalars
+from lldiff.objectives import get
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_TEMPLATE = {"system": "{content}", "user": "{content}=", "assistant": "{content}"}
@@ -97,6 +98,9 @@ def test_finetune_from_a_pretrained_checkpoint_with_the_shipped_config(objective
     scalars = read_scalars(ckpt.parent.parent)
     assert scalars["data/train_examples"][0] + scalars["data/val_examples"][0] == 64  # one turn per record
     assert scalars["data/train_truncated"][0] == 0 and "val/nll_per_token" in scalars
+    last = max(scalars["val/nll_per_token"])
+    nll, bpb = scalars["val/nll_per_token"][last], scalars["val/bpb"][last]  # SFT runs report bits per byte too
+    assert 0 < bpb < float("inf") and 0 < nll / (bpb * math.log(2)) < 10  # bytes per response token
     out = io.StringIO()
     chat_main(["--ckpt", str(ckpt), "--message", "the quick fox", "--message", "again", "--length", "8"],
               stdin=io.StringIO(""), stdout=out)
@@ -121,7 +125,7 @@ def test_pretrained_mismatches_are_named(tiny_runs):
 def test_chat_renders_the_conversation_and_keeps_it_in_context(tmp_path):
     tok = train_tokenizer(["User: hello\nAssistant: hi\n" * 10], 259)
     cfg = ModelConfig(n_layer=1, d_model=16, n_heads=2, d_ff=32, vocab_size=tok.vocab_size, max_seq_len=192, attention="causal")
-    session = ChatSession(LoadedModel(Transformer(cfg).eval(), registry.get("ar"), tok, tmp_path), ChatTemplate(),
+    session = ChatSession(LoadedModel(Transformer(cfg).eval(), get("ar"), tok, tmp_path), ChatTemplate(),
                           DecodeOptions(length=8), system="be kind")
     first = session.reply("hello")
     second = session.reply("again")

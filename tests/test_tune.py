@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from lldiff.sweep.spec import load_preset, load_spec
 from lldiff.tune import TuneError
 from lldiff.tune.cli import main as tune_main
-from lldiff.tune.setup import RESERVED, load_setup
+from lldiff.tune.setup import RESERVED, load_setup, parse_overrides, trial_config
 from lldiff.tune.space import parse_space
 from lldiff.tune.storage import resolve_storage
 from lldiff.tune.study import open_study, quiet_lightning, run_trial, run_worker
@@ -54,7 +54,7 @@ LR_SPACE = {"lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}}
 def test_space_resolves_names_and_samples_each_type(tmp_path, base_config):
     space = {
         "lr": {"type": "float", "low": "1e-4", "high": 1.0e-2, "log": True},  # YAML's 1e-4 is a string
-        "warmup_steps": {"type": "int", "low": 0, "high": 20, "step": 5},
+        "warmup_steps": {"type": "int", "low": 0, "high": 10, "step": 5},
         "data.batch_size": {"type": "categorical", "choices": [8, 16]},
         "vocab_size": {"type": "categorical", "choices": [320, 512]},  # model's is linked: the data's
         "trainer.gradient_clip_val": {"type": "float", "low": 0.5, "high": 2.0},
@@ -62,7 +62,7 @@ def test_space_resolves_names_and_samples_each_type(tmp_path, base_config):
     setup = load_setup(base_config, write_space(tmp_path, space))
     assert setup.space.to_dict() == {
         "model.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-        "model.warmup_steps": {"type": "int", "low": 0, "high": 20, "step": 5},
+        "model.warmup_steps": {"type": "int", "low": 0, "high": 10, "step": 5},
         "data.batch_size": {"type": "categorical", "choices": [8, 16]},
         "data.vocab_size": {"type": "categorical", "choices": [320, 512]},
         "trainer.gradient_clip_val": {"type": "float", "low": 0.5, "high": 2.0},
@@ -71,7 +71,7 @@ def test_space_resolves_names_and_samples_each_type(tmp_path, base_config):
     for _ in range(20):
         values = setup.space.suggest(study.ask())
         assert 1e-4 <= values["model.lr"] <= 1e-2
-        assert values["model.warmup_steps"] in range(0, 21, 5)
+        assert values["model.warmup_steps"] in range(0, 11, 5)
         assert values["data.batch_size"] in (8, 16) and 0.5 <= values["trainer.gradient_clip_val"] <= 2.0
     groups = setup.space.groups(values)
     assert set(groups) == {"model", "data", "trainer"} and set(groups["data"]) == {"batch_size", "vocab_size"}
@@ -122,14 +122,57 @@ def test_bare_name_in_model_and_data_is_ambiguous():
         (dict(max_steps=22), r"--max-steps 22 is not a multiple of --evals 4"),
         (dict(max_steps=0), r"--max-steps must be >= 1, got 0"),
         (dict(max_steps=8, evals=2, space={"warmup_steps": {"type": "int", "low": 0, "high": 10}}),
-         r"warmup_steps reaches 10 > --max-steps 8"),
-        (dict(max_steps=1, evals=1), r"model.init_args.warmup_steps=2 exceeds --max-steps 1"),
+         r"warmup_steps reaches 10, more than half of --max-steps 8; allowed: at most 4"),
+        (dict(max_steps=8, evals=2, space={"warmup_steps": {"type": "int", "low": 0, "high": 5}}),
+         r"warmup_steps reaches 5, more than half of --max-steps 8; allowed: at most 4"),
+        (dict(max_steps=2, evals=1), r"model.init_args.warmup_steps=2 is 2 steps, more than half of --max-steps 2"),
+        (dict(max_steps=8, evals=2, overrides=[("model.init_args.warmup_steps", None)]),
+         r"the default warmup_steps \(SMDM's max\(1% of steps, 100\)\) is 8 steps, more than half"),
+        (dict(overrides=[("trainer.max_steps", 4)]), r"--trainer.max_steps cannot be overridden.*--max-steps"),
+        (dict(overrides=[("model.init_args.size", "tiny-0.1M")]), r"--model.init_args.size cannot be overridden"),
+        (dict(overrides=[("optimizer.lr", 1)]), r"unknown option --optimizer.lr"),
+        (dict(overrides=[("data.init_args.val_max_row", 4)]), r"unknown data.init_args \['val_max_row'\]"),
+        (dict(overrides=[("trainer.precison", "32")]), r"unknown trainer option\(s\) \['precison'\]"),
     ],
 )
 def test_bad_setup_is_refused(tmp_path, base_config, kwargs, message):
     space = write_space(tmp_path, kwargs.pop("space", LR_SPACE))
     with pytest.raises(TuneError, match=message):
         load_setup(base_config, space, **kwargs)
+
+
+def test_config_overrides_reach_every_trial(tmp_path, base_config, capsys):
+    """`tune run` takes `lldiff fit`-style overrides after its own options, for every trial."""
+    setup = load_setup(base_config, write_space(tmp_path, LR_SPACE), max_steps=8, evals=2,
+                       overrides=parse_overrides(["--data.init_args.val_max_rows", "4", "--trainer.precision=32-true"]))
+    cfg = trial_config(setup, {"model.lr": 1e-3}, tmp_path, 0)
+    assert cfg["data"]["init_args"]["val_max_rows"] == 4 and cfg["trainer"]["precision"] == "32-true"
+    out = tmp_path / "tune"
+    tune_main(["run", "--config", str(base_config), "--space", str(write_space(tmp_path, LR_SPACE)), "--n-trials", "1",
+               "--max-steps", "4", "--evals", "2", "--out", str(out), "--pruner", "none",
+               "--data.init_args.val_max_rows", "4"])
+    written = yaml.safe_load((out / "trials" / "0000" / "config.yaml").read_text())
+    assert written["data"]["init_args"]["val_max_rows"] == 4
+    assert "A new study created" not in "".join(capsys.readouterr())  # Optuna's banner is silenced (item 14)
+    with pytest.raises(SystemExit) as exit_info:
+        tune_main(["run", "--config", str(base_config), "--space", str(write_space(tmp_path, LR_SPACE)),
+                   "--n-trials", "1", "--out", str(tmp_path / "o2"), "--data.init_args.val_max_rows"])
+    assert exit_info.value.code == 2
+    assert "--data.init_args.val_max_rows needs a value" in capsys.readouterr().err
+
+
+def test_a_runs_saved_config_is_a_base_config(tmp_path, base_config):
+    """A run's config.yaml (with `fit`'s ckpt_path/weights_only: null) can seed a study."""
+    saved = yaml.safe_load(base_config.read_text())
+    saved.update(ckpt_path=None, weights_only=None)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    setup = load_setup(path, write_space(tmp_path, LR_SPACE), max_steps=8, evals=2)
+    assert "ckpt_path" not in setup.base and "weights_only" not in setup.base
+    saved["ckpt_path"] = "last"
+    path.write_text(yaml.safe_dump(saved))
+    with pytest.raises(TuneError, match="ckpt_path is set; every trial trains from scratch"):
+        load_setup(path, write_space(tmp_path, LR_SPACE), max_steps=8, evals=2)
 
 
 def test_switching_objective_drops_args_the_other_class_lacks(tmp_path, base_config):

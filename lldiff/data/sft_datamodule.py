@@ -118,6 +118,11 @@ class SFTDataModule(TokenizedDataModule):
         self.train_examples: list[EncodedTurn] | None = None
         self.val_examples: list[EncodedTurn] | None = None
 
+    @property
+    def token_bytes(self) -> torch.Tensor:
+        """LongTensor (V,): UTF-8 bytes per real token (0 for specials), for ``val/bpb``."""
+        return self.tokenizer.token_bytes()
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples is not None:
             return

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from lldiff.atomic import write_text
 
@@ -42,10 +43,11 @@ Context and choice are tokenised separately: put the separating space in the CHO
 Or the built-in offline task 'heldout-continuation': contexts are the starts of paragraphs of
 validation documents, the true continuation is the next --continuation-chars characters, and
 the other choices are the continuations of paragraphs of other documents, cut the same way
-(the truth is a random one of them, so a context-free guess is right 1/--n-choices of the
-time). The text is the checkpoint's own run's validation split, read from the run's
-config.yaml (<run>/config.yaml beside <run>/checkpoints/): its corpus, max_bytes and
-val_fraction (a fine-tuning run: the responses of its validation turns). --corpus/--paths
+(which one is true: the choice at rank r under a character unigram of the text, r running
+through a shuffled 0..n-1 in every --n-choices consecutive examples, so each rank is the truth
+equally often and a context-free guess is right 1/--n-choices of the time).
+The text is the checkpoint's own run's validation split, read from the run's config.yaml
+(<run>/config.yaml beside <run>/checkpoints/): its corpus, max_bytes and val_fraction (a fine-tuning run: the responses of its validation turns). --corpus/--paths
 choose other text (a note says when it differs from the run's); without a run config the
 default is the stdlib corpus at --val-fraction 0.05 (a note says so).
 
@@ -233,6 +235,19 @@ def _run_harness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
     return results
 
 
+@contextlib.contextmanager
+def progress_bar(total: int) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr (examples scored, examples/s, time left) while the examples are
+    scored: an MDM's Monte-Carlo scoring takes minutes on a CPU. Shown on a terminal only (a
+    redirected stderr keeps its lines). Yields the ``progress(done, total)`` callback of
+    :func:`evaluate_multiple_choice`."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="lldiff eval", unit="example", file=sys.stderr, dynamic_ncols=True,
+              disable=None) as bar:
+        yield lambda done, _total: bar.update(done - bar.n)
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     """Run ``lldiff eval`` with ``argv`` (the arguments after ``eval``); returns the results.
     Bad input exits with status 2 and a one-line message."""
@@ -275,10 +290,11 @@ def main(argv: list[str]) -> dict[str, Any]:
         examples = examples[: args.limit]
     start = time.perf_counter()
     try:
-        results = evaluate_multiple_choice(
-            loaded, None, examples, n_mc=args.n_mc, batch_size=args.batch_size, cfg_scale=args.cfg_scale,
-            seed=args.seed, boundary_token=not args.no_boundary_token,
-        )
+        with progress_bar(len(examples)) as progress:
+            results = evaluate_multiple_choice(
+                loaded, None, examples, n_mc=args.n_mc, batch_size=args.batch_size, cfg_scale=args.cfg_scale,
+                seed=args.seed, boundary_token=not args.no_boundary_token, progress=progress,
+            )
     except ValueError as e:
         parser.error(str(e))
     results = {

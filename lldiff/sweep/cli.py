@@ -51,11 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="runs at a time in K worker processes, the cores shared out among them; auto (default): "
                           "one per core for a CPU sweep on one device, else 1")
 
-    plan = sub.add_parser("plan", help="print runs, steps, tokens, FLOPs and GPU-hours; emit cluster scripts")
+    plan = sub.add_parser("plan", help="print runs, steps, tokens, FLOPs and GPU-hours (CPU-hours for a CPU spec); "
+                          "emit cluster scripts")
     plan.add_argument("spec", nargs="?", type=Path, help="sweep spec YAML")
     plan.add_argument("--preset", help="a built-in spec instead: " + ", ".join(preset_names()))
     plan.add_argument("--emit", type=Path, metavar="DIR", help="write sweep.slurm and torchrun.sh into DIR")
-    plan.add_argument("--out", type=Path, help="sweep directory the emitted jobs write to (default: DIR)")
+    plan.add_argument("--out", type=Path, help="sweep directory the emitted jobs write to, created with spec.yaml "
+                      "and logs/ (default: DIR; one of another spec is refused)")
     plan.add_argument("--mfu", type=_mfu, help="model FLOP utilisation in (0, 1] for the GPU-hours, instead of the "
                       "spec's cluster.mfu or the newest measured on cluster.gpu (make gpu-check, benchmarks/scaleout_gpu.py)")
 
@@ -109,16 +111,21 @@ def main(argv: list[str]) -> None:
         run_sweep(spec, args.out, only=args.only, parallel=args.parallel)
         print(f"results: {args.out / 'results.csv'}   analyse: lldiff sweep analyze {args.out}")
         return
-    from lldiff.sweep.cluster import emit, plan_table
+    from lldiff.sweep.cluster import check_layout, emit, plan_table
     from lldiff.sweep.plan import make_plan
 
     plan_runs = make_plan(spec)
+    if args.emit:
+        check_layout(spec)  # before anything is printed as planned or written
     print(plan_table(spec, plan_runs, mfu=args.mfu))
     if args.emit:
         from lldiff.sweep.runner import prepare_out_dir
 
         out = (args.out or args.emit).resolve()
-        prepare_out_dir(spec, out)
+        existed = (out / "spec.yaml").is_file()
+        prepare_out_dir(spec, out)  # refuses a directory of another spec
         (out / "logs").mkdir(exist_ok=True)  # SLURM will not start a job whose --output dir is missing
+        state = "exists, holds this spec: kept" if existed else "created with spec.yaml and logs/"
+        print(f"sweep directory {out} ({state}); the jobs write runs and results.csv there")
         for path in emit(spec, plan_runs, out / "spec.yaml", out, args.emit):
             print(f"wrote {path}")

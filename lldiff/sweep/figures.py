@@ -39,11 +39,12 @@ log = logging.getLogger(__name__)
 
 #: results.csv metric column -> TensorBoard scalar tag.
 METRIC_TAGS = {"val_nll_per_token": "val/nll_per_token", "val_bpb": "val/bpb"}
-METRIC_LABELS = {"val_nll_per_token": "validation loss (nats/token)", "val_bpb": "validation bits/byte"}
+#: axis labels: the quantity, then its unit in brackets (so that labels never nest parentheses)
+METRIC_LABELS = {"val_nll_per_token": "validation loss [nats/token]", "val_bpb": "validation loss [bits/byte]"}
 #: compute axis (results.csv ``compute``) -> TensorBoard tag of the cumulative FLOPs, axis label.
 FLOPS_TAGS = {"6nd": "trainer/flops", "matmul": "trainer/flops_matmul"}
-COMPUTE_LABELS = {"6nd": "training compute C = 6 N D (FLOPs)",
-                  "matmul": "training compute (real matmul FLOPs, fwd+bwd incl. LM head and attention)"}
+COMPUTE_LABELS = {"6nd": "training compute C = 6ND [FLOPs]",
+                  "matmul": "training compute C [real matmul FLOPs: fwd+bwd, LM head and attention included]"}
 #: results.csv column holding a run's total FLOPs on each axis (the older ``flops`` is 6ND).
 FLOPS_COLUMNS = {"6nd": ("flops_6nd", "flops"), "matmul": ("flops_matmul",)}
 FORMATS = ("png", "svg")
@@ -231,15 +232,39 @@ def plot_training_curves(curves: pd.DataFrame, points: pd.DataFrame, metric: str
     return fig
 
 
+def flops_text(value: float) -> str:
+    """``1e+11`` -> ``1e11``, ``2.5e+12`` -> ``2.5e12``: a budget as a legend writes it."""
+    mantissa, _, exponent = f"{value:.2g}".partition("e")
+    return f"{mantissa}e{int(exponent)}" if exponent else mantissa
+
+
+def budget_label(budget: float, parabola=None) -> str:
+    """``C = 1e11 FLOPs, R² 0.97``: a slice's budget with its unit and the parabola's fit."""
+    label = f"C = {flops_text(budget)} FLOPs"
+    if parabola is not None and parabola.dof > 0 and math.isfinite(parabola.r2):
+        label += f", R² {parabola.r2:.2f}"
+    elif parabola is not None:
+        label += ", exact fit (3 sizes)"
+    return label
+
+
 def draw_isoflop(ax, fit: ObjectiveFit, points: pd.DataFrame, colors: dict[float, tuple[float, ...]]) -> None:
-    """One objective's iso-FLOP slices: seed means (± std), fitted parabolas, their minima
-    (filled star when bracketed, hollow when not: that budget falls back to its best size)."""
+    """One objective's iso-FLOP slices: seed means (with ± one sample std over seeds as error
+    bars when a point has several seeds; plain markers when it has one), fitted parabolas with
+    their R², their minima (filled star when bracketed, hollow when not: that budget falls back
+    to its best size); the legend names each budget in FLOPs and both kinds of star."""
     mine = points[points["objective"] == fit.objective]
+    stars = set()
     for budget, group in mine.groupby("budget", sort=True):
         color = colors[float(budget)]
-        ax.errorbar(group["n_nonemb"], group["loss"], yerr=group["loss_std"].fillna(0.0), fmt="o", color=color,
-                    markersize=4, capsize=2, label=f"C={budget:.2g}")
         parabola = fit.parabolas.get(float(budget))
+        label = budget_label(float(budget), parabola)
+        spread = group["loss_std"].astype(float)
+        if (spread.fillna(0.0) > 0).any():
+            ax.errorbar(group["n_nonemb"], group["loss"], yerr=spread.fillna(0.0), fmt="o", color=color,
+                        markersize=4, capsize=2, label=label)
+        else:  # one seed: no spread to show, so no error-bar caps either
+            ax.plot(group["n_nonemb"], group["loss"], "o", color=color, markersize=4, label=label)
         if parabola is None:
             continue
         lo, hi = np.log(parabola.n_min / 1.5), np.log(parabola.n_max * 1.5)
@@ -250,13 +275,24 @@ def draw_isoflop(ax, fit: ObjectiveFit, points: pd.DataFrame, colors: dict[float
         if parabola.usable:
             ax.plot(parabola.n_opt, parabola.loss_opt, marker="*", markersize=13, color=color,
                     markerfacecolor=color if parabola.bracketed else "none", markeredgecolor="black", zorder=4)
+            stars.add(parabola.bracketed)
     if mine.empty:
         note(ax, f"no {objective_name(fit.objective)} runs")
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters N")
     ax.set_title(f"{objective_name(fit.objective)}: iso-FLOP slices")
     ax.grid(True, which="both", alpha=0.2)
-    ax.legend(fontsize=7)
+    handles, _ = ax.get_legend_handles_labels()
+    star = dict(marker="*", markersize=10, linestyle="none", markeredgecolor="black")
+    if True in stars:
+        handles.append(Line2D([], [], markerfacecolor="0.6", label="parabola minimum: the budget's optimum", **star))
+    if False in stars:
+        handles.append(Line2D([], [], markerfacecolor="none", label="minimum not bracketed: best size used", **star))
+    if (mine["loss_std"].astype(float).fillna(0.0) > 0).any():
+        handles.append(Line2D([], [], color="0.3", marker="|", linestyle="none", markersize=10,
+                              label="error bar: ± 1 sample std over seeds"))
+    if handles:
+        ax.legend(handles=handles, fontsize=7)
 
 
 def plot_isoflop(analysis: SweepAnalysis) -> Figure:
@@ -271,7 +307,8 @@ def plot_isoflop(analysis: SweepAnalysis) -> Figure:
 
 
 def law_label(name: str, exponent: float, se: float) -> str:
-    return f"{name} C^{exponent:.3f}" + ("" if np.isnan(se) else f" ± {se:.3f}")
+    """``MDM: 3.2·C^0.512, s.e. 0.012``: a fitted power law, its exponent's standard error named."""
+    return f"{name}·C^{exponent:.3f}" + ("" if np.isnan(se) else f", s.e. {se:.3f}")
 
 
 def _bootstrap_errors(boot: ObjectiveBootstrap | None, budgets: np.ndarray, values: np.ndarray,
@@ -301,8 +338,9 @@ def draw_law(ax, fit: ObjectiveFit, column: int, exclude_extrapolated: bool, sty
     fallback = np.array([s == "frontier" for s in fit.sources(exclude_extrapolated)], dtype=bool)
     values = n_opt if column == 1 else loss_opt
     err = _bootstrap_errors(boot, budgets, values, column)
-    if err is not None:
-        ax.errorbar(budgets, values, yerr=err, fmt="none", ecolor=color, elinewidth=1, capsize=3, zorder=2)
+    if err is not None and (err > 0).any():  # bootstrap 95% intervals; none drawn where they are empty
+        ax.errorbar(budgets, values, yerr=err, fmt="none", ecolor=color, elinewidth=1, capsize=3, zorder=2,
+                    label=f"{name}: bootstrap 95% interval")
     ax.scatter(budgets[~fallback], values[~fallback], color=color, marker=marker, zorder=3)
     ax.scatter(budgets[fallback], values[fallback], facecolors="none", edgecolors=color, marker=marker,
                zorder=3, label=f"{name} (best measured size: not bracketed)" if fallback.any() else None)
@@ -316,7 +354,7 @@ def draw_law(ax, fit: ObjectiveFit, column: int, exclude_extrapolated: bool, sty
     if column == 2 and fit.loss_law_saturating is not None:
         sat = fit.loss_law_saturating
         ax.plot(grid, sat(grid), color=color, linestyle=":", linewidth=1,
-                label=f"{name}: {sat.irreducible:.3g} + {sat.prefactor:.3g} C^-{sat.decay:.3f}")
+                label=f"{name}: {sat.irreducible:.3g} + {sat.prefactor:.3g}·C^-{sat.decay:.3f}")
 
 
 def plot_laws(analysis: SweepAnalysis) -> Figure:
@@ -329,8 +367,8 @@ def plot_laws(analysis: SweepAnalysis) -> Figure:
         draw_law(ax_n, fit, 1, analysis.exclude_extrapolated, styles[obj], boots.get(obj))
         draw_law(ax_l, fit, 2, analysis.exclude_extrapolated, styles[obj], boots.get(obj))
     has_data = any(fit.optima()[0].size for fit in analysis.fits.values())
-    for ax, ylabel, title in ((ax_n, "compute-optimal N_opt", "N_opt(C)"),
-                              (ax_l, f"L_opt ({METRIC_LABELS.get(analysis.metric, analysis.metric)})", "L_opt(C)")):
+    for ax, ylabel, title in ((ax_n, "compute-optimal size N_opt [non-embedding parameters]", "N_opt(C)"),
+                              (ax_l, f"L_opt: {METRIC_LABELS.get(analysis.metric, analysis.metric)}", "L_opt(C)")):
         if has_data:  # log axes without positive data cannot be drawn
             ax.set_xscale("log")
             ax.set_yscale("log")

@@ -79,6 +79,9 @@ class Parabola:
     extrapolated: bool = False
     warning: str | None = None
     sizes: tuple[float, ...] = ()
+    r2: float = math.nan  # goodness of fit: 1 - SS_res / SS_tot over the fitted points (NaN: all losses equal)
+    rms_residual: float = math.nan  # sqrt(SS_res / points), in the loss's unit
+    dof: int = 0  # residual degrees of freedom: points - 3 (0: the parabola passes through every point)
 
     @property
     def usable(self) -> bool:
@@ -134,15 +137,20 @@ def fit_isoflop_parabola(n: ArrayLike, loss: ArrayLike, *, budget: float | None 
         )
     a, b, c = (float(v) for v in np.polyfit(np.log(n_arr), y, 2))
     n_min, n_max = float(n_arr.min()), float(n_arr.max())
+    x = np.log(n_arr)
+    ss_res = float(np.sum((y - (a * x**2 + b * x + c)) ** 2))
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    quality = {"r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else math.nan,
+               "rms_residual": math.sqrt(ss_res / y.size), "dof": int(y.size - 3)}
     if a <= 0:
         return Parabola((a, b, c), math.nan, math.nan, n_min, n_max, distinct, budget, opens_downward=True,
                         warning=f"{_budget_name(budget)}: parabola opens downward (a={a:.3g}); no minimum",
-                        sizes=sizes)
+                        sizes=sizes, **quality)
     x_opt = -b / (2 * a)
     n_opt, loss_opt = (math.exp(x_opt) if x_opt < 700 else math.inf), c - b * b / (4 * a)  # flat: far vertex
     extrapolated = not (n_min <= n_opt <= n_max)
     parabola = Parabola((a, b, c), n_opt, loss_opt, n_min, n_max, distinct, budget, extrapolated=extrapolated,
-                        sizes=sizes)
+                        sizes=sizes, **quality)
     if extrapolated:
         warning = (f"{_budget_name(budget)}: minimum N={n_opt:.3g} lies outside the sampled range "
                    f"[{n_min:.3g}, {n_max:.3g}] (extrapolated)")

@@ -151,9 +151,93 @@ def exponent_rows(analysis: SweepAnalysis) -> list[list[str]]:
     return rows
 
 
+A_WIDTH_MAX = 0.5
+"""Widest 95% interval of an N_opt exponent ``a`` that supports a conclusion: Chinchilla's
+``a`` is ~0.5, so a wider interval cannot tell it from 0 or 1."""
+K_RATIO_MAX = 10.0
+"""Widest 95% interval of a compute multiplier (upper / lower end) that supports one number."""
+ADVICE = {"seeds": 3, "budgets": 5, "decades": 2.0}
+"""What a sweep needs at least before its intervals can be expected to close (the advice given)."""
+
+
+def exponent_interval(analysis: SweepAnalysis, objective: str, which: str) -> tuple[tuple[float, float], str]:
+    """The 95% interval of an objective's ``a`` or ``b`` (bootstrap when run, else t) and its kind."""
+    boot = analysis.bootstrap.objectives.get(objective) if analysis.bootstrap is not None else None
+    if boot is not None:
+        return (boot.a_ci95 if which == "a" else boot.b_ci95), "bootstrap"
+    law = analysis.fits[objective].n_opt_law if which == "a" else analysis.fits[objective].loss_law
+    if law is None:
+        return (math.nan, math.nan), "t"
+    lo, hi = law.exponent_ci95
+    return ((lo, hi) if which == "a" else (-hi, -lo)), "t"
+
+
+def multiplier_interval(row) -> tuple[float, float]:
+    """The 95% interval of the multiplier a row's estimate uses (non-parametric where finite)."""
+    return row.nonparametric_ci95 if np.isfinite(row.nonparametric) else row.parametric_ci95
+
+
+def unsupported(analysis: SweepAnalysis) -> list[str]:
+    """What this sweep's intervals do not support: an exponent interval that is missing,
+    contains 0 or is too wide (``a``: wider than :data:`A_WIDTH_MAX`), a multiplier interval
+    that is missing, unbounded or spans more than a factor :data:`K_RATIO_MAX`."""
+    problems = []
+    for obj in analysis.fits:
+        (lo, hi), kind = exponent_interval(analysis, obj, "a")
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            problems.append(f"{name(obj)}'s N_opt exponent a has no interval")
+        elif lo <= 0 <= hi or hi - lo > A_WIDTH_MAX:
+            why = "contains 0" if lo <= 0 <= hi else f"is wider than {A_WIDTH_MAX:g}"
+            problems.append(f"{name(obj)}'s N_opt exponent a: its 95% {kind} interval {ci((lo, hi), '.3f')} {why}")
+        (lo, hi), kind = exponent_interval(analysis, obj, "b")
+        if math.isfinite(lo) and math.isfinite(hi) and lo <= 0 <= hi:
+            problems.append(f"{name(obj)}'s loss exponent b: its 95% {kind} interval {ci((lo, hi), '.4f')} contains "
+                            "0 (the optimal loss is not shown to fall with compute)")
+    for cand in analysis.candidates:
+        rows = analysis.multipliers_for(cand)
+        spans = [multiplier_interval(r) for r in rows]
+        wide = [(r, (lo, hi)) for r, (lo, hi) in zip(rows, spans)
+                if not (math.isfinite(lo) and math.isfinite(hi) and lo > 0 and hi / lo <= K_RATIO_MAX)]
+        if rows and wide:
+            shown = "; ".join(f"C={num(r.budget)}: {ci(span)}" for r, span in wide)
+            problems.append(f"the compute multiplier of {name(cand)} vs {name(analysis.reference)} is not pinned down "
+                            f"(95% intervals missing, unbounded or wider than a factor {K_RATIO_MAX:g}: {shown})")
+    return problems
+
+
+def advice(analysis: SweepAnalysis) -> str:
+    """What would let the sweep support its conclusions: seeds, budgets, a wider span, brackets."""
+    points = analysis.points
+    seeds = int(points["n_seeds"].min()) if len(points) else 0
+    budgets = sorted({float(c) for fit in analysis.fits.values() for c in fit.budgets})
+    decades = math.log10(budgets[-1] / budgets[0]) if len(budgets) > 1 else 0.0
+    needs = []
+    if seeds < ADVICE["seeds"]:
+        needs.append(f"{ADVICE['seeds']}+ seeds per point (now {seeds}; each optimum's noise shrinks as 1/sqrt(seeds))")
+    if len(budgets) < ADVICE["budgets"]:
+        needs.append(f"{ADVICE['budgets']}+ budgets (now {len(budgets)})")
+    if decades < ADVICE["decades"]:
+        needs.append(f"budgets spanning {ADVICE['decades']:g}+ decades of compute (now {decades:.1f}: an exponent's "
+                     "interval narrows as the span of ln C grows)")
+    if not analysis.all_bracketed:
+        needs.append("sizes on both sides of every budget's optimum (some budgets are not bracketed)")
+    return "; ".join(needs) if needs else "more seeds and more budgets over a wider span of compute"
+
+
+def support_line(analysis: SweepAnalysis) -> str:
+    """The headline's verdict: whether the intervals support the conclusions, and if not, what would."""
+    problems = unsupported(analysis)
+    if not problems:
+        return (f"Conclusions supported: every exponent interval excludes 0 (a's narrower than {A_WIDTH_MAX:g}) and "
+                f"every multiplier is known within a factor {K_RATIO_MAX:g} (95% intervals).")
+    return ("**This sweep cannot support a scaling conclusion**: " + "; ".join(problems) + ". The numbers below are "
+            f"point estimates, not findings. What would: {advice(analysis)}.")
+
+
 def headline_section(analysis: SweepAnalysis) -> list[str]:
-    """Bracketing, exponents, exponent differences and multipliers, each with intervals."""
-    lines = ["## Headline", "", f"- {bracketing_line(analysis)}", f"- {interval_method_line(analysis)}", "",
+    """The verdict, bracketing, exponents, exponent differences and multipliers, each with intervals."""
+    lines = ["## Headline", "", f"- {support_line(analysis)}", f"- {bracketing_line(analysis)}",
+             f"- {interval_method_line(analysis)}", "",
              "Exponents of N_opt = A·C^a and L_opt = A·C^-b:", ""]
     lines += table(["objective", "a", "a 95% (bootstrap)", "a 95% (t)", "b", "b 95% (bootstrap)", "b 95% (t)",
                     "budgets", "replicates bracketed"], exponent_rows(analysis), "lrrrrrrrr")
@@ -229,7 +313,7 @@ def optima_section(analysis: SweepAnalysis) -> list[str]:
                     flag = "; ".join(filter(None, [flag, "no noise estimate"]))
             d_opt = c / (6 * n_opt) if six_nd and math.isfinite(n_opt) else math.nan
             rows.append([name(obj), num(c), str(p.n_sizes if p else fit_sizes(analysis, obj, c)), kind, num(n_opt),
-                         n_ci, num(d_opt), num(l_opt, ".4f"), l_ci, flag])
+                         n_ci, num(d_opt), num(l_opt, ".4f"), l_ci, *fit_quality(p), flag])
         skipped += [f"- {name(obj)}: {reason}" for _, reason in sorted(fit.skipped.items())]
     d_note = ("D_opt = C / (6 N_opt)." if six_nd else
               "D_opt is not shown: on the matmul axis C is not 6·N·D.")
@@ -237,11 +321,22 @@ def optima_section(analysis: SweepAnalysis) -> list[str]:
              "Per budget, a least-squares parabola of loss against ln N; its vertex is (N_opt, L_opt) when "
              "*bracketed*: the parabola opens upward and its vertex lies strictly inside the sampled sizes, with a "
              "measured size on each side. Otherwise the budget falls back to its best measured size "
-             f"(Chinchilla approach 1). {d_note} Intervals: bootstrap 95% percentile.", ""]
+             f"(Chinchilla approach 1). {d_note} Intervals: bootstrap 95% percentile. Goodness of fit: R² of the "
+             "parabola over its points and the RMS of its residuals (nats/token); a parabola through 3 sizes "
+             "fits them exactly (no residual degrees of freedom: R² says nothing).", ""]
     lines += (table(["objective", "budget C", "sizes", "optimum", "N_opt", "N_opt 95%", "D_opt", "L_opt", "L_opt 95%",
-                     "flag"], rows, "lrrlrrrrrl")
+                     "R²", "RMS resid.", "flag"], rows, "lrrlrrrrrrrl")
               if rows else ["No budget has an iso-FLOP parabola."])
     return lines + (["", "Budgets without a parabola:", *skipped] if skipped else [])
+
+
+def fit_quality(parabola) -> list[str]:
+    """``[R², RMS residual]`` of a budget's parabola (``exact`` with no residual degree of freedom)."""
+    if parabola is None:
+        return ["—", "—"]
+    if parabola.dof <= 0:
+        return ["exact", "0"]
+    return [num(parabola.r2, ".3f"), num(parabola.rms_residual, ".2g")]
 
 
 def fit_sizes(analysis: SweepAnalysis, objective: str, budget: float) -> int:
@@ -305,7 +400,11 @@ def interpretation(analysis: SweepAnalysis) -> list[str]:
         elbo = (f" The {name(cand)}'s loss is a Monte-Carlo negative ELBO, an upper bound on its NLL, so the "
                 f"multiplier overstates its true likelihood gap, if anything."
                 if not exact_likelihood(cand) and exact_likelihood(ref) else "")
-        out.append(f"- {name(cand)} vs {name(ref)}: at the measured budgets {verdict} (geometric mean).{elbo}")
+        pinned = all(math.isfinite(lo) and math.isfinite(hi) and lo > 0 and hi / lo <= K_RATIO_MAX
+                     for lo, hi in map(multiplier_interval, rows))
+        caveat = "" if pinned else (" This is a point estimate only: its 95% intervals do not pin it down (see the "
+                                    "verdict above).")
+        out.append(f"- {name(cand)} vs {name(ref)}: at the measured budgets {verdict} (geometric mean).{caveat}{elbo}")
     out.append(f"- For scale: SMDM reports roughly {SMDM_MULTIPLIER:.0f}x for MDM vs AR at their scale.")
     return out
 

@@ -82,6 +82,7 @@ def write_run_configs(spec: SweepSpec, out: Path, plan: list[RunPlan]) -> None:
 def execute_run(spec: SweepSpec, out: Path, run: RunPlan, table: ResultsTable) -> dict | None:
     """Fit (resuming if a checkpoint exists), validate with the final K, record the row."""
     from lldiff.launch import lightning_cli, resume_args  # heavy import, only when a run really executes
+    from lldiff.quiet import quiet_evaluation_advice
 
     start = time.perf_counter()
     path = config_path(out, run)
@@ -91,7 +92,8 @@ def execute_run(spec: SweepSpec, out: Path, run: RunPlan, table: ResultsTable) -
     if monte_carlo:
         model.hparams.eval_mc_samples = spec.final_val_mc_samples
     loggers, trainer.loggers = trainer.loggers, []  # the final evaluation is not a curve point
-    metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    with quiet_evaluation_advice():
+        metrics = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     trainer.loggers = loggers
     if not trainer.is_global_zero:
         return None

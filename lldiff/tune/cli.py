@@ -18,7 +18,10 @@ DEFAULT_STUDY = "lldiff-tune"
 def build_parser() -> argparse.ArgumentParser:
     from lldiff.tune.study import PRUNERS, SAMPLERS
 
-    parser = argparse.ArgumentParser(prog="lldiff tune", description="Optuna hyperparameter search over `lldiff fit` runs.")
+    parser = argparse.ArgumentParser(
+        prog="lldiff tune", description="Optuna hyperparameter search over `lldiff fit` runs. `tune run` also takes "
+        "config overrides for every trial, as `lldiff fit` does: --data.init_args.val_max_rows 16, "
+        "--trainer.precision bf16-mixed, ...")
     sub = parser.add_subparsers(dest="action", required=True)
 
     run = sub.add_parser("run", help="run trials until the study holds --n-trials (create or join the study)")
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    from lldiff.tune.setup import load_setup
+    from lldiff.tune.setup import load_setup, parse_overrides
     from lldiff.tune.storage import resolve_storage
     from lldiff.tune.study import (
         best_trial, bind_out_dir, count_started, make_pruner, make_sampler, open_study, quiet_lightning,
@@ -72,7 +75,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.pruner_startup_trials < 0 or args.pruner_warmup_steps < 0:
         raise TuneError("--pruner-startup-trials and --pruner-warmup-steps must be >= 0")
     setup = load_setup(args.config, args.space, objective=args.objective, size=args.size,
-                       max_steps=args.max_steps, evals=args.evals, keep_checkpoints=args.keep_checkpoints)
+                       max_steps=args.max_steps, evals=args.evals, keep_checkpoints=args.keep_checkpoints,
+                       overrides=parse_overrides(args.overrides))
     pruner = make_pruner(args.pruner, setup, args.pruner_startup_trials, args.pruner_warmup_steps)
     make_sampler(args.sampler, None)  # checks the name before any work
     out = args.out.resolve()
@@ -171,7 +175,10 @@ def _best(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.action != "run":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra  # `run`: config overrides for every trial, as `lldiff fit` takes them
     try:
         code = _run(args, argv[1:]) if args.action == "run" else _best(args)
     except TuneError as error:

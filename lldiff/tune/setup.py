@@ -99,11 +99,16 @@ def load_setup(
     max_steps: int | None = None,
     evals: int = 4,
     keep_checkpoints: bool = False,
+    overrides: list[tuple[str, Any]] = (),
 ) -> TuneSetup:
-    """Read the base fit config and the space file; every error names the bad value."""
+    """Read the base fit config and the space file, with ``overrides`` (:func:`apply_overrides`)
+    on top; every error names the bad value."""
     from lightning.pytorch import Trainer
 
-    base = _read_config(config)
+    base = apply_overrides(_read_config(config), list(overrides))
+    if base.pop("ckpt_path", None) is not None:  # a run's saved config.yaml says ckpt_path: null
+        raise TuneError(f"{config}: ckpt_path is set; every trial trains from scratch (remove it)")
+    base.pop("weights_only", None)  # a `fit` option of the saved config.yaml, not a trial's
     model = base.setdefault("model", {})
     class_path = model.get("class_path")
     model_args = dict(model.get("init_args") or {})
@@ -136,6 +141,9 @@ def load_setup(
         unknown = set(base[group].get("init_args") or {}) - targets[group]
         if unknown:
             raise TuneError(f"{config}: unknown {group}.init_args {sorted(unknown)} for {base[group]['class_path']}")
+    unknown = set(base.get("trainer") or {}) - targets["trainer"]
+    if unknown:
+        raise TuneError(f"{config}: unknown trainer option(s) {sorted(unknown)}; see `lldiff fit --help`")
 
     reserved = {**RESERVED, **{f"model.{k}": f"the objective {objective} fixes it (choose another with --objective)"
                                for k in module["init_args"]}}
@@ -159,19 +167,89 @@ def load_setup(
 
 
 def _check_warmup(setup: TuneSetup) -> None:
-    """Warmup must fit in a trial's steps (the optimizer refuses it only once a trial runs)."""
+    """A trial's warmup is at most half its steps: its value is read at ``max_steps``, and a
+    warmup that fills most of a short trial leaves the cosine no room (at ``warmup = max_steps``
+    the trial never decays), so the search would compare schedules instead of settings. Checked
+    for the searched range, the config's value and, when neither sets it, SMDM's default
+    ``max(1% of steps, 100)``, before any trial runs."""
+    limit = setup.max_steps // 2
     searched = {p.arg: p for p in setup.space.params if p.group == "model"}
     spec = searched.get("warmup_steps")
     if spec is None:
         value = setup.base["model"]["init_args"].get("warmup_steps")
-        if isinstance(value, int) and value > setup.max_steps:
-            raise TuneError(f"model.init_args.warmup_steps={value} exceeds --max-steps {setup.max_steps}; "
-                            "lower it in the config or search it")
+        if value is None:
+            from lldiff.optim import smdm_warmup_steps
+
+            value, where = smdm_warmup_steps(setup.max_steps), "the default warmup_steps (SMDM's max(1% of steps, 100))"
+        else:
+            where = f"model.init_args.warmup_steps={value}"
+        if isinstance(value, int) and value > limit:
+            raise TuneError(f"{where} is {value} steps, more than half of --max-steps {setup.max_steps}; allowed: at "
+                            f"most {limit} (give --model.init_args.warmup_steps N, or search warmup_steps)")
         return
     values = [v for v in spec.choices if isinstance(v, (int, float))] if spec.kind == "categorical" else [spec.high]
-    if values and max(values) > setup.max_steps:
-        raise TuneError(f"search space warmup_steps reaches {max(values)} > --max-steps {setup.max_steps}; "
-                        f"allowed: at most max_steps")
+    if values and max(values) > limit:
+        raise TuneError(f"search space warmup_steps reaches {max(values)}, more than half of --max-steps "
+                        f"{setup.max_steps}; allowed: at most {limit} (a longer warmup leaves a trial's cosine "
+                        "too few steps)")
+
+
+OVERRIDE_GROUPS = ("model", "data", "trainer", "checkpoint", "seed_everything")
+
+
+def apply_overrides(base: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``base`` with ``lldiff fit``-style overrides, e.g. ``("data.init_args.val_max_rows", 16)``,
+    applied to every trial (a key path into the config; the value already parsed as YAML).
+    What the study itself sets is refused, naming the option that sets it."""
+    cfg = copy.deepcopy(base)
+    for key, value in overrides:
+        parts = key.split(".")
+        if parts[0] not in OVERRIDE_GROUPS or any(not p for p in parts):
+            raise TuneError(f"unknown option --{key}; config overrides start with "
+                            + ", ".join(f"--{g}." for g in OVERRIDE_GROUPS[:-1]) + " or are --seed_everything")
+        qualified = f"{parts[0]}.{parts[-1]}" if len(parts) > 1 else parts[0]
+        if qualified in RESERVED or key in ("model.init_args.size", "model.class_path"):
+            reason = RESERVED.get(qualified, "give --size or --objective")
+            raise TuneError(f"--{key} cannot be overridden in a study: {reason}")
+        node = cfg
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise TuneError(f"--{key}: {part!r} is {child!r} in the config, not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return cfg
+
+
+def parse_overrides(extra: list[str]) -> list[tuple[str, Any]]:
+    """``["--data.init_args.val_max_rows", "16", "--trainer.precision=bf16-mixed"]`` ->
+    ``[("data.init_args.val_max_rows", 16), ("trainer.precision", "bf16-mixed")]`` (values read
+    as YAML, like ``lldiff fit``'s command line)."""
+    import yaml
+
+    pairs: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--") or item == "--":
+            raise TuneError(f"unexpected argument {item!r}; config overrides are --KEY VALUE, e.g. "
+                            "--data.init_args.val_max_rows 16")
+        if "=" in item:
+            key, text = item[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise TuneError(f"{item} needs a value (--KEY VALUE)")
+            key, text = item[2:], extra[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        pairs.append((key, value))
+    return pairs
 
 
 def _read_config(path: str | Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from torch import Tensor
 from lldiff import registry
 from lldiff.config import ModelConfig
 from lldiff.flops import scaling_flops
-from lldiff.hparams import write_hparams_table
+from lldiff.hparams import log_hparams_table
 from lldiff.losses import DEFAULT_CHUNK_TOKENS, check_chunk_tokens
 from lldiff.metrics import NatsPerToken
 from lldiff.model import Transformer
@@ -124,7 +124,7 @@ class LMBase(L.LightningModule):
             check_data(self, datamodule, stage)
 
     def on_fit_start(self) -> None:
-        write_hparams_table(self)
+        log_hparams_table(self)
 
     def configure_model(self) -> None:
         """Compile and shard the backbone as the trainer asks (:func:`lldiff.strategies.prepare_backbone`)."""

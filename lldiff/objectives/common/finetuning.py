@@ -186,7 +186,8 @@ class SFTMixin:
 
     def validation_step(self: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         tokens, response = batch["input_ids"], batch["response_mask"]
-        self.val_metric.update(self.response_nats(tokens, response, batch_idx), response.sum())
+        scored_bytes = self.token_bytes[tokens[response.bool()]] if self.token_bytes.numel() else None
+        self.val_metric.update(self.response_nats(tokens, response, batch_idx), response.sum(), scored_bytes)
 
 
 def training_dtype(precision: str) -> torch.dtype:
