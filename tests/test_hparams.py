@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from lldiff import registry
 from lldiff.config import SIZES
 from lldiff.hparams import hparams_table, run_name
 
@@ -14,7 +15,7 @@ def test_the_headline_columns_sort_first_and_bookkeeping_is_dropped(monkeypatch)
     module = SimpleNamespace(
         hparams={"_class_path": "lldiff.modules.MaskedDiffusionLM", "_instantiator": "x", "attn_backend": "sdpa",
                  "betas": (0.9, 0.95), "size": "tiny-0.1M", "lr": 1e-3, "warmup_steps": 2},
-        objective_name="mdm", config=config)
+        objective=registry.get("mdm"), config=config)
     datamodule = SimpleNamespace(hparams={"seq_len": 32, "batch_size": 8}, seq_len=32, batch_size=8)
     trainer = SimpleNamespace(datamodule=datamodule, max_steps=100, world_size=2, accumulate_grad_batches=3)
     table = hparams_table(module, trainer, run="mdm/tiny-0.1M/C1e+11-seed3")
