@@ -73,8 +73,9 @@ class ModelConfig:
             raise ValueError(f"mask_token must be true, false or null, got {self.mask_token!r}")
         if self.mask_token is False or (self.mask_token is None and self.attention == "causal"):
             if self.mask_id is not None:
-                why = "mask_token=false" if self.mask_token is False else "a causal model (mask_token unset)"
-                raise ValueError(f"mask_id={self.mask_id}: {why} has no mask token")
+                why = ("mask_token=false has no mask token" if self.mask_token is False else
+                       "a causal model has no mask token (mask_token: true gives one a mask token)")
+                raise ValueError(f"mask_id={self.mask_id}: {why}")
         elif self.mask_id is None:
             object.__setattr__(self, "mask_id", self.vocab_size)
         elif isinstance(self.mask_id, bool) or not isinstance(self.mask_id, int) or not 0 <= self.mask_id <= self.vocab_size:

@@ -36,7 +36,7 @@ def tiny_args(objective, toy_corpus, cache_dir, out, *extra):
 def test_help_lists_commands_and_sizes(capsys):
     main(["--help"])
     out = capsys.readouterr().out
-    for word in ("fit", "validate", "test", "MaskedDiffusionLM", "AutoregressiveLM", "smdm-1028M", "llada-8B"):
+    for word in ("fit", "validate", "test", "lldiff/objectives/mdm/", "lldiff/objectives/ar/", "bd3-B", "smdm-1028M", "llada-8B"):
         assert word in out
 
 
@@ -125,7 +125,7 @@ def test_checkpoint_of_the_other_objective_is_named(toy_corpus, cache_dir, tmp_p
     ar_ckpt = tmp_path / "ar-tiny" / "checkpoints" / "last.ckpt"
     mdm = MaskedDiffusionLM(size="tiny-0.1M", vocab_size=cli.model.config.vocab_size)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    with pytest.raises(ValueError, match="holds an AR model \\(causal attention\\) but MaskedDiffusionLM is an MDM model"):
+    with pytest.raises(ValueError, match="holds an AR model \\(objective .ar.\\) but MaskedDiffusionLM trains an MDM model"):
         trainer.validate(mdm, datamodule=cli.datamodule, ckpt_path=str(ar_ckpt))
 
 

@@ -177,7 +177,7 @@ class SyncWatch(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-HOST_ONLY = {("tolist", "draw_random_length")}
+HOST_ONLY = {("tolist", "masking.draw_random_length")}
 """The random length is drawn from a CPU generator (a host tensor: no device involved)."""
 EXPECTED = {
     "ar": HOST_ONLY,

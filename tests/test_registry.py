@@ -67,9 +67,9 @@ def test_bad_names_are_refused_with_the_allowed_ones(name, message):
 
 # -- the backbone each objective fixes, and back --------------------------------------------------
 @pytest.mark.parametrize("name,fields,rows", [
-    ("ar", {"attention": "causal", "block_size": None, "mask_id": None}, V),
-    ("mdm", {"attention": "bidirectional", "block_size": None, "mask_id": V}, V + 1),
-    ("bd3-4", {"attention": "block", "block_size": 4, "mask_id": V}, V + 1),
+    ("ar", {"attention": "causal", "block_size": None, "mask_id": None, "mask_token": False}, V),
+    ("mdm", {"attention": "bidirectional", "block_size": None, "mask_id": V, "mask_token": True}, V + 1),
+    ("bd3-4", {"attention": "block", "block_size": 4, "mask_id": V, "mask_token": True}, V + 1),
 ])
 def test_model_fields(name, fields, rows):
     assert registry.get(name).model_fields(V) == fields
@@ -78,12 +78,17 @@ def test_model_fields(name, fields, rows):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_of_config_and_of_model_round_trip(name):
+def test_the_legacy_rule_and_of_model_round_trip(name):
+    """A model without a record is read by the legacy rule (its attention kind and block size); a
+    model that carries its objective (set by the modules and by load_model) is read from that."""
     entry = registry.get(name)
     config = SIZES["tiny-0.03M"].replace(vocab_size=V, **entry.model_fields(V))
-    assert registry.of_config(config) == entry
-    assert registry.of_config(ModelConfig.from_dict(dict(config.__dict__))) == entry  # as a checkpoint stores it
-    assert registry.of_model(Transformer(config)) == entry
+    assert registry.legacy_objective(config) == entry
+    assert registry.legacy_objective(ModelConfig.from_dict(dict(config.__dict__))) == entry  # as a checkpoint stores it
+    model = Transformer(config)
+    assert registry.of_model(model) == entry
+    model.objective = registry.get("bd3-2")  # the record wins over the attention kind
+    assert registry.of_model(model) == registry.get("bd3-2")
 
 
 def test_the_round_trip_covers_every_family():
@@ -96,7 +101,7 @@ def test_the_registered_module_builds_that_objective(name):
     spec = entry.module_config()
     assert spec == {"class_path": entry.module, "init_args": entry.module_args()}
     module = instantiate_class((), {**spec, "init_args": {**spec["init_args"], "size": "tiny-0.03M", "vocab_size": V}})
-    assert module.objective == entry and registry.of_config(module.config) == entry
+    assert module.objective == entry and registry.of_model(module.model) == entry
 
 
 def test_module_config_for_lightning_cli():
@@ -117,12 +122,12 @@ def test_every_import_path_of_a_family_resolves(family):
     assert entry.elbo() is None if entry.exact_likelihood else callable(entry.elbo())
 
 
-def test_of_config_refuses_what_no_objective_has():
+def test_the_legacy_rule_refuses_what_no_objective_has():
     class Config:
         attention = "sliding"
 
     with pytest.raises(ValueError, match="no objective has attention='sliding'; allowed kinds: causal, bidirectional"):
-        registry.of_config(Config())
+        registry.legacy_objective(Config())
     with pytest.raises(ValueError, match="carries no ModelConfig"):
         registry.of_model(object())
 

@@ -12,6 +12,7 @@ from lldiff import registry as objectives
 from lldiff.checkpoint import (TOKENIZER_KEY, check_tokenizer, is_hf_directory, read_checkpoint_meta,
                                read_model_weights)
 from lldiff.config import SIZES, ModelConfig
+from lldiff.run_state import data_tokenizer
 from lldiff.lora import LoraOptions, apply_lora, fp32_restorer, fp32_snapshot
 from lldiff.registry import Objective
 from lldiff.objectives.common.sft_loss import SFT_NORMALISATIONS
@@ -161,7 +162,7 @@ class SFTMixin:
     def setup(self: Any, stage: str) -> None:
         super().setup(stage)  # type: ignore[misc]
         if stage == "fit":  # before any step: the SFT data must be encoded as the pre-training was
-            check_tokenizer(self._pretrained_tokenizer, self._data_tokenizer(), f"init_from {self._init_from!r}")
+            check_tokenizer(self._pretrained_tokenizer, data_tokenizer(self), f"init_from {self._init_from!r}")
 
     def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -179,9 +180,8 @@ class SFTMixin:
         tokens, response = batch["input_ids"], batch["response_mask"]
         loss = self.sft_loss(tokens, response)
         processed = tokens.numel() * self.trainer.world_size
-        self.tokens_seen += processed
-        self._log_progress(loss, processed,
-                           processed * self.objective.matmul_flops_per_token(self.config, tokens.shape[1]))
+        self.log_step(loss, processed,
+                      processed * self.objective.matmul_flops_per_token(self.config, tokens.shape[1]))
         return loss
 
     def validation_step(self: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
