@@ -192,8 +192,10 @@ class _SFTMixin:
 
     def validation_step(self: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         tokens, response = batch["input_ids"], batch["response_mask"]
-        self.val_nats.update(self.response_nats(tokens, response, batch_idx).sum())
-        self.val_tokens.update(response.sum())
+        nats = self.response_nats(tokens, response, eval_batch_index(batch, batch_idx))  # lldiff.data.eval_batches
+        weight = eval_weights(batch, nats.shape[0], nats.device)
+        self.val_nats.update((nats * weight).sum())
+        self.val_tokens.update((response.sum(dim=1) * weight).sum())
 
 
 def training_dtype(precision: str) -> torch.dtype:

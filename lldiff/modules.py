@@ -25,6 +25,7 @@ from torchmetrics import SumMetric
 from lldiff import block_diffusion, objectives, registry
 from lldiff.checkpoint import TOKENIZER_KEY, check_tokenizer
 from lldiff.config import ModelConfig
+from lldiff.data.eval_batches import eval_batch_index, eval_weights
 from lldiff.flops import ThroughputWindow, device_peak_flops, mfu, scaling_flops
 from lldiff.losses import DEFAULT_CHUNK_TOKENS, check_chunk_tokens
 from lldiff.model import Transformer
@@ -284,11 +285,13 @@ class LMBase(L.LightningModule):
         self._window = ThroughputWindow(now, tokens, flops or 0.0)  # the next interval starts here
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        nats, scored = self.validation_nats(batch["input_ids"], batch_idx)
-        self.val_nats.update(nats.sum())
-        self.val_tokens.update(scored.numel())
+        # rows weighted 0 pad a rank's share (lldiff.data.eval_batches); draws seeded by the one-process batch
+        nats, scored = self.validation_nats(batch["input_ids"], eval_batch_index(batch, batch_idx))
+        weight = eval_weights(batch, nats.shape[0], nats.device)
+        self.val_nats.update((nats * weight).sum())
+        self.val_tokens.update(weight.sum() * scored.shape[1])
         if self.token_bytes.numel():
-            self.val_bytes.update(self.token_bytes[scored].sum())
+            self.val_bytes.update((self.token_bytes[scored].sum(dim=1) * weight).sum())
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val")
