@@ -253,7 +253,8 @@ def test_fsdp2_checkpoints_load_on_one_cpu_process(runs, tmp_path):
 @pytest.mark.slow
 def test_cli_fsdp2_with_lightnings_launcher_resumes_and_generates(toy_corpus, cache_dir, tmp_path):
     """`lldiff fit --trainer.devices 2 --trainer.strategy fsdp2` (Lightning starts the second
-    process), `--ckpt_path last` continues the sharded run, `lldiff generate` reads it."""
+    process), `--ckpt_path` of its sharded step-4 checkpoint continues the run, `lldiff generate`
+    reads it."""
     fit = [sys.executable, "-m", "lldiff.cli", "fit", "--config", str(REPO / "configs" / "ar-tiny.yaml"),
            "--config", str(REPO / "configs" / "strategies" / "fsdp2-cpu.yaml"),
            "--model.init_args.size", "tiny-0.03M", "--model.init_args.warmup_steps", "2",
@@ -263,9 +264,11 @@ def test_cli_fsdp2_with_lightnings_launcher_resumes_and_generates(toy_corpus, ca
            "--data.init_args.cache_dir", str(cache_dir), "--trainer.val_check_interval", "4",
            "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
            "--checkpoint.every_n_train_steps", "4", "--trainer.logger.init_args.save_dir", str(tmp_path)]
-    subprocess.run([*fit, "--trainer.max_steps", "6"], cwd=REPO, check=True, timeout=300, capture_output=True)
-    subprocess.run([*fit, "--trainer.max_steps", "10", "--ckpt_path", "last"], cwd=REPO, check=True, timeout=300,
-                   capture_output=True)
+    # every 4 steps a sharded checkpoint is kept: the run resumed from step 4 (as if interrupted there)
+    fit += ["--trainer.max_steps", "10", "--checkpoint.save_top_k", "-1"]
+    subprocess.run(fit, cwd=REPO, check=True, timeout=300, capture_output=True)
+    (step4,) = (tmp_path / "ar-tiny" / "checkpoints").glob("*step=4*")
+    subprocess.run([*fit, "--ckpt_path", str(step4)], cwd=REPO, check=True, timeout=300, capture_output=True)
     ckpt = tmp_path / "ar-tiny" / "checkpoints" / "last.ckpt"
     assert is_sharded_checkpoint(ckpt) and read_checkpoint_meta(ckpt)["global_step"] == 10
     events = EventAccumulator(glob.glob(str(tmp_path / "ar-tiny" / "events*"))[0])

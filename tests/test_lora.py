@@ -31,6 +31,7 @@ from lldiff.lora import (
 )
 from lldiff.model import Transformer
 from lldiff.sweep.figures import read_scalars
+from test_cli import fit_until
 from test_sft_training import _sft_file  # the SFT tests' word-pair data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,7 +216,7 @@ def test_lora_sft_through_the_cli_resumes_and_loads_everywhere(tiny_runs, tmp_pa
         "--model.init_args.lora.r", "8", "--trainer.val_check_interval", "60", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path),
     ]
-    cli = lightning_cli([*args, "--trainer.max_steps", "60"])
+    cli = fit_until([*args, "--trainer.max_steps", "63"], 60)  # interrupted after 60 steps
     assert cli.model.hparams.lora["r"] == 8 and cli.model.hparams.lora["alpha"] == 32
     ckpt = tmp_path / "sft-mdm-tiny-lora" / "checkpoints" / "last.ckpt"
     losses = list(read_scalars(ckpt.parent.parent)["train/loss"].values())
