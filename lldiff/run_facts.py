@@ -34,9 +34,19 @@ def current_facts(trainer: L.Trainer, datamodule: Any = None) -> dict[str, Any]:
     return {
         "max_steps": trainer.max_steps,
         "batch_size": getattr(datamodule, "batch_size", None),
-        "world_size": data_parallel_rank(trainer)[1],
+        "world_size": _data_parallel_size(trainer),
         "seq_len": getattr(datamodule, "seq_len", None),
     }
+
+
+def _data_parallel_size(trainer: L.Trainer) -> int:
+    """The data-parallel processes; before the processes start (the CLI's early check) an
+    FSDP2 strategy has no device mesh yet: then the size it will take, else the world size."""
+    try:
+        return data_parallel_rank(trainer)[1]
+    except RuntimeError:
+        size = getattr(trainer.strategy, "_data_parallel_size", None)
+        return size if isinstance(size, int) else trainer.world_size
 
 
 def saved_facts(checkpoint: dict[str, Any]) -> dict[str, Any]:
