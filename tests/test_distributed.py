@@ -269,7 +269,8 @@ def test_cli_fsdp2_with_lightnings_launcher_resumes_and_generates(toy_corpus, ca
     subprocess.run(fit, cwd=REPO, check=True, timeout=300, capture_output=True)
     (step4,) = (tmp_path / "ar-tiny" / "checkpoints").glob("*step=4*")
     subprocess.run([*fit, "--ckpt_path", str(step4)], cwd=REPO, check=True, timeout=300, capture_output=True)
-    ckpt = tmp_path / "ar-tiny" / "checkpoints" / "last.ckpt"
+    # the resumed run's own last checkpoint (Lightning names it last-v1 beside the first run's)
+    ckpt = max((tmp_path / "ar-tiny" / "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     assert is_sharded_checkpoint(ckpt) and read_checkpoint_meta(ckpt)["global_step"] == 10
     events = EventAccumulator(glob.glob(str(tmp_path / "ar-tiny" / "events*"))[0])
     events.Reload()
