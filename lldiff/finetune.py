@@ -20,6 +20,7 @@ from lldiff import block_diffusion, objectives, registry
 from lldiff.checkpoint import (TOKENIZER_KEY, check_tokenizer, is_hf_directory, read_checkpoint_meta,
                                read_model_weights)
 from lldiff.config import SIZES, ModelConfig
+from lldiff.data.eval_batches import eval_batch_index, eval_weights
 from lldiff.lora import LoraOptions, apply_lora, fp32_restorer, fp32_snapshot, lora_options
 from lldiff.modules import AutoregressiveLM, BlockDiffusionLM, MaskedDiffusionLM
 from lldiff.registry import Objective
