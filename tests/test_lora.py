@@ -31,7 +31,6 @@ from lldiff.lora import (
 )
 from lldiff.model import Transformer
 from lldiff.sweep.figures import read_scalars
-from test_cli import fit_until
 from test_sft_training import _sft_file  # the SFT tests' word-pair data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,7 +215,7 @@ def test_lora_sft_through_the_cli_resumes_and_loads_everywhere(tiny_runs, tmp_pa
         "--model.init_args.lora.r", "8", "--trainer.val_check_interval", "60", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path),
     ]
-    cli = fit_until([*args, "--trainer.max_steps", "63"], 60)  # interrupted after 60 steps
+    cli = lightning_cli([*args, "--trainer.max_steps", "60"])
     assert cli.model.hparams.lora["r"] == 8 and cli.model.hparams.lora["alpha"] == 32
     ckpt = tmp_path / "sft-mdm-tiny-lora" / "checkpoints" / "last.ckpt"
     losses = list(read_scalars(ckpt.parent.parent)["train/loss"].values())
@@ -244,8 +243,10 @@ def test_lora_sft_through_the_cli_resumes_and_loads_everywhere(tiny_runs, tmp_pa
     again = MaskedDiffusionSFT(init_from=str(ckpt), vocab_size=loaded.config.vocab_size)
     assert all(torch.equal(again.model.state_dict()[k], v) for k, v in loaded.model.state_dict().items())
 
-    cli = lightning_cli([*args, "--trainer.max_steps", "63", "--ckpt_path", "last"])  # the adapted structure resumes
-    assert cli.trainer.global_step == 63 and load_model(ckpt).config.vocab_size == loaded.config.vocab_size
+    # the adapted structure resumes (a finished run: restored at step 60, nothing left to train; a longer
+    # max_steps would be refused: the schedule ends at the run's own)
+    cli = lightning_cli([*args, "--trainer.max_steps", "60", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 60 and load_model(ckpt).config.vocab_size == loaded.config.vocab_size
 
 
 @pytest.mark.parametrize("value,error", [
