@@ -39,8 +39,10 @@ class RunCheckpoint(ModelCheckpoint):
         callback's directory (the run moved with its checkpoints), paths inside the old
         checkpoint directory are read as the same files in this one; a checkpoint brought in
         from another run keeps Lightning's behaviour."""
-        stored = state_dict.get("dirpath")
         trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.state.fn != "fit":
+            return  # validate / test write no checkpoint (and log elsewhere: lldiff.run_facts.own_log_version)
+        stored = state_dict.get("dirpath")
         resumed = None if trainer is None else trainer.ckpt_path
         in_here = (self.dirpath is not None and isinstance(resumed, str)
                    and os.path.realpath(os.path.dirname(resumed)) == os.path.realpath(self.dirpath))
@@ -56,6 +58,18 @@ class RunCheckpoint(ModelCheckpoint):
                           **{key: moved(state_dict[key]) for key in ("last_model_path", "best_model_path",
                                                                      "kth_best_model_path") if key in state_dict}}
         super().load_state_dict(state_dict)
+
+
+class ValidateAtEnd(L.Callback):
+    """Validate the final weights of every fit: the last step (``trainer.max_steps``) asks
+    Lightning to stop, which validates once more unless that step was a validation step anyway
+    (no double validation). A fit shorter than ``val_check_interval`` then still has its
+    ``val/*`` point, so short runs compare in TensorBoard. ``lldiff fit --validate_at_end
+    false`` turns it off."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

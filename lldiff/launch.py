@@ -24,9 +24,10 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from lldiff.callbacks import RunCheckpoint, use_atomic_checkpoints, use_lldiff_console
+from lldiff.callbacks import RunCheckpoint, ValidateAtEnd, use_atomic_checkpoints, use_lldiff_console
 from lldiff.objectives.common.base import LMBase
 from lldiff.quiet import quiet_evaluation_advice
+from lldiff.run_facts import RunFacts, check_resume, current_facts, last_checkpoint, own_log_version, saved_facts
 from lldiff.run_lock import owning_run
 from lldiff.strategies import check_strategy
 
@@ -48,15 +49,8 @@ class SaveRunConfig(SaveConfigCallback):
             return
         log_dir = trainer.log_dir
         resuming = self.config.get("ckpt_path") is not None  # trainer.ckpt_path is set only after setup
-        if log_dir is not None and not resuming:
-            last = os.path.join(log_dir, "checkpoints", "last.ckpt")
-            if os.path.exists(last):
-                raise ValueError(
-                    f"run directory {log_dir!r} already holds a run ({last}). Resume it with "
-                    "`--ckpt_path last`, or start a new run under another name with "
-                    "`--trainer.logger.init_args.name NAME`."
-                )
         if not resuming:
+            refuse_existing_run(log_dir)
             self._write_run_files(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
@@ -105,12 +99,16 @@ class LLDiffCLI(LightningCLI):
         parser.link_arguments(
             "data", "model.init_args.vocab_size", compute_fn=_data_vocab_size, apply_on="instantiate"
         )
+        parser.add_argument("--validate_at_end", type=bool, default=True,
+                            help="fit: validate the final weights unless the last step just did (default true)")
 
     def before_instantiate_classes(self) -> None:
         """Refuse an unknown or unsupported ``trainer.strategy`` before anything is built."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         trainer = config.get("trainer") or {}
         check_strategy(trainer.get("strategy"), trainer.get("accelerator", "auto"))
+        if self.subcommand in ("validate", "test"):  # not into the training run's curves and HParams
+            own_log_version(trainer.get("logger"), self.subcommand)
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path``/``--weights_only`` before anything is read, then let Lightning
@@ -131,7 +129,26 @@ class LLDiffCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer.strategy)  # staged beside the target, then renamed
         use_lldiff_console(trainer)  # a step counter in the bar; one model line instead of a table of 0 FLOPs
+        trainer.callbacks.append(RunFacts())  # max_steps and batch shape in checkpoints, checked on resume
+        if self._get(self.config_init, "validate_at_end", True):
+            trainer.callbacks.append(ValidateAtEnd())
         return trainer
+
+    def before_fit(self) -> None:
+        """Refusals that need no fit, made before Lightning opens the run's event file: a fresh
+        fit into an existing run, a resume with another schedule length or batch shape."""
+        ckpt_path = self.config_init["fit"].get("ckpt_path")
+        if ckpt_path is None:
+            refuse_existing_run(self.trainer.log_dir)
+            return
+        if ckpt_path == "last":
+            directory = _checkpoint_dir(self.trainer)
+            ckpt_path = last_checkpoint([os.path.join(directory, name) for name in _last_checkpoints(self.trainer)])
+        if ckpt_path is not None and os.path.exists(ckpt_path):
+            from lldiff.checkpoint import read_checkpoint_meta
+
+            saved = saved_facts(read_checkpoint_meta(ckpt_path))
+            check_resume(str(ckpt_path), saved, current_facts(self.trainer, self.datamodule))
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -153,6 +170,7 @@ class LLDiffCLI(LightningCLI):
         created (no half-made run is left to be mistaken for one, or to block a rerun)."""
         log_dir = self.trainer.log_dir if subcommand == "fit" else None
         existed = log_dir is not None and os.path.exists(log_dir)
+        events = set(_event_files(log_dir)) if existed else set()
         with owning_run(self.trainer, log_dir):  # one process (job) at a time per run directory
             try:
                 with contextlib.nullcontext() if subcommand == "fit" else quiet_evaluation_advice():
@@ -160,7 +178,29 @@ class LLDiffCLI(LightningCLI):
             except BaseException:
                 if log_dir is not None and not existed and self.trainer.is_global_zero:
                     remove_unfinished_run(log_dir)
+                started = any(getattr(c, "training_started", False) for c in self.trainer.callbacks)
+                if existed and not started and self.trainer.is_global_zero:  # refused before a step: write nothing
+                    for path in set(_event_files(log_dir)) - events:
+                        os.remove(path)
                 raise
+
+
+def refuse_existing_run(log_dir: str | None) -> None:
+    """A fresh fit refuses a directory that already holds a run's last checkpoint."""
+    last = os.path.join(log_dir, "checkpoints", "last.ckpt") if log_dir is not None else None
+    if last is not None and os.path.exists(last):
+        raise ValueError(
+            f"run directory {log_dir!r} already holds a run ({last}). Resume it with "
+            "`--ckpt_path last`, or start a new run under another name with "
+            "`--trainer.logger.init_args.name NAME`."
+        )
+
+
+def _event_files(log_dir: str | None) -> list[str]:
+    """The TensorBoard event files directly in ``log_dir``."""
+    import glob
+
+    return glob.glob(os.path.join(glob.escape(log_dir), "events.out.tfevents.*")) if log_dir else []
 
 
 def _data_vocab_size(datamodule: LightningDataModule) -> int:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -31,6 +32,27 @@ def tiny_args(objective, toy_corpus, cache_dir, out, *extra):
         "--trainer.enable_progress_bar", "false", "--checkpoint.every_n_train_steps", "5",
         "--trainer.logger.init_args.save_dir", str(out), *extra,
     ]
+
+
+class StopAfter(L.Callback):
+    """Ends a fit after ``step`` optimizer steps, as an interrupted run would (``last.ckpt`` is
+    written there); a resume with the run's own ``max_steps`` continues it."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def fit_until(args, step):
+    """``lightning_cli(args)`` (a ``fit`` command line) stopped after ``step`` steps."""
+    assert args[0] == "fit"
+    cli = lightning_cli(args[1:], run=False)
+    cli.trainer.callbacks.append(StopAfter(step))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli
 
 
 def test_help_lists_commands_and_sizes(capsys):
@@ -130,7 +152,7 @@ def test_checkpoint_of_the_other_objective_is_named(toy_corpus, cache_dir, tmp_p
 
 
 def test_fresh_fit_refuses_an_existing_run_and_resume_continues(toy_corpus, cache_dir, tmp_path):
-    lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path))
+    fit_until(tiny_args("ar", toy_corpus, cache_dir, tmp_path, "--trainer.max_steps", "20"), 12)
     run = tmp_path / "ar-tiny"
     with pytest.raises(ValueError, match="already holds a run.*--ckpt_path last"):
         lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path))

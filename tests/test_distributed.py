@@ -253,7 +253,8 @@ def test_fsdp2_checkpoints_load_on_one_cpu_process(runs, tmp_path):
 @pytest.mark.slow
 def test_cli_fsdp2_with_lightnings_launcher_resumes_and_generates(toy_corpus, cache_dir, tmp_path):
     """`lldiff fit --trainer.devices 2 --trainer.strategy fsdp2` (Lightning starts the second
-    process), `--ckpt_path last` continues the sharded run, `lldiff generate` reads it."""
+    process), `--ckpt_path` of its sharded step-4 checkpoint continues the run, `lldiff generate`
+    reads it."""
     fit = [sys.executable, "-m", "lldiff.cli", "fit", "--config", str(REPO / "configs" / "ar-tiny.yaml"),
            "--config", str(REPO / "configs" / "strategies" / "fsdp2-cpu.yaml"),
            "--model.init_args.size", "tiny-0.03M", "--model.init_args.warmup_steps", "2",
@@ -263,10 +264,13 @@ def test_cli_fsdp2_with_lightnings_launcher_resumes_and_generates(toy_corpus, ca
            "--data.init_args.cache_dir", str(cache_dir), "--trainer.val_check_interval", "4",
            "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
            "--checkpoint.every_n_train_steps", "4", "--trainer.logger.init_args.save_dir", str(tmp_path)]
-    subprocess.run([*fit, "--trainer.max_steps", "6"], cwd=REPO, check=True, timeout=300, capture_output=True)
-    subprocess.run([*fit, "--trainer.max_steps", "10", "--ckpt_path", "last"], cwd=REPO, check=True, timeout=300,
-                   capture_output=True)
-    ckpt = tmp_path / "ar-tiny" / "checkpoints" / "last.ckpt"
+    # every 4 steps a sharded checkpoint is kept: the run resumed from step 4 (as if interrupted there)
+    fit += ["--trainer.max_steps", "10", "--checkpoint.save_top_k", "-1"]
+    subprocess.run(fit, cwd=REPO, check=True, timeout=300, capture_output=True)
+    (step4,) = (tmp_path / "ar-tiny" / "checkpoints").glob("*step=4*")
+    subprocess.run([*fit, "--ckpt_path", str(step4)], cwd=REPO, check=True, timeout=300, capture_output=True)
+    # the resumed run's own last checkpoint (Lightning names it last-v1 beside the first run's)
+    ckpt = max((tmp_path / "ar-tiny" / "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     assert is_sharded_checkpoint(ckpt) and read_checkpoint_meta(ckpt)["global_step"] == 10
     events = EventAccumulator(glob.glob(str(tmp_path / "ar-tiny" / "events*"))[0])
     events.Reload()
@@ -274,3 +278,84 @@ def test_cli_fsdp2_with_lightnings_launcher_resumes_and_generates(toy_corpus, ca
     gen = subprocess.run([sys.executable, "-m", "lldiff.cli", "generate", "--ckpt", str(ckpt), "--prompt", "the quick",
                           "--max-new-tokens", "4"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert gen.returncode == 0, gen.stderr[-2000:]
+
+
+# -- validation on 1, 2 and 3 processes -------------------------------------------------------
+
+VALIDATE_SCRIPT = REPO / "tests" / "scripts" / "distributed_validate.py"
+
+
+def validate_on(devices, toy_corpus, cache_dir, out, *, objectives, strategies, rows):
+    """``{"<objective>/<strategy>/<rows>": val/nll_per_token}`` of one torchrun launch."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(devices),
+           str(VALIDATE_SCRIPT), "--corpus", str(toy_corpus), "--cache-dir", str(cache_dir), "--out", str(out),
+           "--devices", str(devices), "--objectives", *objectives, "--strategies", *strategies,
+           "--rows", *map(str, rows)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def one_process_values(toy_corpus, cache_dir, objectives, rows):
+    spec = importlib.util.spec_from_file_location("distributed_validate", VALIDATE_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return {(o, r): script.validate_job(str(toy_corpus), str(cache_dir), objective=o, rows=r)
+            for o in objectives for r in rows}
+
+
+@pytest.mark.parametrize("objective", ["ar", "mdm"])
+def test_validation_shares_sum_to_the_one_process_value(objective, toy_corpus, cache_dir):
+    """Each of W ranks' validation batches (W = 1, 2, 3; 1 and 7 rows in batches of 3)
+    run through the module's validation_step: the ranks' summed nats and tokens equal one
+    process's (no row counted twice, each batch drawn as one process draws it)."""
+    from lldiff.data.eval_batches import eval_loader
+
+    script = load_script()
+    dm = PretrainDataModule(source="files", paths=[str(toy_corpus)], vocab_size=320, seq_len=16, batch_size=3,
+                            val_max_rows=15, cache_dir=str(cache_dir))
+    dm.setup("validate")
+    extra = {} if registry.get(objective).exact_likelihood else {"eval_mc_samples": 2}
+    torch.manual_seed(0)
+    module = script.build_module(objective, size="tiny-0.03M", vocab_size=dm.vocab_size_real, **extra).eval()
+
+    def sums(rows, rank, world):
+        module.val_nats.reset(), module.val_tokens.reset()
+        with torch.no_grad():
+            for i, batch in enumerate(eval_loader(rows, 3, rank=rank, world_size=world)):
+                module.validation_step(batch, i)
+        return float(module.val_nats.compute()), float(module.val_tokens.compute())
+
+    for n in (1, 7):
+        rows = torch.utils.data.Subset(dm.val_rows, range(n))
+        nats, tokens = sums(rows, 0, 1)
+        assert tokens == n * 16
+        for world in (2, 3):
+            shares = [sums(rows, r, world) for r in range(world)]
+            assert sum(t for _, t in shares) == tokens
+            assert sum(x for x, _ in shares) == pytest.approx(nats, rel=1e-6, abs=0), (n, world)
+
+
+@pytest.mark.slow
+def test_two_process_validation_equals_one_process(toy_corpus, cache_dir, tmp_path):
+    """7 rows in batches of 3 on 2 processes: rank 1 pads with a batch weighted 0 instead of
+    counting a row twice, and the MDM's Monte-Carlo draws follow the one-process batches."""
+    reference = one_process_values(toy_corpus, cache_dir, ("ar", "mdm"), (7,))
+    values = validate_on(2, toy_corpus, cache_dir, tmp_path / "w2.json", objectives=["ar", "mdm"],
+                         strategies=["ddp"], rows=[7])
+    for (objective, rows), expected in reference.items():
+        assert values[f"{objective}/ddp/{rows}"] == pytest.approx(expected, rel=1e-6, abs=0), objective
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [2, 3])
+def test_validation_is_the_same_on_any_number_of_processes(devices, toy_corpus, cache_dir, tmp_path):
+    """15, 7 and 1 rows (5, 3 and 1 batches of 3; with 3 processes and 1 row two ranks only
+    pad) under DDP and FSDP2 (every rank runs as many forward passes: no hang)."""
+    rows = (15, 7, 1)
+    reference = one_process_values(toy_corpus, cache_dir, ("ar", "mdm"), rows)
+    values = validate_on(devices, toy_corpus, cache_dir, tmp_path / "w.json", objectives=["ar", "mdm"],
+                         strategies=["ddp", "fsdp2"], rows=rows)
+    for (objective, n), expected in reference.items():
+        for strategy in ("ddp", "fsdp2"):
+            assert values[f"{objective}/{strategy}/{n}"] == pytest.approx(expected, rel=1e-6, abs=0), (objective, n)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_cli import tiny_args
+from test_cli import fit_until, tiny_args
 
 from lldiff.checkpoint import load_model, read_checkpoint_meta
 from lldiff.checkpoint_io import (
@@ -310,7 +310,7 @@ def test_resume_last_without_a_run_says_it_starts_fresh(toy_corpus, cache_dir, t
 def test_resuming_mid_epoch_does_not_warn_about_the_dataloader(toy_corpus, cache_dir, tmp_path):
     """Lightning calls the data order "not resumable"; lldiff's datamodule restores it exactly.
     Run as a user does (pytest resets import-time warning filters after collection)."""
-    lightning_cli(tiny_args("ar", toy_corpus, cache_dir, tmp_path))
+    fit_until(tiny_args("ar", toy_corpus, cache_dir, tmp_path, "--trainer.max_steps", "14"), 12)
     resume = tiny_args("ar", toy_corpus, cache_dir, tmp_path, "--ckpt_path", "last", "--trainer.max_steps", "14")
     result = subprocess.run([sys.executable, "-m", "lldiff.cli", *resume], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -16,6 +16,7 @@ from ..loading import loader_options
 from . import pipeline
 from .cache import cache_root
 from .corpora import Corpus, Document, build_corpus
+from .eval_batches import eval_loader
 from .packing import PackedRows, check_seq_len, evenly_spaced
 from .resumable import TokenizedDataModule, data_parallel_rank
 from .sampler import ResumableShuffleSampler
@@ -307,10 +308,11 @@ class PretrainDataModule(TokenizedDataModule):
         return self._eval_loader()
 
     def _eval_loader(self) -> DataLoader:
-        return DataLoader(
-            self._require(self.val_rows),
-            batch_size=self.batch_size,
-            shuffle=False,
+        """Whole batches of the one-process order dealt to the ranks, padding weighted 0: the
+        same value on any number of processes (:mod:`lldiff.data.eval_batches`)."""
+        rank, world = data_parallel_rank(self.trainer)
+        return eval_loader(
+            self._require(self.val_rows), self.batch_size, rank=rank, world_size=world,
             generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
             **loader_options(self.trainer, self.num_workers),  # workers, persistent; pinned on CUDA
         )

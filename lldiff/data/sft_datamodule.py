@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 
 from ..loading import loader_options
 from .chat import ChatTemplate, saved_template
+from .eval_batches import eval_loader
 from .packing import evenly_spaced
-from .resumable import TokenizedDataModule
+from .resumable import TokenizedDataModule, data_parallel_rank
 from .sft import (
     OVERLONG_POLICIES,
     PAD_MODES,
@@ -161,9 +162,10 @@ class SFTDataModule(TokenizedDataModule):
         examples = self._require(self.val_examples)
         if not examples:
             return []
-        return DataLoader(examples, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
-                          **loader_options(self.trainer, self.hparams.num_workers),
-                          generator=torch.Generator().manual_seed(0))
+        rank, world = data_parallel_rank(self.trainer)  # the same value on any number of processes
+        return eval_loader(examples, self.batch_size, rank=rank, world_size=world, collate=self._collate(),
+                           **loader_options(self.trainer, self.hparams.num_workers),
+                           generator=torch.Generator().manual_seed(0))
 
     @staticmethod
     def _require(examples: list[EncodedTurn] | None) -> list[EncodedTurn]:

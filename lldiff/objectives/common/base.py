@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lldiff import registry
 from lldiff.config import ModelConfig
+from lldiff.data.eval_batches import eval_batch_index, eval_weights
 from lldiff.flops import scaling_flops
 from lldiff.hparams import log_hparams_table
 from lldiff.losses import DEFAULT_CHUNK_TOKENS, check_chunk_tokens
@@ -110,8 +111,7 @@ class LMBase(L.LightningModule):
         raise NotImplementedError
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-        """The backbone's logits; ``kwargs`` (``positions``, ``attn_mask``, ``readout``) go to it unchanged."""
-        return self.model(input_ids, attention_mask, **kwargs)
+        return self.model(input_ids, attention_mask, **kwargs)  # kwargs (positions, attn_mask, readout) unchanged
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [ThroughputMonitor()]
@@ -157,24 +157,21 @@ class LMBase(L.LightningModule):
         self.log("trainer/flops_matmul", float(self.matmul_flops_seen))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        nats, scored = self.validation_nats(batch["input_ids"], batch_idx)
-        self.val_metric.update(nats, scored.numel(), self.token_bytes[scored] if self.token_bytes.numel() else None)
+        # rows weighted 0 pad a rank's share (lldiff.data.eval_batches); draws seeded by the one-process batch
+        nats, scored = self.validation_nats(batch["input_ids"], eval_batch_index(batch, batch_idx))
+        weight = eval_weights(batch, nats.shape[0], nats.device)
+        scored_bytes = (self.token_bytes[scored].sum(dim=1) * weight) if self.token_bytes.numel() else None
+        self.val_metric.update(nats * weight, weight.sum() * scored.shape[1], scored_bytes)
 
     test_step = validation_step
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval_metrics("val")
+        log_eval_metrics(self, "val")
         # already global on every rank: saying so keeps Lightning from recommending sync_dist
         self.log("trainer/tokens", float(self.tokens_seen), sync_dist=True)
 
-    def on_test_epoch_end(self) -> None:
-        self._log_eval_metrics("test")
-
-    def _log_eval_metrics(self, prefix: str) -> None:
-        """``{prefix}/nll_per_token`` and ``{prefix}/bpb`` over the epoch (global on every rank)."""
-        for name, value in self.val_metric.compute().items():
-            self.log(f"{prefix}/{name}", value, prog_bar=prefix == "val" and name == "nll_per_token", sync_dist=True)
-        self.val_metric.reset()
+    def on_test_epoch_end(self) -> None:  # test/nll_per_token, test/bpb
+        log_eval_metrics(self, "test")
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -188,6 +185,13 @@ class LMBase(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_run_state(self, checkpoint)
+
+
+def log_eval_metrics(module: LMBase, prefix: str) -> None:
+    """``{prefix}/nll_per_token`` and ``{prefix}/bpb`` over the epoch (global on every rank)."""
+    for name, value in module.val_metric.compute().items():
+        module.log(f"{prefix}/{name}", value, prog_bar=prefix == "val" and name == "nll_per_token", sync_dist=True)
+    module.val_metric.reset()
 
 
 def check_base_options(vocab_size: Any, lr: float, min_lr_ratio: float, random_length_prob: float, compile: Any,

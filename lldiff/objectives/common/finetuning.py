@@ -12,6 +12,7 @@ from lldiff import registry as objectives
 from lldiff.checkpoint import (TOKENIZER_KEY, check_tokenizer, is_hf_directory, read_checkpoint_meta,
                                read_model_weights)
 from lldiff.config import SIZES, ModelConfig
+from lldiff.data.eval_batches import eval_batch_index, eval_weights
 from lldiff.run_state import data_tokenizer
 from lldiff.lora import LoraOptions, apply_lora, fp32_restorer, fp32_snapshot
 from lldiff.registry import Objective
@@ -186,8 +187,10 @@ class SFTMixin:
 
     def validation_step(self: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
         tokens, response = batch["input_ids"], batch["response_mask"]
-        scored_bytes = self.token_bytes[tokens[response.bool()]] if self.token_bytes.numel() else None
-        self.val_metric.update(self.response_nats(tokens, response, batch_idx), response.sum(), scored_bytes)
+        nats = self.response_nats(tokens, response, eval_batch_index(batch, batch_idx))  # lldiff.data.eval_batches
+        weight = eval_weights(batch, nats.shape[0], nats.device)
+        scored_bytes = ((self.token_bytes[tokens] * response).sum(dim=1) * weight) if self.token_bytes.numel() else None
+        self.val_metric.update(nats * weight, (response.sum(dim=1) * weight).sum(), scored_bytes)
 
 
 def training_dtype(precision: str) -> torch.dtype:
