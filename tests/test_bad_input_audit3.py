@@ -106,7 +106,7 @@ def test_bad_input_is_one_line_exit_2(name, files):
 def test_imported_config_with_nan_eps_is_refused(tmp_path):
     from lldiff.interop.llada import _REQUIRED_VALUES, model_config
 
-    raw = {key: next(a for a in accepted if a is not None) for key, accepted, _ in _REQUIRED_VALUES}
+    raw = {key: accepted[0] for key, accepted, _ in _REQUIRED_VALUES}
     raw |= {"model_type": "llada", "d_model": 64, "n_heads": 4, "n_layers": 2, "mlp_hidden_size": 128,
            "vocab_size": 100, "embedding_size": 100, "mask_token_id": 99, "rms_norm_eps": float("nan")}
     with pytest.raises(ValueError, match="rms_norm_eps=nan must be a finite number > 0"):
