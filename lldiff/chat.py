@@ -45,10 +45,14 @@ from lldiff.data.sft import encode_prompt
 from lldiff.generate import (
     check_blocks,
     check_dual_cache,
+    check_sources,
     check_values,
+    one_line_errors,
+    refuse,
     refuse_foreign_options,
     stats,
 )
+from lldiff.inputs import check_text, read_lines, read_yaml_file
 
 
 class ChatSession:
@@ -125,8 +129,8 @@ def run_template(ckpt: Path) -> ChatTemplate | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lldiff chat", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = one_line_errors(argparse.ArgumentParser(prog="lldiff chat", description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--ckpt", required=True, help="checkpoint (usually of a fine-tuning run)")
     parser.add_argument("--message", action="append", help="a user turn (repeat for several); no terminal needed")
     parser.add_argument("--system", help="a system message opening the conversation")
@@ -165,6 +169,20 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
         block = check_blocks(parser, args.length, "--length", args.block_length, args.steps)
         check_dual_cache(parser, args.cache, args.length, "--length", block)
     seed = 0 if args.seed is None else args.seed
+    check_sources(args, parser)
+    closed = stdin is None or getattr(stdin, "closed", False)
+    interactive = not args.message and not closed and stdin.isatty()
+    try:  # the turns and the template are read before the checkpoint
+        for text in [*(args.message or []), *([args.system] if args.system else [])]:
+            check_text(text, "--message" if text in (args.message or []) else "--system")
+        turns = None if interactive else args.message or read_lines(stdin, "message")
+        given = None if not args.template else Path(args.template)
+        given_template = None if given is None else ChatTemplate.from_config(
+            read_yaml_file(given, "--template") if given.is_file() else args.template)
+    except (ValueError, OSError) as error:
+        refuse(parser, str(error))
+    if turns is not None and not turns:
+        parser.error("no message: give --message TEXT, lines on stdin, or run in a terminal")
     try:
         loaded = load_model(args.ckpt, tokenizer=args.tokenizer, device=args.device)
         objective = loaded.objective
@@ -176,19 +194,11 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
             objective, length=args.length, temperature=args.temperature, steps=args.steps, block_length=block,
             remasking=args.remasking, threshold=args.threshold, cfg_scale=args.cfg_scale,
             steps_per_block=args.steps_per_block, cache=args.cache)
-        if args.template:
-            given = Path(args.template)
-            template = ChatTemplate.from_config(yaml.safe_load(given.read_text()) if given.is_file() else args.template)
-        else:
-            template = run_template(Path(args.ckpt)) or ChatTemplate()
+        template = given_template or run_template(Path(args.ckpt)) or ChatTemplate()
         session = ChatSession(loaded, template, options, system=args.system, seed=seed)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    interactive = not args.message and stdin.isatty()
     if not interactive:
-        turns = args.message or [line.rstrip("\n") for line in stdin if line.strip()]
-        if not turns:
-            parser.error("no message: give --message TEXT, lines on stdin, or run in a terminal")
         for text in turns:
             print(session.reply(text), file=stdout, flush=True)
             print(session.stats(), file=sys.stderr, flush=True)
@@ -206,6 +216,11 @@ def main(argv: list[str], stdin: TextIO | None = None, stdout: TextIO | None = N
             session.reset()
             print("lldiff chat: conversation cleared" + (" (the system message is kept)" if args.system else ""),
                   file=stdout, flush=True)
+            continue
+        try:
+            check_text(text, "input")
+        except ValueError as error:  # one bad line does not end the conversation
+            print(f"lldiff chat: error: {error}", file=sys.stderr, flush=True)
             continue
         if text:
             print(f"model> {session.reply(text)}", file=stdout, flush=True)

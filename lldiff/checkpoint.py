@@ -81,7 +81,9 @@ def read_checkpoint_meta(path: str | Path, map_location: str = "cpu") -> dict:
         check_sharded_metadata(path)  # before anything else of the directory is trusted
         return torch.load(path / SHARDED_METADATA, map_location=map_location, weights_only=True)
     if path.is_dir():
-        raise ValueError(f"{path} is a directory but not a sharded checkpoint (no {SHARDED_METADATA} and .metadata)")
+        hint = f"; its checkpoints are in {path / 'checkpoints'}" if (path / "checkpoints").is_dir() else ""
+        raise ValueError(f"{path} is a directory but not a sharded checkpoint (no {SHARDED_METADATA} and .metadata) "
+                         f"nor a LLaDA directory (no config.json){hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if not zipfile.is_zipfile(path):  # torch.save's format; a text file or tokenizer.json is not one

@@ -119,6 +119,9 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's run directory)")
     parser.add_argument("--max-shard-gb", type=float, default=None, help="split the weights into shards of this size")
     args = parser.parse_args(argv)
+    from lldiff.inputs import check_positive
+
+    check_positive(args.max_shard_gb, "--max-shard-gb", " (GB per weight file)")
     shard = None if args.max_shard_gb is None else int(args.max_shard_gb * 2**30)
     out, kind = export_hf(args.ckpt, args.out_dir, dtype=args.dtype, max_shard_bytes=shard, tokenizer=args.tokenizer)
     print(f"{out} ({kind} format)")

@@ -34,9 +34,10 @@ from typing import NoReturn
 import torch
 
 from lldiff.checkpoint import load_model
-from lldiff.objectives.common.decoding import Completion, DecodeOptions
 from lldiff.completion import article, complete
-from lldiff.objectives import Objective
+from lldiff.inputs import check_text, read_lines
+from lldiff.objectives.common.decoding import Completion, DecodeOptions
+from lldiff.registry import Objective
 
 # the DecodeOptions field each decoding flag sets; which fields apply to an objective is the registry's
 FLAG_FIELDS = {"steps": "steps", "block_length": "block_length", "remasking": "remasking", "threshold": "threshold",
@@ -47,8 +48,8 @@ LENGTH_FLAGS = {False: "gen_length", True: "max_new_tokens"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lldiff generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = one_line_errors(argparse.ArgumentParser(prog="lldiff generate", description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--ckpt", required=True, help="checkpoint written by lldiff fit (AR, MDM or BD3)")
     parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; default: stdin lines)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's run directory)")
@@ -92,7 +93,27 @@ def flag(name: str) -> str:
 def refuse(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     """Exit with code 2 and ONE line ``<prog>: error: <message>`` on stderr (as ``parser.error``,
     without the usage block): how option values are refused."""
-    parser.exit(2, f"{parser.prog}: error: {message}\n")
+    parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser`` with its errors (argparse's own included) as :func:`refuse`'s one line, no usage block."""
+    parser.error = lambda message: refuse(parser, message)  # type: ignore[method-assign]
+    return parser
+
+
+def check_sources(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse, before the checkpoint is loaded, a device this machine lacks and a --tokenizer
+    that is not a tokenizer (shared by ``generate`` and ``chat``)."""
+    from lldiff.data.tokenizer import Tokenizer
+    from lldiff.inputs import check_device
+
+    try:
+        check_device(args.device)
+        if args.tokenizer is not None:
+            Tokenizer.from_file(args.tokenizer)
+    except (ValueError, OSError) as error:
+        refuse(parser, str(error))
 
 
 def applies(name: str, objective: Objective) -> bool:
@@ -204,14 +225,18 @@ def main(argv: list[str]) -> None:
         gen_length = 64 if args.gen_length is None else args.gen_length
         block = check_blocks(parser, gen_length, "--gen-length", args.block_length, args.steps)
         check_dual_cache(parser, args.cache, gen_length, "--gen-length", block)
+    check_sources(args, parser)
+    try:
+        prompts = [check_text(p, "--prompt") for p in args.prompt] if args.prompt else read_lines(sys.stdin, "prompt")
+    except ValueError as error:
+        refuse(parser, str(error))
+    if not prompts:
+        parser.error("no prompt: give --prompt TEXT or lines on stdin")
     loaded = load_model(args.ckpt, tokenizer=args.tokenizer, device=args.device)
     if loaded.tokenizer is None:
         parser.error(f"no tokenizer.json beside {args.ckpt}; pass --tokenizer PATH")
     objective = loaded.objective
     refuse_foreign_options(args, objective, parser)
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
-        parser.error("no prompt: give --prompt TEXT or lines on stdin")
     tokenizer = loaded.tokenizer
     length = getattr(args, LENGTH_FLAGS[objective.length_is_budget])
     options = DecodeOptions.for_objective(  # every option given applies (refused above otherwise); None: defaults

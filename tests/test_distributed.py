@@ -320,11 +320,11 @@ def test_validation_shares_sum_to_the_one_process_value(objective, toy_corpus, c
     module = script.build_module(objective, size="tiny-0.03M", vocab_size=dm.vocab_size_real, **extra).eval()
 
     def sums(rows, rank, world):
-        module.val_nats.reset(), module.val_tokens.reset()
+        module.val_metric.reset()
         with torch.no_grad():
             for i, batch in enumerate(eval_loader(rows, 3, rank=rank, world_size=world)):
                 module.validation_step(batch, i)
-        return float(module.val_nats.compute()), float(module.val_tokens.compute())
+        return float(module.val_metric.nats), float(module.val_metric.tokens)
 
     for n in (1, 7):
         rows = torch.utils.data.Subset(dm.val_rows, range(n))

@@ -320,7 +320,8 @@ def task_file(tmp_path):
 def test_cli_end_to_end(tmp_path, tokenizer, task_file, capsys, causal):
     ckpt = save_checkpoint(tiny(tokenizer, causal), tokenizer, tmp_path / "run")
     out = tmp_path / "results" / "r.json"
-    res = main(["--ckpt", str(ckpt), "--task", str(task_file), "--n-mc", "4", "--out", str(out)])
+    n_mc = [] if causal else ["--n-mc", "4"]  # an AR's likelihood is exact: --n-mc is refused there
+    res = main(["--ckpt", str(ckpt), "--task", str(task_file), *n_mc, "--out", str(out)])
     printed = capsys.readouterr().out
     assert "accuracy:" in printed and "accuracy_norm" in printed
     assert f"objective: {'ar' if causal else 'mdm'}" in printed
@@ -328,7 +329,7 @@ def test_cli_end_to_end(tmp_path, tokenizer, task_file, capsys, causal):
     saved = json.loads(out.read_text())
     assert saved["accuracy"] == res["accuracy"] and saved["n_examples"] == 3
     assert len(saved["predictions"]) == 3 and saved["normalisation"].startswith("loglik / utf8")
-    limited = main(["--ckpt", str(ckpt), "--task", str(task_file), "--n-mc", "4", "--limit", "1"])
+    limited = main(["--ckpt", str(ckpt), "--task", str(task_file), *n_mc, "--limit", "1"])
     assert limited["n_examples"] == 1
 
 

@@ -14,11 +14,15 @@ BPE merges cannot rebuild it. Encoding is lossless: ``decode(encode(s)) == s`` f
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import sys
+import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from tokenizers import Tokenizer as _Backend
@@ -147,10 +151,18 @@ class Tokenizer:
         sidecar = path.with_name(SPECIAL_IDS_FILE)
         special_ids = None
         if sidecar.is_file():  # a tokenizer trained elsewhere (lldiff import llada): its ids written beside it
-            import json
-
-            special_ids = json.loads(sidecar.read_text())
-        return cls(_Backend.from_file(str(path)), origin=f"tokenizer {str(path)!r}", special_ids=special_ids)
+            try:
+                special_ids = json.loads(sidecar.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{sidecar} is not valid JSON ({error})") from None
+            if not isinstance(special_ids, dict):
+                raise ValueError(f"{sidecar} must hold a JSON object of special ids, got {special_ids!r}")
+        try:
+            backend = _Backend.from_file(str(path))
+        except Exception as error:  # noqa: BLE001 (the Rust library raises a bare Exception)
+            raise ValueError(f"tokenizer {str(path)!r} is not a Hugging Face tokenizers file (tokenizer.json): "
+                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        return cls(backend, origin=f"tokenizer {str(path)!r}", special_ids=special_ids)
 
     @classmethod
     def from_str(cls, json_str: str) -> "Tokenizer":
@@ -162,8 +174,6 @@ class Tokenizer:
         path = Path(path)
         write_text(path, self.to_json())
         if self.external:
-            import json
-
             write_text(path.with_name(SPECIAL_IDS_FILE), json.dumps(self.special_id_dict(), indent=2) + "\n")
         return path
 
@@ -188,10 +198,12 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; literal special-token strings are encoded as plain text."""
-        return self._backend.encode(text, add_special_tokens=False).ids
+        with backend_errors(self._backend):
+            return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        with backend_errors(self._backend):
+            return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def encode_marked(self, segments: Sequence[tuple[str, bool]]) -> list[int]:
         """Token ids of ``(text, is_markup)`` pieces (a chat template's rendering): special-token
@@ -272,6 +284,39 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, mask_id={self.mask_id}, eos_id={self.eos_id})"
+
+
+@contextmanager
+def backend_errors(backend: _Backend) -> Iterator[None]:
+    """Encoding with ``backend`` where a panic of the Rust library (a regex of the tokenizer's
+    pre-tokenizer that gives up on a text: "retry-limit-in-match over") is a ValueError naming
+    the pre-tokenizer, and the panic's report that Rust writes on stderr is withheld.
+    Anything else written on stderr meanwhile is passed on."""
+    sys.stderr.flush()
+    saved, held = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    panic = None
+    try:
+        yield
+    except BaseException as error:
+        if type(error).__name__ != "PanicException":  # pyo3_runtime.PanicException (a BaseException)
+            raise
+        panic = error
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        if panic is None:
+            held.seek(0)
+            text = held.read()
+            if text:
+                sys.stderr.buffer.write(text) if hasattr(sys.stderr, "buffer") else sys.stderr.write(text.decode())
+                sys.stderr.flush()
+        held.close()
+    if panic is not None:
+        pre = json.loads(backend.to_str()).get("pre_tokenizer")
+        raise ValueError(f"the tokenizer failed on a text ({str(panic).splitlines()[0]}); its pre-tokenizer "
+                         f"{json.dumps(pre)[:200]} cannot encode every input: use a tokenizer.json whose "
+                         "regex does not give up (lldiff trains one when data.init_args.tokenizer_path is unset)")
 
 
 def check_vocab_size(vocab_size: int) -> None:

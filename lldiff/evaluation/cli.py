@@ -58,19 +58,23 @@ held-out text, or from the contexts of a JSONL task) that scores each choice alo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from lldiff.generate import one_line_errors
+
+    p = one_line_errors(argparse.ArgumentParser(
         prog="lldiff eval", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--ckpt", required=True, help="lldiff checkpoint (.ckpt)")
+    ))
+    p.add_argument("--ckpt", required=True, help="lldiff checkpoint (.ckpt file or sharded directory) or a LLaDA "
+                   "directory")
     p.add_argument("--task", help=f"a .jsonl task file or one of: {', '.join(BUILTIN_TASKS)}")
     p.add_argument("--harness-tasks", help="instead of --task: lm-eval-harness task names, comma-separated "
                    "(extra `eval`; the tasks' data must be reachable)")
     p.add_argument("--harness-include", help="directory of extra lm-eval task YAMLs (e.g. over local data files)")
-    p.add_argument("--n-mc", type=int, default=32, help="MDM/BD3 Monte-Carlo draws per choice (default 32; upstream 128)")
+    p.add_argument("--n-mc", type=int, default=None,
+                   help="MDM/BD3 Monte-Carlo draws per choice (default 32; upstream 128)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=int, default=32, help="MDM/BD3 draws per forward pass (default 32)")
-    p.add_argument("--cfg-scale", type=float, default=0.0, help="MDM classifier-free guidance weight (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the MDM/BD3 draws (default 0)")
+    p.add_argument("--batch-size", type=int, default=None, help="MDM/BD3 draws per forward pass (default 32)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="MDM classifier-free guidance weight (default 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the MDM/BD3 draws (default 0)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's run directory)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default=None, help="write the results (with per-example predictions) to this JSON file")
@@ -185,12 +189,18 @@ def _load_task(args: argparse.Namespace, parser: argparse.ArgumentParser):
         info.update({k: getattr(args, k) for k in (
             "n_examples", "context_chars", "continuation_chars", "n_choices", "task_seed")})
         return examples, texts, "the held-out documents", info
+    from lldiff.inputs import read_text_file
+
     path = Path(args.task)
     if path.suffix != ".jsonl":
         parser.error(f"unknown task {args.task!r}: give a .jsonl file or one of: {', '.join(BUILTIN_TASKS)}")
     if not path.is_file():
         parser.error(f"task file {args.task!r} does not exist")
-    examples = load_jsonl_task(path)
+    try:
+        read_text_file(path, "--task")  # a binary file is named here, not as a decoding error
+        examples = load_jsonl_task(path)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
     return examples, [e.context for e in examples], "the task's contexts", None
 
 
@@ -204,7 +214,7 @@ def _unigram_baselines(examples, texts: list[str], counts_from: str, tokenizer: 
     return out
 
 
-def _run_harness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+def _run_harness(args: argparse.Namespace, parser: argparse.ArgumentParser, given: list[str]) -> dict[str, Any]:
     """Evaluate through lm-eval-harness with the checkpoint wrapped as ``LLDiffLM``."""
     try:
         import lm_eval
@@ -213,13 +223,12 @@ def _run_harness(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
         from .lm_eval_adapter import LLDiffLM
     except ImportError:
         parser.error("--harness-tasks needs lm-eval-harness: pip install 'lldiff[eval]'")
-    if not Path(args.ckpt).is_file():
-        parser.error(f"checkpoint {args.ckpt!r} does not exist")
     try:
         lm = LLDiffLM(ckpt=args.ckpt, n_mc=args.n_mc, batch_size=args.batch_size, cfg_scale=args.cfg_scale,
                       tokenizer=args.tokenizer, device=args.device, seed=args.seed)
     except ValueError as e:
         parser.error(str(e))
+    _refuse_foreign_score_options(given, lm.loaded.objective, parser, args.ckpt)
     manager = TaskManager(include_path=args.harness_include) if args.harness_include else None
     tasks = [t.strip() for t in args.harness_tasks.split(",") if t.strip()]
     output = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=args.limit, task_manager=manager)
@@ -248,11 +257,56 @@ def progress_bar(total: int) -> Iterator[Callable[[int, int], None]]:
         yield lambda done, _total: bar.update(done - bar.n)
 
 
+def _check_values(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """Refuse, before anything is read, every value that is out of range or could not be used;
+    fill in the scorer's defaults and return the scorer options that were given."""
+    from lldiff.inputs import check_device, check_output_file
+
+    from .multiple_choice import SCORE_DEFAULTS
+
+    for name in ("n_mc", "batch_size", "n_examples", "context_chars", "continuation_chars", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.cfg_scale is not None and not args.cfg_scale >= 0:
+        parser.error(f"--cfg-scale must be >= 0 (0 = off), got {args.cfg_scale}")
+    if not Path(args.ckpt).exists():
+        parser.error(f"--ckpt {args.ckpt!r} does not exist (give a .ckpt file, a sharded checkpoint directory "
+                     "or a LLaDA directory)")
+    if args.tokenizer is not None and not Path(args.tokenizer).is_file():
+        parser.error(f"--tokenizer {args.tokenizer!r} does not exist")
+    try:
+        check_device(args.device)
+        if args.out is not None:
+            check_output_file(args.out, "--out")
+    except ValueError as e:
+        parser.error(str(e))
+    given = [name for name in SCORE_DEFAULTS if getattr(args, name) is not None]
+    for name, default in SCORE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return given
+
+
+def _refuse_foreign_score_options(given: list[str], objective: Any, parser: argparse.ArgumentParser,
+                                  args_ckpt: str) -> None:
+    """Refuse scorer options given that this checkpoint's objective does not use (the registry's
+    ``score_options``): an AR's likelihood is exact, it takes no Monte-Carlo draws."""
+    from lldiff.completion import article, option_owners
+
+    foreign = [name for name in given if name not in objective.score_options]
+    if foreign:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in foreign)
+        owners = "; ".join(f"--{n.replace('_', '-')} applies to {option_owners(n, 'score_options')} checkpoints"
+                           for n in foreign)
+        parser.error(f"{flags} do(es) not apply to {article(objective.label)} {objective.label} checkpoint "
+                     f"({args_ckpt}): {owners}")
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     """Run ``lldiff eval`` with ``argv`` (the arguments after ``eval``); returns the results.
     Bad input exits with status 2 and a one-line message."""
     from lldiff.checkpoint import load_model
-    from lldiff.completion import article, option_owners
 
     from .multiple_choice import evaluate_multiple_choice
 
@@ -260,30 +314,19 @@ def main(argv: list[str]) -> dict[str, Any]:
     args = parser.parse_args(list(argv))
     if (args.task is None) == (args.harness_tasks is None):
         parser.error("give exactly one of --task (JSONL file or built-in task) and --harness-tasks")
+    given = _check_values(args, parser)
     if args.harness_tasks is not None:
-        return _run_harness(args, parser)
-    for name in ("n_mc", "batch_size", "n_examples", "context_chars", "continuation_chars"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        parser.error("--limit must be >= 1")
-    if not args.cfg_scale >= 0:
-        parser.error("--cfg-scale must be >= 0")
-    if not Path(args.ckpt).is_file():
-        parser.error(f"checkpoint {args.ckpt!r} does not exist")
-    if args.tokenizer is not None and not Path(args.tokenizer).is_file():
-        parser.error(f"tokenizer {args.tokenizer!r} does not exist")
+        return _run_harness(args, parser, given)
+    task = None if args.task in BUILTIN_TASKS else _load_task(args, parser)  # a task file is read before the model
     try:
         loaded = load_model(args.ckpt, tokenizer=args.tokenizer, device=args.device)
     except Exception as e:  # noqa: BLE001 (not an lldiff checkpoint, unreadable, tokenizer mismatch)
-        parser.error(f"cannot load {args.ckpt}: {e}")
-    if args.cfg_scale > 0 and "cfg_scale" not in loaded.objective.score_options:
-        parser.error(f"--cfg-scale applies to {option_owners('cfg_scale', 'score_options')} checkpoints only; "
-                     f"this is {article(loaded.objective.label)} {loaded.objective.label} checkpoint")
+        parser.error(f"cannot load --ckpt {args.ckpt}: {' '.join(str(e).split())}")
+    _refuse_foreign_score_options(given, loaded.objective, parser, args.ckpt)
     if loaded.tokenizer is None:
         parser.error(f"no tokenizer.json next to {args.ckpt} (or its parent); pass --tokenizer PATH")
     try:
-        examples, count_texts, counts_from, task_args = _load_task(args, parser)
+        examples, count_texts, counts_from, task_args = task or _load_task(args, parser)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     if args.limit is not None:

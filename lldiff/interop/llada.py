@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,11 @@ def model_config(raw: dict[str, Any], where: Path) -> tuple[ModelConfig, int]:
     mask_id = raw.get("mask_token_id")
     if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not 0 <= mask_id < rows:
         raise ValueError(f"{where}: mask_token_id={mask_id!r} must be an id in [0, {rows}) (LLaDA-8B: 126336)")
+    for key in ("rope_theta", "rms_norm_eps"):  # NaN or 0 here gives empty generations, not an error
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{where}: {key}={value!r} must be a finite number > 0")
     marker = raw.get(MARKER) or {}
     fields: dict[str, Any] = dict(
         name=str(raw.get("name_or_path") or raw.get("_name_or_path") or "llada-import"),
