@@ -161,7 +161,8 @@ class SFTMixin:
     def setup(self: Any, stage: str) -> None:
         super().setup(stage)  # type: ignore[misc]
         if stage == "fit":  # before any step: the SFT data must be encoded as the pre-training was
-            check_tokenizer(self._pretrained_tokenizer, self._data_tokenizer(), f"init_from {self._init_from!r}")
+            from lldiff.run_state import data_tokenizer
+            check_tokenizer(self._pretrained_tokenizer, data_tokenizer(self), f"init_from {self._init_from!r}")
 
     def response_nats(self, tokens: Tensor, response: Tensor, batch_idx: int) -> Tensor:  # pragma: no cover
         raise NotImplementedError
