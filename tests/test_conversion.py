@@ -5,6 +5,7 @@ import lightning as L
 import pytest
 import torch
 
+from lldiff.checkpoint import load_model
 from lldiff.objectives.bd3.modules import BlockDiffusionLM
 from lldiff.objectives.mdm.modules import MaskedDiffusionLM
 
@@ -53,7 +54,7 @@ def test_a_converted_fit_records_its_objective_and_source_and_resumes_bit_for_bi
         data = PretrainDataModule(source="files", paths=[str(toy_corpus)], max_bytes=None, vocab_size=320, seq_len=32,
                                   batch_size=8, cache_dir=str(cache_dir), seed=1234)
         model = MaskedDiffusionLM(init_from=str(tiny_runs["ar"]), vocab_size=320, lr=2e-3, warmup_steps=2,
-                                  random_length_prob=0.5)
+                                  random_length_prob=0.5, anneal_steps=8)  # resumed mid-annealing
         ckpt = ModelCheckpoint(dirpath=dirpath, every_n_train_steps=5, save_last=True, save_top_k=0)
         trainer = L.Trainer(max_steps=10, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             limit_val_batches=0, callbacks=[ckpt, *callbacks])
@@ -101,3 +102,53 @@ def test_a_sharded_ar_checkpoint_converts_like_its_full_file(tiny_runs, tmp_path
     from_shards = MaskedDiffusionLM(init_from=str(sharded), vocab_size=320).model.state_dict()
     for key, value in full.items():
         assert torch.equal(from_shards[key], value), key
+
+
+def test_annealed_mask_is_causal_at_zero_and_full_at_one_and_opens_the_given_fraction():
+    from lldiff.objectives.common.annealing import annealed_mask, opened_fraction
+
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(annealed_mask(16, 0.0, generator=g), torch.ones(16, 16, dtype=torch.bool).tril())
+    assert annealed_mask(16, 1.0, generator=g).all()
+    mask = annealed_mask(256, 0.3, generator=g)
+    future = torch.ones(256, 256, dtype=torch.bool).triu(1)
+    assert mask[~future].all() and abs(mask[future].float().mean().item() - 0.3) < 0.01
+    assert [opened_fraction(s, 10) for s in (0, 5, 10, 20)] == [0.0, 0.5, 1.0, 1.0] and opened_fraction(0, 0) == 1.0
+
+
+def test_annealing_at_zero_is_the_ar_and_at_one_the_bidirectional_model(tiny_runs):
+    """The converted model under the 0%-opened mask computes the AR's own causal logits (same
+    weights, same tokens, no mask token in the input); under the 100%-opened mask, its plain
+    bidirectional forward."""
+    from lldiff.objectives.common.annealing import annealed_mask
+
+    ar = load_model(tiny_runs["ar"]).model.eval()
+    converted = MaskedDiffusionLM(init_from=str(tiny_runs["ar"]), vocab_size=320).model.eval()
+    tokens = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        closed = converted(tokens, attn_mask=annealed_mask(24, 0.0))
+        opened = converted(tokens, attn_mask=annealed_mask(24, 1.0))
+        torch.testing.assert_close(closed, ar(tokens), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(opened, converted(tokens), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(closed, opened, atol=1e-3)
+
+
+def test_annealing_is_an_mdm_option_and_refused_for_bd3_and_bad_values():
+    with pytest.raises(ValueError, match="anneal_steps must be an integer >= 0"):
+        MaskedDiffusionLM(size="tiny-0.1M", vocab_size=320, anneal_steps=-1)
+    with pytest.raises(ValueError, match="anneal_steps applies to an MDM conversion"):
+        BlockDiffusionLM(size="tiny-0.1M", vocab_size=320, block_size=4, anneal_steps=5)
+
+
+def test_the_training_loss_at_step_zero_of_an_annealed_conversion_is_the_causal_one(tiny_runs):
+    from lldiff.objectives.mdm.loss import mdm_loss
+
+    module = MaskedDiffusionLM(init_from=str(tiny_runs["ar"]), vocab_size=320, anneal_steps=10)
+    rows = torch.randint(0, 320, (4, 17), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    annealed = module.loss(rows)
+    torch.manual_seed(5)
+    causal = mdm_loss(module, rows[:, 1:], module.mask_id, attn_mask=torch.ones(16, 16, dtype=torch.bool).tril())
+    torch.manual_seed(5)
+    full = mdm_loss(module, rows[:, 1:], module.mask_id)
+    assert torch.equal(annealed, causal) and not torch.equal(annealed, full)

@@ -32,6 +32,9 @@ class BlockDiffusionLM(MaskedDiffusionLM):
     def __init__(self, *args: Any, block_size: int = 16, **kwargs: Any) -> None:
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if kwargs.get("anneal_steps"):
+            raise ValueError("anneal_steps applies to an MDM conversion (it opens causal attention to full); "
+                             "block diffusion keeps its block mask: leave anneal_steps at 0")
         self.objective_params = {"block_size": block_size}  # before LMBase builds the backbone from it
         super().__init__(*args, **kwargs)
 

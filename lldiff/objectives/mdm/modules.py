@@ -10,6 +10,7 @@ from lldiff import objectives
 from lldiff.objectives.mdm import FAMILY
 from lldiff.objectives.mdm.loss import mdm_elbo_nats, mdm_loss, mdm_sft_loss
 from lldiff.modules import LMBase
+from lldiff.objectives.common.annealing import check_anneal_steps, step_mask
 from lldiff.objectives.common.conversion import ConversionMixin, check_mask_init, conversion_source
 from lldiff.objectives.common.finetuning import SFTMixin, check_sft_options
 from lldiff.lora import lora_options
@@ -34,6 +35,10 @@ class MaskedDiffusionLM(ConversionMixin, LMBase):
             optimizer starts fresh (:mod:`lldiff.objectives.common.conversion`).
         mask_init: the mask token's embedding row of a conversion: ``mean`` of the source's
             embedding rows (default), ``zeros``, or ``random`` (fresh initialisation).
+        anneal_steps: attention-mask annealing (DiffuLLaMA): over the first ``anneal_steps``
+            training steps the causal mask opens linearly to full attention, each step a random
+            subset of future keys visible (:mod:`lldiff.objectives.common.annealing`); 0 (default):
+            full attention from the first step. Validation always attends in full.
     """
 
     family = FAMILY
@@ -48,9 +53,11 @@ class MaskedDiffusionLM(ConversionMixin, LMBase):
         val_seed: int = 0,
         init_from: str | None = None,
         mask_init: str = "mean",
+        anneal_steps: int = 0,
         **kwargs: Any,
     ) -> None:
         check_mask_init(mask_init)
+        check_anneal_steps(anneal_steps)
         source = None
         if init_from is not None:  # refused before any weight is built
             source = conversion_source(init_from, objectives.with_params(self.family, self.objective_params), kwargs)
@@ -75,9 +82,11 @@ class MaskedDiffusionLM(ConversionMixin, LMBase):
         return self.config.mask_id
 
     def loss(self, rows: Tensor) -> Tensor:
-        return mdm_loss(
-            self, rows[:, 1:], self.mask_id, eps=self.hparams.mask_eps, stratified=self.hparams.stratified_t
-        )
+        x0 = rows[:, 1:]
+        seed = int(getattr(getattr(self._trainer, "datamodule", None), "seed", 0) or 0) if self._trainer else 0
+        mask = step_mask(x0.shape[1], self.global_step, self.hparams.anneal_steps, seed, x0.device)
+        return mdm_loss(self, x0, self.mask_id, eps=self.hparams.mask_eps, stratified=self.hparams.stratified_t,
+                        attn_mask=mask)
 
     def validation_draws(self, device: torch.device, batch_idx: int) -> tuple[torch.Generator, int]:
         """(a generator seeded by ``val_seed`` and the batch, the number of Monte-Carlo draws):
