@@ -40,8 +40,12 @@ class _Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_a_converted_fit_records_its_objective_and_source_and_resumes_bit_for_bit(tiny_runs, toy_corpus, cache_dir,
-                                                                                  tmp_path):
+@pytest.mark.parametrize("module, extra, family", [
+    (MaskedDiffusionLM, {"anneal_steps": 8}, "mdm"),  # resumed mid-annealing
+    (BlockDiffusionLM, {"block_size": 4, "block_schedule": [[0, 1], [3, 32], [6, 4]]}, "bd3"),  # mid-schedule
+])
+def test_a_converted_fit_records_its_objective_and_source_and_resumes_bit_for_bit(module, extra, family, tiny_runs,
+                                                                                  toy_corpus, cache_dir, tmp_path):
     """Crash after step 7, resume from the step-5 checkpoint: the final weights (and the mask row,
     which trains) equal an uninterrupted conversion's bit for bit; each checkpoint records the
     objective of its steps (mdm) and the AR run its weights came from."""
@@ -53,8 +57,8 @@ def test_a_converted_fit_records_its_objective_and_source_and_resumes_bit_for_bi
         L.seed_everything(0, verbose=False)
         data = PretrainDataModule(source="files", paths=[str(toy_corpus)], max_bytes=None, vocab_size=320, seq_len=32,
                                   batch_size=8, cache_dir=str(cache_dir), seed=1234)
-        model = MaskedDiffusionLM(init_from=str(tiny_runs["ar"]), vocab_size=320, lr=2e-3, warmup_steps=2,
-                                  random_length_prob=0.5, anneal_steps=8)  # resumed mid-annealing
+        model = module(init_from=str(tiny_runs["ar"]), vocab_size=320, lr=2e-3, warmup_steps=2,
+                       random_length_prob=0.5, **extra)
         ckpt = ModelCheckpoint(dirpath=dirpath, every_n_train_steps=5, save_last=True, save_top_k=0)
         trainer = L.Trainer(max_steps=10, logger=False, enable_progress_bar=False, enable_model_summary=False,
                             limit_val_batches=0, callbacks=[ckpt, *callbacks])
@@ -63,7 +67,7 @@ def test_a_converted_fit_records_its_objective_and_source_and_resumes_bit_for_bi
 
     reference = run(tmp_path / "a")
     meta = torch.load(tmp_path / "a" / "last.ckpt", map_location="cpu", weights_only=False)["lldiff"]
-    assert meta["objective"]["family"] == "mdm"
+    assert meta["objective"]["family"] == family
     assert meta["converted_from"]["objective"]["family"] == "ar" and meta["converted_from"]["mask_init"] == "mean"
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tmp_path / "b", callbacks=[_Crash()])
@@ -152,3 +156,45 @@ def test_the_training_loss_at_step_zero_of_an_annealed_conversion_is_the_causal_
     torch.manual_seed(5)
     full = mdm_loss(module, rows[:, 1:], module.mask_id)
     assert torch.equal(annealed, causal) and not torch.equal(annealed, full)
+
+
+def test_block_schedule_phases_and_bad_schedules():
+    from lldiff.objectives.common.block_schedule import block_size_at, check_schedule_fits, parse_schedule
+
+    wsd = parse_schedule([[0, 1], [4, 4], [8, 16], [12, 16], [20, 4]])
+    assert [block_size_at(wsd, s) for s in (0, 3, 4, 8, 19, 20, 99)] == [1, 1, 4, 16, 16, 4, 4]
+    check_schedule_fits(wsd, 16, 30)
+    with pytest.raises(ValueError, match=r"sizes \[3\] do not divide seq_len=16"):
+        check_schedule_fits(parse_schedule([[0, 3]]), 16, 30)
+    with pytest.raises(ValueError, match="last phase starts at step 20, not before max_steps=20"):
+        check_schedule_fits(wsd, 16, 20)
+    with pytest.raises(ValueError, match="must start at 0 and strictly increase"):
+        parse_schedule([[0, 1], [5, 4], [5, 16]])
+    with pytest.raises(ValueError, match="integer pairs"):
+        parse_schedule([[0, 1.5]])
+
+
+def test_block_schedule_at_b_equal_l_is_the_mdm_loss_and_validation_stays_the_final_objective(tiny_runs):
+    bd3 = BlockDiffusionLM(init_from=str(tiny_runs["ar"]), vocab_size=320, block_size=4,
+                           block_schedule=[[0, 16], [5, 4]])
+    mdm_module = MaskedDiffusionLM(init_from=str(tiny_runs["ar"]), vocab_size=320)  # the same weights
+    rows = torch.randint(0, 320, (4, 17), generator=torch.Generator().manual_seed(2))
+    assert bd3.training_block_size() == 16 and bd3.config.block_size == 4 and bd3.objective.name == "bd3-4"
+    with torch.no_grad():
+        torch.manual_seed(7)
+        scheduled = bd3.loss(rows)
+        torch.manual_seed(7)
+        mdm = mdm_module.loss(rows)
+    torch.testing.assert_close(scheduled, mdm, rtol=1e-5, atol=1e-6)  # same draws, same math
+
+
+def test_a_schedule_that_does_not_fit_the_run_is_refused_before_the_first_step(tiny_runs, toy_corpus, cache_dir):
+    from lldiff.data import PretrainDataModule
+
+    data = PretrainDataModule(source="files", paths=[str(toy_corpus)], max_bytes=None, vocab_size=320, seq_len=32,
+                              batch_size=8, cache_dir=str(cache_dir), seed=1234)
+    model = BlockDiffusionLM(init_from=str(tiny_runs["ar"]), vocab_size=320, block_size=4, block_schedule=[[0, 1], [10, 4]])
+    trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="last phase starts at step 10, not before max_steps=10"):
+        trainer.fit(model, data)
+    assert trainer.global_step == 0
