@@ -198,3 +198,22 @@ def test_a_schedule_that_does_not_fit_the_run_is_refused_before_the_first_step(t
     with pytest.raises(ValueError, match="last phase starts at step 10, not before max_steps=10"):
         trainer.fit(model, data)
     assert trainer.global_step == 0
+
+
+def test_a_block_size_one_phase_is_next_token_prediction(tiny_runs):
+    """With blocks of one token the masked token at i is predicted from x_<i alone: its logits
+    do not change when any later token changes, and do when an earlier one does."""
+    from lldiff.objectives.bd3.loss import bd3_logits
+
+    bd3 = BlockDiffusionLM(init_from=str(tiny_runs["ar"]), vocab_size=320, block_size=4,
+                           block_schedule=[[0, 1], [5, 4]])
+    assert bd3.training_block_size() == 1
+    x0 = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(3))
+    xt = torch.full_like(x0, bd3.mask_id)  # every token masked
+    later, earlier = x0.clone(), x0.clone()
+    later[:, 9:] = (later[:, 9:] + 1) % 320
+    earlier[:, 3] = (earlier[:, 3] + 1) % 320
+    with torch.no_grad():
+        base = bd3_logits(bd3.model, xt, x0, 1, flex=False)
+        torch.testing.assert_close(bd3_logits(bd3.model, xt, later, 1, flex=False)[:, :9], base[:, :9], rtol=0, atol=0)
+        assert not torch.allclose(bd3_logits(bd3.model, xt, earlier, 1, flex=False)[:, 4], base[:, 4])
