@@ -82,6 +82,7 @@ class Family:
     spelling: str = ""  # how a user writes its objectives, for messages (default: the name)
     parameter_styles: dict[int, Style] = field(default_factory=dict)  # a fixed look for some parameter values
     infill_sees_right_context: bool = False  # zero-shot infilling conditions on text after the gap
+    converts_from: tuple[str, ...] = ()  # families whose runs this family's pre-training may start from (init_from, SPEC §14)
     forward_copies: int = 1  # the training forward runs on this many copies of the sequence (BD3: [x_t, x_0])
     # -- decoding and scoring (lldiff.completion, lldiff.evaluation) -----------------------------
     decode_options: tuple[str, ...] = ()  # DecodeOptions fields the decoder uses, beyond length and temperature

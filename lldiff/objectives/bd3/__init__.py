@@ -17,7 +17,7 @@ def load() -> Code:
 
 
 FAMILY = Family(
-    name="bd3", order=2, attention="block", mask_token=True, exact_likelihood=False, load=load,
+    name="bd3", order=2, attention="block", mask_token=True, exact_likelihood=False, load=load, converts_from=("ar",),
     label="BD3", parameter="block_size",
     spelling="bd3-B (block diffusion with blocks of B tokens, e.g. bd3-4, bd3-16)",
     parameter_styles={4: Style("tab:green", "s", "-.", "BD3-4"), 16: Style("tab:purple", "D", ":", "BD3-16")},

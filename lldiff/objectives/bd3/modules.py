@@ -10,6 +10,7 @@ from lldiff.objectives.bd3 import FAMILY
 from lldiff.objectives.bd3.loss import bd3_loss, bd3_nelbo_nats, bd3_sft_loss
 from lldiff.config import ModelConfig
 from lldiff.objectives.mdm.modules import MaskedDiffusionLM
+from lldiff.objectives.common.block_schedule import block_size_at, check_schedule_fits, parse_schedule
 from lldiff.objectives.common.finetuning import SFTMixin, check_sft_options, read_pretrained, with_article
 from lldiff.lora import lora_options
 
@@ -24,19 +25,38 @@ class BlockDiffusionLM(MaskedDiffusionLM):
     and under the same metric names as the AR and the MDM (a bound, like the MDM's).
 
     Args (beyond MaskedDiffusionLM's, whose masking and validation options apply per block):
-        block_size: tokens per block (``bd3-B`` in sweep specs).
+        block_size: tokens per block (``bd3-B`` in sweep specs): with a schedule, the final objective
+            (backbone, validation NELBO at every evaluation, decoding).
+        block_schedule: ``[[step, block_size], ...]`` (LLaDA 2.0 WSD): the block size training uses
+            from each step on (:mod:`lldiff.objectives.common.block_schedule`); None: ``block_size``
+            throughout.
     """
 
     family = FAMILY
 
-    def __init__(self, *args: Any, block_size: int = 16, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, block_size: int = 16, block_schedule: list[list[int]] | None = None,
+                 **kwargs: Any) -> None:
+        self._schedule = parse_schedule(block_schedule)
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if kwargs.get("anneal_steps"):
+            raise ValueError("anneal_steps applies to an MDM conversion (it opens causal attention to full); "
+                             "block diffusion keeps its block mask: leave anneal_steps at 0")
         self.objective_params = {"block_size": block_size}  # before LMBase builds the backbone from it
         super().__init__(*args, **kwargs)
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        seq_len = getattr(getattr(self._trainer, "datamodule", None), "seq_len", None) if self._trainer else None
+        if stage == "fit" and self._schedule is not None and seq_len is not None:  # before any step
+            check_schedule_fits(self._schedule, int(seq_len), self.trainer.max_steps)
+
+    def training_block_size(self) -> int:
+        """The block size of this step's loss (the schedule's, else the objective's)."""
+        return self.config.block_size if self._schedule is None else block_size_at(self._schedule, self.global_step)
+
     def loss(self, rows: Tensor) -> Tensor:
-        return bd3_loss(self, rows[:, 1:], self.mask_id, self.config.block_size,
+        return bd3_loss(self, rows[:, 1:], self.mask_id, self.training_block_size(),
                                         eps=self.hparams.mask_eps, stratified=self.hparams.stratified_t)
 
     def validation_nats(self, rows: Tensor, batch_idx: int) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,7 @@ def load() -> Code:
 
 FAMILY = Family(
     name="mdm", order=1, attention="bidirectional", mask_token=True, exact_likelihood=False, load=load,
+    converts_from=("ar",),
     label="MDM", style=Style("tab:red", "^", "--", "MDM"),
     description="LLaDA masked diffusion, bidirectional attention",
     infill_sees_right_context=True,

@@ -5,6 +5,7 @@ Monte-Carlo negative ELBO) and its SFT loss (Alg. 2).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 import torch
 from torch import Tensor
 from lldiff.losses import logits_ce, token_ce
@@ -21,10 +22,10 @@ def weighted_masked_ce(logits: Tensor, x0: Tensor, masked: Tensor, t: Tensor) ->
     return (logits_ce(logits, x0) * masked).sum(dim=1) / t
 
 
-def masked_ce_over_t(model: Model, xt: Tensor, x0: Tensor, masked: Tensor, t: Tensor) -> Tensor:
-    """:func:`weighted_masked_ce` of ``model(xt)``, the LM head run on the masked positions
-    only (:func:`lldiff.losses.token_ce`), shape (B,)."""
-    return token_ce(model, xt, x0, masked).sum(dim=1) / t
+def masked_ce_over_t(model: Model, xt: Tensor, x0: Tensor, masked: Tensor, t: Tensor, **model_kwargs: Any) -> Tensor:
+    """:func:`weighted_masked_ce` of ``model(xt, **model_kwargs)``, the LM head run on the masked
+    positions only (:func:`lldiff.losses.token_ce`), shape (B,)."""
+    return token_ce(model, xt, x0, masked, **model_kwargs).sum(dim=1) / t
 
 
 def mdm_loss(
@@ -35,15 +36,18 @@ def mdm_loss(
     eps: float = 1e-3,
     stratified: bool = False,
     generator: torch.Generator | None = None,
+    attn_mask: Tensor | None = None,
 ) -> Tensor:
     """LLaDA pre-training loss: sum of CE/t over masked tokens divided by B * L.
 
     Its expectation over t and the mask is the negative ELBO per token, an upper bound
-    on the NLL per token.
+    on the NLL per token. ``attn_mask`` (L, L) replaces full attention (a conversion's
+    annealing, :mod:`lldiff.objectives.common.annealing`).
     """
     t = sample_mask_ratio(x0.shape[0], eps=eps, stratified=stratified, device=x0.device, generator=generator)
     xt, masked = forward_mask(x0, t, mask_id, generator=generator)
-    return masked_ce_over_t(model, xt, x0, masked, t).sum() / x0.numel()
+    extra = {} if attn_mask is None else {"attn_mask": attn_mask}
+    return masked_ce_over_t(model, xt, x0, masked, t, **extra).sum() / x0.numel()
 
 
 def mdm_elbo_nats(

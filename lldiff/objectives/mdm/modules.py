@@ -10,12 +10,14 @@ from lldiff import registry as objectives
 from lldiff.objectives.mdm import FAMILY
 from lldiff.objectives.mdm.loss import mdm_elbo_nats, mdm_loss, mdm_sft_loss
 from lldiff.objectives.common.base import LMBase
+from lldiff.objectives.common.annealing import check_anneal_steps, step_mask
+from lldiff.objectives.common.conversion import ConversionMixin, check_mask_init, conversion_source
 from lldiff.objectives.common.finetuning import SFTMixin, check_sft_options
 from lldiff.lora import lora_options
 
 
 
-class MaskedDiffusionLM(LMBase):
+class MaskedDiffusionLM(ConversionMixin, LMBase):
     """Masked diffusion LM (LLaDA / SMDM): bidirectional backbone, mask token ``M = V``.
 
     Args (beyond LMBase):
@@ -27,6 +29,16 @@ class MaskedDiffusionLM(LMBase):
             sweep's final evaluation (SMDM: 128).
         val_seed: seed of the validation draws, so every evaluation of every checkpoint
             uses the same (t, mask) draws (common random numbers).
+        init_from: convert a run (SPEC §14): an ``lldiff fit`` checkpoint (file or sharded
+            directory) of an objective this family converts from (``Family.converts_from``:
+            the AR); its shape is used (``size`` may stay unset), every weight is copied, the
+            optimizer starts fresh (:mod:`lldiff.objectives.common.conversion`).
+        mask_init: the mask token's embedding row of a conversion: ``mean`` of the source's
+            embedding rows (default), ``zeros``, or ``random`` (fresh initialisation).
+        anneal_steps: attention-mask annealing (DiffuLLaMA): over the first ``anneal_steps``
+            training steps the causal mask opens linearly to full attention, each step a random
+            subset of future keys visible (:mod:`lldiff.objectives.common.annealing`); 0 (default):
+            full attention from the first step. Validation always attends in full.
     """
 
     family = FAMILY
@@ -39,22 +51,42 @@ class MaskedDiffusionLM(LMBase):
         val_mc_samples: int = 8,
         eval_mc_samples: int = 128,
         val_seed: int = 0,
+        init_from: str | None = None,
+        mask_init: str = "mean",
+        anneal_steps: int = 0,
         **kwargs: Any,
     ) -> None:
+        check_mask_init(mask_init)
+        check_anneal_steps(anneal_steps)
+        source = None
+        if init_from is not None:  # refused before any weight is built
+            source = conversion_source(init_from, objectives.with_params(self.family, self.objective_params), kwargs)
         super().__init__(*args, **kwargs)
+        self._convert(init_from, source, mask_init)
         if val_mc_samples < 1 or eval_mc_samples < 1:
             raise ValueError(f"val_mc_samples and eval_mc_samples must be >= 1, got {val_mc_samples}, {eval_mc_samples}")
         if not 0.0 <= mask_eps < 1.0:
             raise ValueError(f"mask_eps must be in [0, 1), got {mask_eps}")
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.check_source_tokenizer()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        self.record_conversion(checkpoint)
 
     @property
     def mask_id(self) -> int:
         return self.config.mask_id
 
     def loss(self, rows: Tensor) -> Tensor:
-        return mdm_loss(
-            self, rows[:, 1:], self.mask_id, eps=self.hparams.mask_eps, stratified=self.hparams.stratified_t
-        )
+        x0 = rows[:, 1:]
+        seed = int(getattr(getattr(self._trainer, "datamodule", None), "seed", 0) or 0) if self._trainer else 0
+        mask = step_mask(x0.shape[1], self.global_step, self.hparams.anneal_steps, seed, x0.device)
+        return mdm_loss(self, x0, self.mask_id, eps=self.hparams.mask_eps, stratified=self.hparams.stratified_t,
+                        attn_mask=mask)
 
     def validation_draws(self, device: torch.device, batch_idx: int) -> tuple[torch.Generator, int]:
         """(a generator seeded by ``val_seed`` and the batch, the number of Monte-Carlo draws):
