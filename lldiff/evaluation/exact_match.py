@@ -9,7 +9,7 @@ Two kinds of item, both JSON records:
 * **infill** ``{"prefix", "answer", "suffix"}``: the text ``prefix + answer + suffix`` as one
   pre-training document (EOS on both sides), the answer's tokens masked. A model whose
   objective lets infilling see the right context (registry ``infill_sees_right_context``: the
-  MDM) fills the span seeing both sides (``lldiff.sampling.infill``, as many masks as the
+  MDM) fills the span seeing both sides (``lldiff.objectives.mdm.decoding.infill``, as many masks as the
   answer has tokens); the others (AR, BD3: nothing attends to later blocks) continue ``prefix``
   by as many tokens with their decoder, their only possible view.
 

@@ -7,11 +7,11 @@ convention: ``context="The sky is"``, ``choices=[" blue", " green"]``).
 
 Scores (the objective's scorer in :mod:`lldiff.objectives`; the settings that apply to it are
 its ``score_options``)
-    * AR: exact, :func:`lldiff.likelihood.ar_loglik`.
-    * MDM: LLaDA's Monte-Carlo lower bound, :func:`lldiff.likelihood.mdm_conditional_loglik`
+    * AR: exact, :func:`lldiff.objectives.ar.likelihood.ar_loglik`.
+    * MDM: LLaDA's Monte-Carlo lower bound, :func:`lldiff.objectives.mdm.likelihood.mdm_conditional_loglik`
       with ``n_mc`` draws.
     * BD3: the block diffusion lower bound (each block given the clean earlier ones),
-      :func:`lldiff.likelihood.bd3_conditional_loglik` with ``n_mc`` draws.
+      :func:`lldiff.objectives.bd3.likelihood.bd3_conditional_loglik` with ``n_mc`` draws.
     Common random numbers (MDM, BD3): every choice of example ``i`` is scored with a fresh
     generator seeded with the same value (derived from ``seed`` and ``i``), so the choices see
     the same stream of draws and the comparison is fairer; examples get different seeds so

@@ -1,14 +1,14 @@
 """Block diffusion decoding (BD3-LM, Arriola et al. 2025; SPEC §9), with an exact KV cache.
 
 Blocks of ``block_size`` positions are decoded left to right; inside a block the LLaDA reverse
-process of :mod:`lldiff.sampling` (a fixed number of steps per block with front-loaded reveal
+process of :mod:`lldiff.objectives.mdm.decoding` (a fixed number of steps per block with front-loaded reveal
 counts, low-confidence or random remasking, Gumbel-max temperature, unsupervised CFG) or
 Fast-dLLM's threshold rule; earlier blocks are clean and never change.
 
 Blocks are aligned to absolute positions: position ``i`` lies in block ``i // block_size``, as in
 training (rows start at position 0). A prompt that ends inside a block leaves the first generated
 block partly filled by prompt tokens, which are never masked. Left-padded batches: RoPE positions
-count real tokens only (``cumsum(attention_mask) - 1``, as :mod:`lldiff.ar_decoding`), so each
+count real tokens only (``cumsum(attention_mask) - 1``, as :mod:`lldiff.objectives.ar.decoding`), so each
 row's blocks follow its own real positions and a padded row decodes like the prompt alone.
 Rows therefore have their block boundaries at different canvas columns; the decoder runs in
 rounds, round ``k`` decoding every row's ``k``-th block that holds answer positions (a row whose
@@ -176,12 +176,12 @@ def block_generate(
         mask_id: the mask token.
         steps_per_block: model calls per block under ``low_confidence`` / ``random`` remasking
             (default ``block_size``: one token per call). A block's masked positions are revealed
-            in front-loaded counts as :func:`lldiff.sampling.reveal_counts`; a step with nothing
+            in front-loaded counts as :func:`lldiff.objectives.mdm.decoding.reveal_counts`; a step with nothing
             to reveal in any row (more steps than masks, e.g. a partial block) is skipped.
         remasking: ``low_confidence``, ``random`` or ``threshold`` (reveal every masked position
             of the block whose confidence exceeds ``threshold``, default 0.9, and at least the
             most confident one, until the block is full).
-        temperature, cfg_scale, eos_id, forbid_eos, generator: as :func:`lldiff.sampling.generate`
+        temperature, cfg_scale, eos_id, forbid_eos, generator: as :func:`lldiff.objectives.mdm.decoding.generate`
             (CFG's unconditional input masks the real prompt tokens only).
         attention_mask: (B, P) True on real prompt tokens (left padding).
         stop_at_eos: stop once every row's answer has reached ``eos_id`` (no effect without it).
@@ -190,7 +190,7 @@ def block_generate(
             temperature 0 and the same model calls; at temperature > 0 the same distribution
             but other random draws (noise is drawn for the fed block only).
 
-    Returns a :class:`lldiff.sampling.SampleOutput` (``prompt_length`` = the padded width P;
+    Returns a :class:`lldiff.objectives.mdm.decoding.SampleOutput` (``prompt_length`` = the padded width P;
     ``model_calls``, ``forward_rows`` and ``tokens_processed``: the positions fed over all
     calls and rows, x2 under CFG).
     """
@@ -337,7 +337,7 @@ def block_generate(
 
 def block_diffusion_complete(model: Transformer, ids: Tensor, mask: Tensor, options: DecodeOptions, *,
                              eos_id: int, generator: torch.Generator | None = None) -> Completion:
-    """Block diffusion decoding in the model's own blocks (``lldiff.block_decoding``)."""
+    """Block diffusion decoding in the model's own blocks (``lldiff.objectives.bd3.decoding``)."""
     sample = block_generate(
         model, ids, gen_length=options.length, block_size=model.cfg.block_size, mask_id=model.cfg.mask_id,
         steps_per_block=options.steps_per_block, remasking=options.remasking, threshold=options.threshold,

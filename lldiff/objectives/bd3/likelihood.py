@@ -77,7 +77,7 @@ def bd3_conditional_loglik(
     Args:
         model: ``model(ids (N, 2T), positions=(2T,), attn_mask=...) -> logits``: a
             block-attention :class:`lldiff.model.Transformer` (any model that takes the
-            ``[x_t ⊕ x_0]`` mask of :func:`lldiff.block_diffusion.bd3_logits`).
+            ``[x_t ⊕ x_0]`` mask of :func:`lldiff.objectives.bd3.loss.bd3_logits`).
         prompt: (B, P) tensor (P may be 0) or a list of 1-D tensors; no padding (the blocks
             are aligned to the first position).
         answer: (B, L) tensor with L >= 1 or a list of non-empty 1-D tensors, without ``mask_id``.
