@@ -130,14 +130,13 @@ def test_fit_generate_eval_and_round_trip(tmp_path, toy_corpus, cache_dir, capsy
     assert result is None
     assert "accuracy" in capsys.readouterr().out
 
-    # resume: the record says what the checkpoint is, and the class agrees
-    fit(tmp_path, toy_corpus, cache_dir, 32, "--ckpt_path", "last")
-    assert torch.load(ckpt, weights_only=True)["global_step"] == 32
+    # resume: the record says what the checkpoint is, and the class agrees (a finished run stays at its end)
+    fit(tmp_path, toy_corpus, cache_dir, 30, "--ckpt_path", "last")
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 30
     # a config naming the MDM's class on this checkpoint is refused, naming both objectives
     with pytest.raises(ValueError, match="objective 'mdm-linear'.*objective 'mdm'"):
         lightning_cli(["fit", "--config", str(tmp_path / "linear" / "config.yaml"), "--ckpt_path", "last",
-                       "--model.class_path", "lldiff.objectives.mdm.modules.MaskedDiffusionLM",
-                       "--trainer.max_steps", "34"])
+                       "--model.class_path", "lldiff.objectives.mdm.modules.MaskedDiffusionLM"])
 
 
 def test_sweep_runs_the_new_objective_next_to_ar_and_mdm(tmp_path, toy_corpus, cache_dir):

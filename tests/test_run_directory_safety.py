@@ -197,7 +197,7 @@ def test_import_refuses_a_non_empty_out(tmp_path, capsys):
 
 # -- 5. interrupted writes are cleaned up; a full disk is one line ------------------------------------
 def test_a_fit_removes_the_staging_files_that_killed_writes_left(toy_corpus, cache_dir, tmp_path, capsys):
-    main(tiny_args("ar", toy_corpus, cache_dir, tmp_path, *SHORT))
+    main(tiny_args("ar", toy_corpus, cache_dir, tmp_path, *SHORT, "--trainer.max_steps", "6"))
     run = tmp_path / "ar-tiny"
     checkpoints = run / "checkpoints"
     stale = [checkpoints / ".last.ckpt.1a2b3c4d.partial", checkpoints / ".last.ckpt.partial",
@@ -210,6 +210,7 @@ def test_a_fit_removes_the_staging_files_that_killed_writes_left(toy_corpus, cac
     for path in kept:
         path.write_text("not a staging file of this run\n")
     capsys.readouterr()
+    # the same run again (a resume keeps its max_steps): the start of the fit cleans up
     main(tiny_args("ar", toy_corpus, cache_dir, tmp_path, *SHORT, "--trainer.max_steps", "6", "--ckpt_path", "last"))
     assert "removed 3 file(s) left by interrupted writes of this run" in capsys.readouterr().err
     assert not any(os.path.lexists(p) for p in stale)
