@@ -11,7 +11,7 @@ from lldiff.objectives.mdm.modules import MaskedDiffusionLM
 
 
 def _ar_weights(path):
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     return {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
 
 
@@ -66,7 +66,7 @@ def test_a_converted_fit_records_its_objective_and_source_and_resumes_bit_for_bi
         return model
 
     reference = run(tmp_path / "a")
-    meta = torch.load(tmp_path / "a" / "last.ckpt", map_location="cpu", weights_only=False)["lldiff"]
+    meta = torch.load(tmp_path / "a" / "last.ckpt", map_location="cpu", weights_only=True)["lldiff"]
     assert meta["objective"]["family"] == family
     assert meta["converted_from"]["objective"]["family"] == "ar" and meta["converted_from"]["mask_init"] == "mean"
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -98,7 +98,7 @@ def test_a_sharded_ar_checkpoint_converts_like_its_full_file(tiny_runs, tmp_path
     """The DCP shards of the AR run give the same converted weights as its full file."""
     import torch.distributed.checkpoint as dcp
 
-    state = torch.load(tiny_runs["ar"], map_location="cpu", weights_only=False)
+    state = torch.load(tiny_runs["ar"], map_location="cpu", weights_only=True)
     sharded = tmp_path / "sharded.ckpt"
     dcp.save({"state_dict": state["state_dict"]}, checkpoint_id=str(sharded), no_dist=True)
     torch.save({k: v for k, v in state.items() if k != "state_dict"}, sharded / "meta.pt")
